@@ -1,0 +1,103 @@
+"""The host's compute backends: detected once, chosen by the fallback chain GPU -> CPU -> naive.
+
+A backend is a device plus the weight formats that run fast on it. The device is a
+parameter of the same code, not a fork of it: the GPU backend runs the very forward pass
+the CPU backend runs, with dense bf16 weights on `cuda` (or `mps`).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from realm.backends import linear
+from realm.backends.embedding import RawEmbedding
+from realm.errors import BackendUnavailable, InvalidArgument
+from realm.models.gguf_file import TensorData
+from realm.models.quants import dequantize
+from realm.models.transformer import Embedding, Linear
+
+
+class BackendKind(enum.IntEnum):
+    """The numbers `realm_get_backend_type()` returns to guests."""
+
+    CPU = 0
+    GPU = 1
+    NONE = 2
+
+
+@dataclass(frozen=True)
+class Backend:
+    kind: BackendKind
+    device: torch.device
+    description: str
+
+    @property
+    def name(self) -> str:
+        return {BackendKind.CPU: "cpu", BackendKind.GPU: "gpu", BackendKind.NONE: "naive"}[self.kind]
+
+    def pack_linear(self, tensors: Sequence[TensorData]) -> Linear:
+        if self.kind == BackendKind.CPU:
+            return linear.pack_for_cpu(tensors)
+        if self.kind == BackendKind.GPU:
+            return linear.pack_dense(tensors, self.device, torch.bfloat16)
+        return linear.pack_dense(tensors, self.device, torch.float32)
+
+    def make_embedding(self, tensor: TensorData) -> Embedding:
+        return RawEmbedding(tensor, self.device)
+
+    def make_vector(self, tensor: TensorData) -> torch.Tensor:
+        return dequantize(tensor.raw, tensor.qtype, tensor.shape).to(self.device)
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """float32 (m, k) @ (k, n) on this backend's device, result back on the CPU."""
+        return (a.to(self.device) @ b.to(self.device)).cpu()
+
+
+def _gpu() -> Backend | None:
+    if torch.cuda.is_available():
+        return Backend(BackendKind.GPU, torch.device("cuda"), f"cuda ({torch.cuda.get_device_name(0)})")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return Backend(BackendKind.GPU, torch.device("mps"), "mps (Apple Metal)")
+    return None
+
+
+class BackendRegistry:
+    """Every backend this host has, initialised once at start-up, and the one in use."""
+
+    CHOICES = ("auto", "gpu", "cpu", "naive")
+
+    def __init__(self, preference: str | None = None) -> None:
+        preference = preference or os.environ.get("REALM_BACKEND", "auto")
+        if preference not in self.CHOICES:
+            raise InvalidArgument(
+                f"unknown backend {preference!r} (choose one of: {', '.join(self.CHOICES)})"
+            )
+        cpu = Backend(BackendKind.CPU, torch.device("cpu"), f"cpu (PyTorch, {torch.get_num_threads()} threads)")
+        naive = Backend(BackendKind.NONE, torch.device("cpu"), "naive (no host kernels; float32 reference)")
+        gpu = _gpu()
+        self.available: list[Backend] = [b for b in (gpu, cpu, naive) if b is not None]
+        if preference == "gpu" and gpu is None:
+            raise BackendUnavailable("backend 'gpu' was asked for, but PyTorch sees no CUDA or MPS device")
+        chain = {"auto": self.available, "gpu": [gpu], "cpu": [cpu], "naive": [naive]}[preference]
+        self.preference = preference
+        self.active: Backend = chain[0]
+
+    def by_kind(self, kind: BackendKind) -> Backend | None:
+        return next((b for b in self.available if b.kind == kind), None)
+
+    def describe(self) -> dict:
+        """What was detected and what is in use, for `realm backends` and /health."""
+        return {
+            "preference": self.preference,
+            "active": self.active.name,
+            "available": [
+                {"name": b.name, "type": int(b.kind), "device": str(b.device), "description": b.description}
+                for b in self.available
+            ],
+        }

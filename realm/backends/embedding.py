@@ -1,0 +1,24 @@
+"""Token embedding lookup straight from the GGUF's memory map.
+
+Only the rows asked for are dequantized, exactly as stored, so the table costs no memory
+beyond the file's pages and matches llama.cpp's lookup bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from realm.models.gguf_file import TensorData
+from realm.models.quants import dequantize
+
+
+class RawEmbedding:
+    def __init__(self, tensor: TensorData, device: torch.device) -> None:
+        self.tensor = tensor
+        self.device = device
+        self.vocab_size, self.dim = tensor.shape
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = np.ascontiguousarray(self.tensor.raw[ids.cpu().numpy()])
+        return dequantize(rows, self.tensor.qtype, (len(ids), self.dim)).to(self.device)

@@ -1,0 +1,67 @@
+"""Agreement of a model's logits with llama.cpp's reference outputs, and perplexity.
+
+Shared by the test suite and `scripts/gpu_check` so that both measure the same thing,
+with exactly the definitions in shared/reference/README.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from realm.engine.model import Model
+
+
+@dataclass
+class PromptAgreement:
+    index: int
+    last_top1_same: bool
+    argmax_agreement: float  # per position, ours vs llama.cpp's top-1
+    mean_top20_abs_diff: float  # over llama.cpp's 20 largest logits at every position
+    teacher_forced_agreement: float  # argmax vs llama.cpp's greedy continuation
+    teacher_forced_matches: int
+    teacher_forced_total: int
+
+
+def prompt_agreement(model: Model, reference: np.lib.npyio.NpzFile, index: int) -> PromptAgreement:
+    """Compare one reference prompt: prompt logits, then teacher-forced greedy tokens."""
+    prompt = reference[f"p{index}_tokens"].astype(np.int64).tolist()
+    top_ids = reference[f"p{index}_top_ids"]
+    top_logits = reference[f"p{index}_top_logits"]
+    greedy = reference[f"p{index}_greedy"].astype(np.int64).tolist()
+    session = model.new_session()
+    logits = session.feed(prompt + greedy[:-1], all_logits=True).numpy()
+    ours = logits[: len(prompt)]
+    gathered = np.take_along_axis(ours, top_ids.astype(np.int64), axis=1)
+    forced = logits[len(prompt) - 1 : len(prompt) - 1 + len(greedy)].argmax(axis=1)
+    matches = int((forced == np.asarray(greedy)).sum())
+    return PromptAgreement(
+        index=index,
+        last_top1_same=int(ours[-1].argmax()) == int(reference[f"p{index}_last_logits"].argmax()),
+        argmax_agreement=float((ours.argmax(axis=1) == top_ids[:, 0]).mean()),
+        mean_top20_abs_diff=float(np.abs(gathered - top_logits).mean()),
+        teacher_forced_agreement=matches / len(greedy),
+        teacher_forced_matches=matches,
+        teacher_forced_total=len(greedy),
+    )
+
+
+def perplexity(model: Model, tokens: Sequence[int], ctx: int = 512) -> tuple[float, int]:
+    """llama.cpp's definition: non-overlapping windows of `ctx`; in each, score every token
+    but the first given its prefix in the window. Returns (ppl, tokens scored)."""
+    nll, scored = 0.0, 0
+    for start in range(0, len(tokens), ctx):
+        window = list(tokens[start : start + ctx])
+        if len(window) < 2:
+            continue
+        logits = model.new_session(min(ctx, model.config.context_length)).feed(window, all_logits=True)
+        logp = torch.log_softmax(logits[:-1].double(), dim=-1)
+        target = torch.tensor(window[1:], dtype=torch.long)
+        nll -= float(logp.gather(1, target[:, None]).sum())
+        scored += len(window) - 1
+    return math.exp(nll / scored), scored

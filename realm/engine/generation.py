@@ -1,0 +1,90 @@
+"""The host-side generation loop: feed, sample, detokenize, stop.
+
+This is the path `--no-sandbox` runs; the default guest does the same inside WASM.
+Text is streamed without ever splitting a UTF-8 character or showing part of a stop
+string that later completes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+from realm.engine.model import Model
+from realm.engine.sampling import Sampler, SamplingParams
+from realm.errors import ContextOverflow, InvalidArgument
+from realm.models.tokenizer import StreamDecoder
+
+
+@dataclass
+class Piece:
+    """One generated token and the text it made printable (maybe empty)."""
+
+    token: int
+    text: str
+
+
+@dataclass
+class Generation:
+    """Iterate for pieces; afterwards `finish_reason`, `tokens` and `text` are final."""
+
+    model: Model
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: Sequence[str] = ()
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+
+    def __iter__(self) -> Iterator[Piece]:
+        if not self.prompt:
+            raise InvalidArgument("the prompt is empty")
+        if self.max_tokens < 0:
+            raise InvalidArgument("max_tokens must be >= 0")
+        session = self.model.new_session()
+        if len(self.prompt) >= session.context_length:
+            raise ContextOverflow(
+                f"the prompt has {len(self.prompt)} tokens; the context holds {session.context_length}"
+            )
+        budget = min(self.max_tokens, session.context_length - len(self.prompt))
+        sampler = Sampler(self.params)
+        decoder = StreamDecoder(self.model.tokenizer)
+        end_ids = self.model.tokenizer.eot_ids
+        pending = ""  # decoded text not yet shown: it might be the start of a stop string
+        logits = session.feed(self.prompt)[-1]
+        while True:
+            if len(self.tokens) >= budget:
+                self.finish_reason = "length"
+                break
+            token = sampler.sample(logits, session.tokens)
+            if token in end_ids:
+                self.finish_reason = "stop"
+                break
+            self.tokens.append(token)
+            pending += decoder.push(token)
+            shown, pending, stopped = _split_at_stop(pending, self.stop)
+            self.text += shown
+            yield Piece(token, shown)
+            if stopped:
+                self.finish_reason = "stop"
+                return
+            logits = session.feed([token])[-1]
+        tail = pending + decoder.flush()
+        if tail:
+            self.text += tail
+            yield Piece(-1, tail)
+
+
+def _split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """(text safe to show, text to hold back, whether a stop string was reached)."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    if hits:
+        return text[: min(hits)], "", True
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return text[: len(text) - hold], text[len(text) - hold :], False

@@ -1,0 +1,121 @@
+"""A model loaded on a backend: the file, its config, tokenizer, template and packed weights."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from realm.backends.devices import Backend
+from realm.engine.session import Session
+from realm.errors import InvalidArgument
+from realm.models.chat_template import ChatTemplate, chat_template_from_fields
+from realm.models.config import ModelConfig, config_from_gguf
+from realm.models.gguf_file import GGUFFile, sha256_file
+from realm.models.loader import load_weights
+from realm.models.tokenizer import Tokenizer
+from realm.models.transformer import Transformer
+
+
+@dataclass
+class Model:
+    name: str
+    path: Path
+    sha256: str
+    gguf: GGUFFile
+    config: ModelConfig
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate | None
+    transformer: Transformer
+    backend: Backend
+    load_seconds: float
+
+    def new_session(self, context_length: int | None = None) -> Session:
+        """A fresh session; its context is the model's unless a smaller one is asked for."""
+        n = context_length or self.config.context_length
+        if not 0 < n <= self.config.context_length:
+            raise InvalidArgument(
+                f"context length {n} is outside 1..{self.config.context_length} for {self.name}"
+            )
+        return Session(self.transformer, n, self.backend.device)
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of packed weights this model holds in memory (the file's pages not counted)."""
+        seen: set[int] = set()
+        total = 0
+        for obj in _weight_tensors(self.transformer.weights):
+            if obj.data_ptr() not in seen:
+                seen.add(obj.data_ptr())
+                total += obj.numel() * obj.element_size()
+        return total
+
+    def info(self) -> dict[str, Any]:
+        """What guests, `realm inspect` and `/v1/models` show about this model."""
+        cfg = self.config
+        return {
+            "name": self.name,
+            "sha256": self.sha256,
+            "architecture": cfg.architecture,
+            "parameters": _parameter_count(self.gguf),
+            "layers": cfg.n_layers,
+            "embedding_length": cfg.dim,
+            "heads": cfg.n_heads,
+            "kv_heads": cfg.n_kv_heads,
+            "vocab_size": cfg.vocab_size,
+            "context_length": cfg.context_length,
+            "quantization": self.gguf.quant_types(),
+            "file_bytes": self.gguf.size_bytes,
+            "backend": self.backend.name,
+            "device": str(self.backend.device),
+            "bytes_held": self.bytes_held,
+            "has_chat_template": self.chat_template is not None,
+        }
+
+
+def load_model(path: str | Path, backend: Backend, name: str | None = None, sha256: str | None = None) -> Model:
+    """Open a GGUF and pack its weights for `backend`; every defect is a ModelFormatError."""
+    started = time.perf_counter()
+    path = Path(path)
+    gguf = GGUFFile(path)
+    config = config_from_gguf(gguf)
+    tokenizer = Tokenizer.from_gguf_fields(gguf.metadata)
+    template = chat_template_from_fields(gguf.metadata, tokenizer)
+    weights = load_weights(gguf, config, backend.pack_linear, backend.make_embedding, backend.make_vector)
+    return Model(
+        name=name or path.stem,
+        path=path,
+        sha256=sha256 or sha256_file(path),
+        gguf=gguf,
+        config=config,
+        tokenizer=tokenizer,
+        chat_template=template,
+        transformer=Transformer(config, weights),
+        backend=backend,
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+def _weight_tensors(obj: Any):
+    """Every tensor reachable from a weights object (packed codes, scales, norms)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _weight_tensors(item)
+    elif hasattr(obj, "__dict__"):
+        for value in vars(obj).values():
+            yield from _weight_tensors(value)
+
+
+def _parameter_count(gguf: GGUFFile) -> int:
+    total = 0
+    for t in gguf.tensors.values():
+        n = 1
+        for d in t.shape:
+            n *= d
+        total += n
+    return total

@@ -1,0 +1,65 @@
+"""A session: one sequence being generated, its tokens so far and its KV cache."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from realm.engine.kv_cache import KVCache
+from realm.errors import ContextOverflow, InvalidArgument
+from realm.models.transformer import Chunk, Transformer
+
+PREFILL_CHUNK = 512
+"""Long prompts run in pieces of this many tokens: bounded memory for the attention mask."""
+
+
+class Session:
+    def __init__(self, transformer: Transformer, context_length: int, device: torch.device) -> None:
+        self.transformer = transformer
+        self.context_length = context_length
+        self.vocab_size = transformer.config.vocab_size
+        self.tokens: list[int] = []
+        self.kv = KVCache(transformer.config, context_length, device)
+
+    def check(self, tokens: Sequence[int]) -> None:
+        """Refuse tokens outside the vocabulary or past the context before any work is done."""
+        if len(self.tokens) + len(tokens) > self.context_length:
+            raise ContextOverflow(
+                f"{len(self.tokens) + len(tokens)} tokens exceed the context length of "
+                f"{self.context_length}"
+            )
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+
+    def chunk(self, tokens: Sequence[int], all_logits: bool = False) -> Chunk:
+        """The next forward step for this session, for a caller that batches sessions."""
+        self.check(tokens)
+        return Chunk(list(tokens), len(self.tokens), self.kv, all_logits)
+
+    def commit(self, chunk: Chunk) -> None:
+        """Record that `chunk` has run."""
+        self.tokens.extend(chunk.tokens)
+
+    def feed(self, tokens: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        """Run tokens through the model; logits of the last token (1, V) or of all (T, V)."""
+        if not tokens:
+            raise InvalidArgument("no tokens to feed")
+        self.check(tokens)
+        out = []
+        for i in range(0, len(tokens), PREFILL_CHUNK):
+            piece = tokens[i : i + PREFILL_CHUNK]
+            last = i + PREFILL_CHUNK >= len(tokens)
+            chunk = self.chunk(piece, all_logits)
+            self.transformer.forward([chunk])
+            self.commit(chunk)
+            if all_logits or last:
+                out.append(chunk.logits)
+        return torch.cat(out).float()
+
+    def rewind(self, n_tokens: int) -> None:
+        """Forget everything after the first n_tokens (the KV cache is overwritten in place)."""
+        if not 0 <= n_tokens <= len(self.tokens):
+            raise InvalidArgument(f"cannot rewind to {n_tokens}: session holds {len(self.tokens)} tokens")
+        del self.tokens[n_tokens:]

@@ -1,0 +1,210 @@
+"""The forward pass of every supported architecture, as a pure function of the weights.
+
+One call runs any number of sequences at once (a batch of "chunks", each a run of new
+tokens for one sequence with its own KV cache): the matrix products see all tokens of all
+chunks stacked, which is where serving many sessions wins; attention runs per chunk.
+Weights arrive already packed by a backend (`Linear` / `Embedding` below), so this file
+knows nothing of quantization formats or devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from realm.models.config import ModelConfig
+
+
+class Linear(Protocol):
+    """y = x @ W.T for a weight the backend holds in whatever format is fastest."""
+
+    in_features: int
+    out_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...  # (T, in) f32 -> (T, out) f32
+
+
+class Embedding(Protocol):
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor: ...  # (T,) int64 -> (T, dim) f32
+
+
+class KVStore(Protocol):
+    """One sequence's keys and values, appended to as it grows."""
+
+    def append(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (n_kv_heads, T, head_dim) at positions start.. and return all so far."""
+        ...
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # (dim,)
+    qkv: Linear  # dim -> (n_heads + 2 * n_kv_heads) * head_dim, q/k/v fused at load time
+    attn_out: Linear  # n_heads * head_dim -> dim
+    ffn_norm: torch.Tensor  # (dim,)
+    gate_up: Linear  # dim -> 2 * ffn_dim, gate then up
+    down: Linear  # ffn_dim -> dim
+    q_norm: torch.Tensor | None = None  # (head_dim,) gemma3
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None  # (dim,) gemma3
+    post_ffn_norm: torch.Tensor | None = None
+
+
+@dataclass
+class Weights:
+    embedding: Embedding
+    layers: list[LayerWeights]
+    output_norm: torch.Tensor  # (dim,)
+    output: Linear  # dim -> vocab
+
+
+@dataclass
+class Chunk:
+    """New tokens of one sequence, starting at position `start` of its KV cache."""
+
+    tokens: Sequence[int]
+    start: int
+    kv: KVStore
+    all_logits: bool = False  # logits for every token (perplexity), else only the last
+    logits: torch.Tensor | None = field(default=None, repr=False)  # filled by forward()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class Rope:
+    """Rotary position embedding tables, computed per call for just the positions needed."""
+
+    def __init__(self, head_dim: int, base: float, neox: bool, scale: float = 1.0) -> None:
+        self.inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.neox = neox
+        self.scale = scale
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = (positions.double()[:, None] / self.scale) * self.inv_freq[None, :]
+        return angles.cos().float()[:, None, :], angles.sin().float()[:, None, :]  # (T, 1, D/2)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (T, heads, head_dim)."""
+        if self.neox:
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        pairs = x.unflatten(-1, (-1, 2))
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
+class Transformer:
+    """Config + weights + RoPE tables: everything immutable about a loaded model."""
+
+    def __init__(self, config: ModelConfig, weights: Weights) -> None:
+        self.config = config
+        self.weights = weights
+        cfg = config
+        self.rope_global = Rope(cfg.head_dim, cfg.rope_base, cfg.rope_neox, cfg.rope_scale)
+        self.rope_local = (
+            Rope(cfg.head_dim, cfg.rope_base_local, cfg.rope_neox) if cfg.sliding_window else None
+        )
+
+    @torch.inference_mode()
+    def forward(self, chunks: Sequence[Chunk]) -> None:
+        """Run every chunk's new tokens through the model; sets `chunk.logits` (rows, vocab)."""
+        cfg, w = self.config, self.weights
+        device = w.output_norm.device
+        ids = torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.long, device=device)
+        positions = torch.cat(
+            [torch.arange(c.start, c.start + len(c.tokens), device=device) for c in chunks]
+        )
+        x = w.embedding.lookup(ids)  # (T, dim)
+        if cfg.embed_scale != 1.0:
+            x = x * cfg.embed_scale
+        ropes = {"global": (self.rope_global, self.rope_global.tables(positions))}
+        if self.rope_local is not None:
+            ropes["local"] = (self.rope_local, self.rope_local.tables(positions))
+        sizes = [len(c.tokens) for c in chunks]
+        for i, layer in enumerate(w.layers):
+            sliding = cfg.is_sliding(i)
+            rope, (cos, sin) = ropes["local" if sliding and self.rope_local else "global"]
+            h = self._attention(i, layer, rms_norm(x, layer.attn_norm, cfg.norm_eps), chunks,
+                                sizes, rope, cos, sin, sliding)
+            if layer.post_attn_norm is not None:
+                h = rms_norm(h, layer.post_attn_norm, cfg.norm_eps)
+            x = x + h
+            h = self._ffn(layer, rms_norm(x, layer.ffn_norm, cfg.norm_eps))
+            if layer.post_ffn_norm is not None:
+                h = rms_norm(h, layer.post_ffn_norm, cfg.norm_eps)
+            x = x + h
+        rows, offset = [], 0
+        for c, n in zip(chunks, sizes):
+            rows.append(x[offset : offset + n] if c.all_logits else x[offset + n - 1 : offset + n])
+            offset += n
+        logits = w.output(rms_norm(torch.cat(rows), w.output_norm, cfg.norm_eps))
+        offset = 0
+        for c, r in zip(chunks, rows):
+            c.logits = logits[offset : offset + len(r)]
+            offset += len(r)
+
+    def _ffn(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)
+        if self.config.activation == "silu":
+            gate = F.silu(gate)
+        else:
+            gate = F.gelu(gate, approximate="tanh")
+        return layer.down(gate * up)
+
+    def _attention(
+        self,
+        index: int,
+        layer: LayerWeights,
+        x: torch.Tensor,
+        chunks: Sequence[Chunk],
+        sizes: list[int],
+        rope: Rope,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        sliding: bool,
+    ) -> torch.Tensor:
+        cfg = self.config
+        n_q, n_kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        q, k, v = layer.qkv(x).split((n_q, n_kv, n_kv), dim=-1)
+        q = q.unflatten(-1, (cfg.n_heads, cfg.head_dim))  # (T, n_heads, head_dim)
+        k = k.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
+        v = v.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
+        if layer.q_norm is not None:
+            q = rms_norm(q, layer.q_norm, cfg.norm_eps)
+            k = rms_norm(k, layer.k_norm, cfg.norm_eps)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        window = cfg.sliding_window if sliding else 0
+        outs, offset = [], 0
+        for c, n in zip(chunks, sizes):
+            sl = slice(offset, offset + n)
+            keys, values = c.kv.append(index, c.start, k[sl].transpose(0, 1), v[sl].transpose(0, 1))
+            outs.append(_attend(q[sl].transpose(0, 1), keys, values, c.start, window, cfg.attn_scale))
+            offset += n
+        o = torch.cat(outs, dim=1).transpose(0, 1).flatten(1)  # (T, n_heads * head_dim)
+        return layer.attn_out(o)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int, scale: float
+) -> torch.Tensor:
+    """Causal (optionally sliding-window) attention of q (H, T, D) over k, v (Hkv, S, D)."""
+    t, s = q.shape[1], k.shape[1]
+    first = 0
+    if window and start + t > window:
+        first = max(0, start - window + 1)  # no query in this chunk sees a key before this
+        k, v = k[:, first:], v[:, first:]
+    mask = None
+    if t > 1:  # a single new token attends to every key it was given
+        q_pos = torch.arange(start, start + t, device=q.device)[:, None]
+        k_pos = torch.arange(first, s, device=q.device)[None, :]
+        mask = k_pos <= q_pos
+        if window:
+            mask &= (q_pos - k_pos) < window
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
