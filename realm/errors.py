@@ -148,6 +148,14 @@ class InternalError(RealmError):
     openai_type = "server_error"
 
 
+class Cancelled(RealmError):
+    """The caller went away (client disconnected): the guest should stop and return."""
+
+    abi_code = -16
+    http_status = 499
+    openai_type = "cancelled"
+
+
 ABI_CODES: dict[int, type[RealmError]] = {
     cls.abi_code: cls
     for cls in (
@@ -166,6 +174,7 @@ ABI_CODES: dict[int, type[RealmError]] = {
         FetchError,
         AbiVersionMismatch,
         InternalError,
+        Cancelled,
     )
 }
 """ABI code -> exception class, for turning a guest's returned code back into an error."""

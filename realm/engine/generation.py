@@ -8,12 +8,14 @@ string that later completes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-from realm.engine.model import Model
 from realm.engine.sampling import Sampler, SamplingParams
 from realm.errors import ContextOverflow, InvalidArgument
 from realm.models.tokenizer import StreamDecoder
+
+if TYPE_CHECKING:
+    from realm.engine.model import Model
 
 
 @dataclass

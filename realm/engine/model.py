@@ -10,8 +10,11 @@ from typing import Any
 import torch
 
 from realm.backends.devices import Backend
+from realm.engine.generation import Generation
+from realm.engine.sampling import SamplingParams
 from realm.engine.session import Session
-from realm.errors import InvalidArgument
+from realm.errors import InvalidArgument, Unsupported
+from realm.models import catalogue
 from realm.models.chat_template import ChatTemplate, chat_template_from_fields
 from realm.models.config import ModelConfig, config_from_gguf
 from realm.models.gguf_file import GGUFFile, sha256_file
@@ -41,6 +44,32 @@ class Model:
                 f"context length {n} is outside 1..{self.config.context_length} for {self.name}"
             )
         return Session(self.transformer, n, self.backend.device)
+
+    def encode_prompt(self, text: str, chat: bool = False) -> list[int]:
+        """Prompt text -> tokens the way llama.cpp does: BOS by the model's rule, special
+        tokens parsed; with `chat`, the text is a user message in the model's template."""
+        if chat:
+            if self.chat_template is None:
+                raise Unsupported(
+                    f"model {self.name} has no chat template (tokenizer.chat_template); "
+                    "it is a base model: send a plain prompt instead"
+                )
+            text = self.chat_template.render([{"role": "user", "content": text}])
+        tok = self.tokenizer
+        starts_with_bos = tok.bos_id is not None and text.startswith(tok.token_text(tok.bos_id))
+        return tok.encode(text, add_bos=tok.add_bos and not starts_with_bos, parse_special=True)
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_tokens: int = 128,
+        params: SamplingParams | None = None,
+        stop: list[str] | None = None,
+        chat: bool = False,
+    ) -> Generation:
+        """A streaming generation: iterate it for `Piece`s of text as tokens are made."""
+        ids = prompt if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
+        return Generation(self, ids, params or SamplingParams(), max_tokens, stop or [])
 
     @property
     def bytes_held(self) -> int:
@@ -74,6 +103,14 @@ class Model:
             "bytes_held": self.bytes_held,
             "has_chat_template": self.chat_template is not None,
         }
+
+
+def load(name_or_path: str, backend: Backend, progress: bool = True) -> Model:
+    """A catalogue name (fetched on first use) or a path to a GGUF file, loaded on `backend`."""
+    path = catalogue.resolve(name_or_path, progress=progress)
+    entry = catalogue.CATALOGUE.get(name_or_path)
+    return load_model(path, backend, name=entry.name if entry else None,
+                      sha256=entry.sha256 if entry else None)
 
 
 def load_model(path: str | Path, backend: Backend, name: str | None = None, sha256: str | None = None) -> Model:

@@ -115,36 +115,46 @@ class Transformer:
     @torch.inference_mode()
     def forward(self, chunks: Sequence[Chunk]) -> None:
         """Run every chunk's new tokens through the model; sets `chunk.logits` (rows, vocab)."""
-        cfg, w = self.config, self.weights
-        device = w.output_norm.device
-        ids = torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.long, device=device)
-        positions = torch.cat(
-            [torch.arange(c.start, c.start + len(c.tokens), device=device) for c in chunks]
-        )
-        x = w.embedding.lookup(ids)  # (T, dim)
-        if cfg.embed_scale != 1.0:
-            x = x * cfg.embed_scale
-        ropes = {"global": (self.rope_global, self.rope_global.tables(positions))}
-        if self.rope_local is not None:
-            ropes["local"] = (self.rope_local, self.rope_local.tables(positions))
-        sizes = [len(c.tokens) for c in chunks]
-        for i, layer in enumerate(w.layers):
-            sliding = cfg.is_sliding(i)
-            rope, (cos, sin) = ropes["local" if sliding and self.rope_local else "global"]
-            h = self._attention(i, layer, rms_norm(x, layer.attn_norm, cfg.norm_eps), chunks,
-                                sizes, rope, cos, sin, sliding)
-            if layer.post_attn_norm is not None:
-                h = rms_norm(h, layer.post_attn_norm, cfg.norm_eps)
-            x = x + h
-            h = self._ffn(layer, rms_norm(x, layer.ffn_norm, cfg.norm_eps))
-            if layer.post_ffn_norm is not None:
-                h = rms_norm(h, layer.post_ffn_norm, cfg.norm_eps)
-            x = x + h
+        x = self.embed(chunks)
+        for i in range(self.config.n_layers):
+            x = self.layer(i, x, chunks)
+        self.logits(x, chunks)
+
+    @torch.inference_mode()
+    def embed(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+        """The first hidden state (T, dim) of all chunks' tokens, stacked."""
+        ids = torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.long)
+        x = self.weights.embedding.lookup(ids)
+        return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
+
+    @torch.inference_mode()
+    def layer(self, index: int, x: torch.Tensor, chunks: Sequence[Chunk]) -> torch.Tensor:
+        """One transformer block; stores the chunks' keys and values in their caches."""
+        cfg, layer = self.config, self.weights.layers[index]
+        sliding = cfg.is_sliding(index)
+        rope = self.rope_local if sliding and self.rope_local is not None else self.rope_global
+        positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks])
+        cos, sin = rope.tables(positions.to(x.device))
+        h = self._attention(index, layer, rms_norm(x, layer.attn_norm, cfg.norm_eps), chunks,
+                            rope, cos, sin, sliding)
+        if layer.post_attn_norm is not None:
+            h = rms_norm(h, layer.post_attn_norm, cfg.norm_eps)
+        x = x + h
+        h = self._ffn(layer, rms_norm(x, layer.ffn_norm, cfg.norm_eps))
+        if layer.post_ffn_norm is not None:
+            h = rms_norm(h, layer.post_ffn_norm, cfg.norm_eps)
+        return x + h
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor, chunks: Sequence[Chunk]) -> None:
+        """Final norm and output projection of the rows each chunk wants; sets chunk.logits."""
         rows, offset = [], 0
-        for c, n in zip(chunks, sizes):
+        for c in chunks:
+            n = len(c.tokens)
             rows.append(x[offset : offset + n] if c.all_logits else x[offset + n - 1 : offset + n])
             offset += n
-        logits = w.output(rms_norm(torch.cat(rows), w.output_norm, cfg.norm_eps))
+        w = self.weights
+        logits = w.output(rms_norm(torch.cat(rows), w.output_norm, self.config.norm_eps))
         offset = 0
         for c, r in zip(chunks, rows):
             c.logits = logits[offset : offset + len(r)]
@@ -164,7 +174,6 @@ class Transformer:
         layer: LayerWeights,
         x: torch.Tensor,
         chunks: Sequence[Chunk],
-        sizes: list[int],
         rope: Rope,
         cos: torch.Tensor,
         sin: torch.Tensor,
@@ -182,7 +191,8 @@ class Transformer:
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         window = cfg.sliding_window if sliding else 0
         outs, offset = [], 0
-        for c, n in zip(chunks, sizes):
+        for c in chunks:
+            n = len(c.tokens)
             sl = slice(offset, offset + n)
             keys, values = c.kv.append(index, c.start, k[sl].transpose(0, 1), v[sl].transpose(0, 1))
             outs.append(_attend(q[sl].transpose(0, 1), keys, values, c.start, window, cfg.attn_scale))

