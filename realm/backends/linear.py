@@ -2,9 +2,13 @@
 
 On the CPU, activations enter the matrix products as bfloat16: PyTorch's int4 and int8
 CPU kernels are 20-50x faster with bf16 activations than with float32 ones (measured on
-smollm2's shapes), and the reference bounds still hold. Q4_0, Q4_1 and Q4_K repack
-exactly into the int4 group layout; other quantized types are re-quantized to int8 per
-output row; float weights stay dense.
+smollm2's shapes). Rounding activations to bf16's 8 bits flipped near-tie argmaxes past
+the reference bounds, so each activation row goes in as two, hi = bf16(x) and
+lo = bf16(x - hi), and the two results are summed: 16 bits of precision for a second row
+through a kernel that is bound by reading the weights. Q4_0, Q4_1 and Q4_K repack
+exactly into the int4 group layout, and the 5-, 6- and 8-bit formats into two or four int4
+planes stacked along the input (`quants.int4_planes`): no weight is re-quantized. Float
+weights stay dense.
 """
 
 from __future__ import annotations
@@ -15,9 +19,17 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from realm.models.gguf_file import TensorData
-from realm.models.quants import INT4_EXACT, Int4Groups, dequantize, int4_groups
+from realm.models.quants import INT4_PLANES, Int4Groups, dequantize, int4_planes
 
 GROUP = 32
+
+
+def _compensated(kernel, x: torch.Tensor) -> torch.Tensor:
+    """kernel(x) with x carried as bf16 hi + lo rows (see the module docstring)."""
+    hi = x.to(torch.bfloat16)
+    lo = (x - hi.float()).to(torch.bfloat16)
+    y = kernel(torch.cat((hi, lo))).float()
+    return y[: len(x)] + y[len(x) :]
 
 
 class DenseLinear:
@@ -35,42 +47,50 @@ class DenseLinear:
 
 
 class Int4Linear:
-    """PyTorch's CPU int4 kernel: weight = (code - 8) * scale + zero per group of 32 inputs."""
+    """PyTorch's CPU int4 kernel: weight = (code - 8) * scale + zero per group of 32 inputs.
 
-    def __init__(self, groups: Int4Groups) -> None:
-        self.out_features, self.in_features = groups.codes.shape
+    A weight held as P planes (W = W_1 + ... + W_P) runs as one product of the input
+    repeated P times with the planes side by side."""
+
+    def __init__(self, planes: Sequence[Int4Groups]) -> None:
+        self.n_planes = len(planes)
+        groups = Int4Groups(
+            codes=torch.cat([p.codes for p in planes], dim=1),
+            scale=torch.cat([p.scale for p in planes], dim=1),
+            zero=torch.cat([p.zero for p in planes], dim=1),
+        )
+        self.out_features, self.in_features = groups.codes.shape[0], groups.codes.shape[1] // self.n_planes
         self.packed = torch._convert_weight_to_int4pack_for_cpu(groups.codes.to(torch.int32), 1)
         # (in / 32, out, 2): the kernel's layout
         sz = torch.stack((groups.scale, groups.zero), dim=-1).transpose(0, 1).contiguous()
         self.scales_zeros = sz.to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros)
-        return y.float()
+        if self.n_planes > 1:
+            x = x.repeat(1, self.n_planes)
+        return _compensated(self._kernel, x)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
 
 
-class Int8Linear:
-    """PyTorch's CPU int8 kernel: weight = code * scale, one scale per output row."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.out_features, self.in_features = weight.shape
-        scale = weight.abs().amax(dim=1).clamp(min=1e-30) / 127.0
-        self.codes = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        self.scales = scale.to(torch.bfloat16)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.codes, self.scales).float()
-
-
-def _stack_int4(tensors: Sequence[TensorData]) -> Int4Groups:
-    parts = [int4_groups(t.raw, t.qtype, t.shape) for t in tensors]
-    if len(parts) == 1:
-        return parts[0]
-    return Int4Groups(
-        codes=torch.cat([p.codes for p in parts]),
-        scale=torch.cat([p.scale for p in parts]),
-        zero=torch.cat([p.zero for p in parts]),
-    )
+def _stack_planes(tensors: Sequence[TensorData]) -> list[Int4Groups]:
+    """The tensors' int4 planes stacked along the output rows; a tensor with fewer planes
+    than the others gets all-zero planes (code 8, scale 0, zero 0)."""
+    per_tensor = [int4_planes(t.raw, t.qtype, t.shape) for t in tensors]
+    depth = max(len(p) for p in per_tensor)
+    for planes in per_tensor:
+        while len(planes) < depth:
+            g = planes[0]
+            planes.append(Int4Groups(torch.full_like(g.codes, 8), torch.zeros_like(g.scale), torch.zeros_like(g.zero)))
+    return [
+        Int4Groups(
+            codes=torch.cat([p[i].codes for p in per_tensor]),
+            scale=torch.cat([p[i].scale for p in per_tensor]),
+            zero=torch.cat([p[i].zero for p in per_tensor]),
+        )
+        for i in range(depth)
+    ]
 
 
 def dequantize_stacked(tensors: Sequence[TensorData]) -> torch.Tensor:
@@ -82,14 +102,12 @@ def pack_for_cpu(tensors: Sequence[TensorData]):
     """The fastest exact-enough CPU format for these tensors (stacked as one Linear)."""
     qtypes = {t.qtype for t in tensors}
     in_features = tensors[0].shape[-1]
-    if qtypes <= INT4_EXACT and in_features % GROUP == 0:
-        return Int4Linear(_stack_int4(tensors))
+    if qtypes <= INT4_PLANES and in_features % GROUP == 0:
+        return Int4Linear(_stack_planes(tensors))
     weight = dequantize_stacked(tensors)
-    if qtypes == {QT.F32}:
-        return DenseLinear(weight, torch.float32)
     if qtypes <= {QT.F16, QT.BF16}:
         return DenseLinear(weight, torch.bfloat16)
-    return Int8Linear(weight)
+    return DenseLinear(weight, torch.float32)
 
 
 def pack_dense(tensors: Sequence[TensorData], device: torch.device, dtype: torch.dtype) -> DenseLinear:

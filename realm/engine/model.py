@@ -13,6 +13,7 @@ from realm.backends.devices import Backend
 from realm.engine.generation import Generation
 from realm.engine.sampling import SamplingParams
 from realm.engine.session import Session
+from realm.engine.speed import rss_bytes
 from realm.errors import InvalidArgument, Unsupported
 from realm.models import catalogue
 from realm.models.chat_template import ChatTemplate, chat_template_from_fields
@@ -35,6 +36,7 @@ class Model:
     transformer: Transformer
     backend: Backend
     load_seconds: float
+    rss_after_load: int  # this process's resident bytes right after loading (0 if unknown)
 
     def new_session(self, context_length: int | None = None) -> Session:
         """A fresh session; its context is the model's unless a smaller one is asked for."""
@@ -133,6 +135,7 @@ def load_model(path: str | Path, backend: Backend, name: str | None = None, sha2
         transformer=Transformer(config, weights),
         backend=backend,
         load_seconds=time.perf_counter() - started,
+        rss_after_load=rss_bytes(),
     )
 
 

@@ -11,6 +11,18 @@ if TYPE_CHECKING:
     from realm.engine.model import Model
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux; 0 where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def measure_speed(model: Model, prompt_tokens: int = 128, gen_tokens: int = 64, repeats: int = 3) -> dict:
     """Best of `repeats`: one prefill of `prompt_tokens`, then `gen_tokens` greedy steps."""
     text = "The quick brown fox jumps over the lazy dog. " * (prompt_tokens // 4 + 8)
@@ -34,4 +46,7 @@ def measure_speed(model: Model, prompt_tokens: int = 128, gen_tokens: int = 64, 
         "prefill_tok_s": prompt_tokens / best_prefill,
         "decode_tok_s": gen_tokens / best_decode,
         "threads": torch.get_num_threads(),
+        "rss_after_load": model.rss_after_load,
+        "file_bytes": model.gguf.size_bytes,
+        "bytes_held": model.bytes_held,
     }

@@ -24,7 +24,9 @@ from gguf import GGMLQuantizationType as QT
 
 from realm.errors import ModelFormatError
 
-__all__ = ["SUPPORTED", "INT4_EXACT", "Int4Groups", "dequantize", "int4_groups"]
+__all__ = [
+    "SUPPORTED", "INT4_EXACT", "INT4_PLANES", "Int4Groups", "dequantize", "int4_groups", "int4_planes",
+]
 
 
 # ---- byte-level helpers ------------------------------------------------------------
@@ -182,7 +184,9 @@ SUPPORTED: frozenset[QT] = frozenset(_DECODERS)
 def _check_type(qtype: QT, supported: frozenset[QT]) -> None:
     if qtype not in supported:
         names = ", ".join(sorted(t.name for t in supported))
-        raise ModelFormatError(f"quantization type {qtype.name} is not supported (supported: {names})")
+        raise ModelFormatError(
+            f"quantization type {qtype.name} is not supported (supported: {names})"
+        )
 
 
 def dequantize(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Tensor:
@@ -257,3 +261,77 @@ def int4_groups(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> Int4Group
         scale=torch.from_numpy(scale.reshape(rows, cols // 32)),
         zero=torch.from_numpy(zero.reshape(rows, cols // 32)),
     )
+
+
+# ---- exact int4 planes for 5- and 8-bit formats ------------------------------------------
+
+
+def _q8_0_planes(b: np.ndarray) -> list[_Groups]:
+    # q + 128 = 16*hi + lo with lo, hi in 0..15; d*q = [d*(lo-8) + 8d] + [16d*(hi-8)]
+    d = _half(b[:, 0:2])
+    u = (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return [(u & 15, d, 8 * d), (u >> 4, 16 * d, np.zeros_like(d))]
+
+
+def _q5_planes(b: np.ndarray, offset_of: Callable[[np.ndarray], np.ndarray], first: int) -> list[_Groups]:
+    # q = 16*hi + lo, hi in {0, 1}; d*q + offset = [d*(lo-8) + 8d + offset] + [16d*(hi-8) + 128d]
+    d = _half(b[:, 0:2])
+    q = _nibbles(b[:, first + 4 :], 16) | (_fifth_bits(b[:, first : first + 4]) << 4)
+    return [(q & 15, d, 8 * d + offset_of(d)), (q >> 4, 16 * d, 128 * d)]
+
+
+def _q5_k_planes(b: np.ndarray) -> list[_Groups]:
+    # sub-block of 32: scale*q - offset, q = 16*hi + lo
+    scale, offset = _k_parts(b)  # [n, 8, 1]
+    high = (b[:, 16:48, None] >> _BITS) & 1
+    q = _nibbles(b[:, 48:], 32).reshape(-1, 8, 32) | (high.transpose(0, 2, 1) << 4)
+    return [(q & 15, scale, 8 * scale - offset), (q >> 4, 16 * scale, 128 * scale)]
+
+
+def _q6_k_planes(b: np.ndarray) -> list[_Groups]:
+    # Scales change every 16 elements, groups are 32: one plane per half-group, the other
+    # half coded 8 (= 0). q = 16*h + l: s*(q - 32) = s*(l - 8) + 8s*((2h + 5) - 8).
+    n = b.shape[0]
+    low = _nibbles(b[:, :128], 64).reshape(n, 2, 128)
+    high = ((b[:, 128:192].reshape(n, 2, 1, 32) >> _PAIRS) & 3).reshape(n, 2, 128)
+    q = (low | (high << 4)).reshape(n, 8, 2, 16)  # [block, group, half, element]
+    s = (_half(b[:, 208:210]) * b[:, 192:208].view(np.int8)).reshape(n, 8, 2)
+    planes = []
+    for half in (0, 1):
+        mine = np.zeros((1, 1, 2, 1), dtype=bool)
+        mine[0, 0, half, 0] = True
+        zero = np.zeros_like(s[..., half])
+        for codes, scale in ((q & 15, s[..., half]), (2 * (q >> 4) + 5, 8 * s[..., half])):
+            planes.append((np.where(mine, codes, 8).astype(np.uint8), scale, zero))
+    return planes
+
+
+_PLANE_SPLITTERS: dict[QT, Callable[[np.ndarray], list[_Groups]]] = {
+    QT.Q8_0: _q8_0_planes,
+    QT.Q5_0: lambda b: _q5_planes(b, lambda d: -16 * d, 2),  # w = d*q - 16d
+    QT.Q5_1: lambda b: _q5_planes(b, lambda d: _half(b[:, 2:4]), 4),  # w = d*q + m
+    QT.Q5_K: _q5_k_planes,
+    QT.Q6_K: _q6_k_planes,
+}
+
+INT4_PLANES: frozenset[QT] = INT4_EXACT | frozenset(_PLANE_SPLITTERS)
+
+
+def int4_planes(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> list[Int4Groups]:
+    """The tensor as a sum of int4 group tensors, exactly: one for Q4_0 / Q4_1 / Q4_K, two
+    (low and high nibble of the code) for Q5_0, Q5_1, Q5_K and Q8_0, four for Q6_K (whose
+    scales change every 16 elements). A matmul with the planes stacked along the input
+    dimension reads 0.5 byte per weight per plane and loses nothing."""
+    if qtype in INT4_EXACT:
+        return [int4_groups(raw, qtype, shape)]
+    _check_type(qtype, INT4_PLANES)
+    shape = tuple(int(n) for n in shape)
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    return [
+        Int4Groups(
+            codes=torch.from_numpy(np.ascontiguousarray(codes).reshape(rows, cols)),
+            scale=torch.from_numpy(np.ascontiguousarray(scale).reshape(rows, cols // 32)),
+            zero=torch.from_numpy(np.ascontiguousarray(zero).reshape(rows, cols // 32)),
+        )
+        for codes, scale, zero in _PLANE_SPLITTERS[qtype](_blocks(raw, qtype, shape))
+    ]

@@ -42,8 +42,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from tokenizers import Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
@@ -225,10 +223,10 @@ def _list_field(fields: Mapping[str, Any], key: str, kind: type | tuple[type, ..
         return None
     if not isinstance(value, (list, tuple)):
         raise ModelFormatError(f"tokenizer.ggml.{key} must be an array, got {type(value).__name__}")
-    for item in value:
-        if not isinstance(item, kind) or isinstance(item, bool) and kind is not bool:
+    for item_type in set(map(type, value)):  # one check per distinct type: 262144 items are many
+        if not issubclass(item_type, kind) or issubclass(item_type, bool):
             raise ModelFormatError(
-                f"tokenizer.ggml.{key} holds a {type(item).__name__}, expected {kind}"
+                f"tokenizer.ggml.{key} holds a {item_type.__name__}, which does not belong there"
             )
     return list(value)
 
@@ -364,8 +362,10 @@ class Tokenizer:
                 f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens"
             )
 
-        texts = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-        vocab = {t: i for i, t in enumerate(texts)}
+        texts = tokens
+        if "" in texts:  # llama.cpp renames empty tokens
+            texts = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+        vocab = dict(zip(texts, range(n), strict=True))
         if len(vocab) != n:
             seen: dict[str, int] = {}
             for i, t in enumerate(texts):
@@ -453,8 +453,8 @@ class Tokenizer:
                 if found:
                     fim[name] = min(found)
                     attrs[fim[name]] |= ATTR_CONTROL
-        for i, t in enumerate(texts):
-            if attrs[i] & ATTR_CONTROL and "unused" in t:
+        for i, a in enumerate(attrs):
+            if a & ATTR_CONTROL and "unused" in texts[i]:
                 attrs[i] |= ATTR_UNUSED
         eog: set[int] = {fim[k] for k in ("fim_pad", "fim_rep", "fim_sep") if fim[k] is not None}
         for t in _EOG_TEXTS:
@@ -562,23 +562,29 @@ class Tokenizer:
     def _build_pieces(self) -> None:
         """llama.cpp's token_to_piece for every token, with special=True and special=False."""
         texts, attrs = self._texts, self._attrs
-        rendered: list[bytes] = []
         spm = self.kind == "spm"
-        for i, t in enumerate(texts):
-            a = attrs[i]
-            if a & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED):
-                piece = t.encode("utf-8")
+        joined = "\0".join(texts)
+        if joined.count("\0") == len(texts) - 1:  # no token holds a NUL itself
+            raw = joined.encode("utf-8", "surrogatepass").split(b"\0")
+            if spm:
+                normal = joined.replace(_SPM_SPACE, " ").encode("utf-8", "surrogatepass").split(b"\0")
+        else:
+            raw = [t.encode("utf-8", "surrogatepass") for t in texts]
+            if spm:
+                normal = [t.replace(_SPM_SPACE, " ").encode("utf-8", "surrogatepass") for t in texts]
+        rendered: list[bytes] = []
+        add = rendered.append
+        special_attrs = ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED
+        for i, a in enumerate(attrs):
+            if a & special_attrs:
+                add(raw[i])
             elif a & ATTR_NORMAL:
-                if spm:
-                    piece = t.replace(_SPM_SPACE, " ").encode("utf-8")
-                else:
-                    piece = _byte_decode(t)
+                add(normal[i] if spm else _byte_decode(texts[i]))
             elif a & ATTR_BYTE and spm:
-                m = _HEX_BYTE.fullmatch(t)
-                piece = bytes([int(m.group(1), 16)]) if m else b""
+                m = _HEX_BYTE.fullmatch(texts[i])
+                add(bytes([int(m.group(1), 16)]) if m else b"")
             else:  # unused / undefined tokens are suppressed like control tokens
-                piece = b""
-            rendered.append(piece)
+                add(b"")
         plain = list(rendered)
         for i, a in enumerate(attrs):
             if a & (ATTR_UNKNOWN | ATTR_CONTROL):
@@ -726,71 +732,12 @@ def _spm_merges(texts: list[str], scores: list) -> list[tuple[str, str]]:
     """Every split of a token into two tokens, ranked by the whole token's score (high first).
 
     llama.cpp's SPM tokenizer merges the adjacent pair whose concatenation is the token
-    with the highest score; these merges make `tokenizers`' BPE do the same. Vectorised:
-    polynomial hashes of every prefix and suffix are looked up among the tokens' hashes,
-    and each hit is then checked character by character.
+    with the highest score (the leftmost on a tie); these merges make `tokenizers`' BPE do
+    the same. Splits of one token are ranked left to right, equal scores by token id.
     """
-    n = len(texts)
-    lens = np.fromiter(map(len, texts), dtype=np.int64, count=n)
-    width = int(lens.max())
-    if width < 2:
-        return []
-    try:
-        flat = "".join(t.ljust(width, "\0") for t in texts).encode("utf-32-le")
-    except UnicodeEncodeError:
-        flat = "".join(t.ljust(width, "\0") for t in texts).encode("utf-32-le", "surrogatepass")
-    cps = np.frombuffer(flat, dtype=np.uint32).reshape(n, width)
-    base = np.uint64(0x100000001B3)
-    powers = np.ones(width + 1, dtype=np.uint64)
-    for k in range(1, width + 1):
-        powers[k] = powers[k - 1] * base
-    prefix = np.zeros((n, width + 1), dtype=np.uint64)
-    for k in range(width):
-        prefix[:, k + 1] = prefix[:, k] * base + cps[:, k].astype(np.uint64) + np.uint64(1)
-    rows = np.arange(n)
-    whole = prefix[rows, lens]
-    order = np.argsort(whole, kind="stable")
-    sorted_hash = whole[order]
-    if n > 1 and bool((sorted_hash[1:] == sorted_hash[:-1]).any()):
-        return _spm_merges_slow(texts, scores)  # a hash collision between tokens: be exact
-
-    def lookup(h: np.ndarray) -> np.ndarray:
-        pos = np.minimum(np.searchsorted(sorted_hash, h), n - 1)
-        return np.where(sorted_hash[pos] == h, order[pos], -1)
-
-    # all (token, split) pairs with 1 <= split < len
-    tok_idx, split = np.nonzero(np.arange(1, width)[None, :] < lens[:, None])
-    split = split + 1
-    tlen = lens[tok_idx]
-    head_hash = prefix[tok_idx, split]
-    tail_hash = prefix[tok_idx, tlen] - head_hash * powers[tlen - split]
-    head = lookup(head_hash)
-    keep = head >= 0
-    tok_idx, split, tlen, head, tail_hash = (
-        tok_idx[keep], split[keep], tlen[keep], head[keep], tail_hash[keep]
-    )
-    tail = lookup(tail_hash)
-    keep = (tail >= 0) & (lens[head] == split) & (lens[np.maximum(tail, 0)] == tlen - split)
-    tok_idx, split, tlen, head, tail = tok_idx[keep], split[keep], tlen[keep], head[keep], tail[keep]
-    # exact check of the hits
-    cols = np.arange(width)[None, :]
-    token_rows = cps[tok_idx]
-    ok = np.all(np.where(cols < split[:, None], token_rows, 0) == cps[head], axis=1)
-    shifted = np.take_along_axis(token_rows, np.minimum(cols + split[:, None], width - 1), axis=1)
-    ok &= np.all(np.where(cols < (tlen - split)[:, None], shifted, 0) == cps[tail], axis=1)
-    tok_idx, split, head, tail = tok_idx[ok], split[ok], head[ok], tail[ok]
-    # rank: score high first, then token id, then split position
-    score_arr = np.asarray(scores[:n], dtype=np.float64)
-    rank = np.empty(n, dtype=np.int64)
-    rank[np.lexsort((rows, -score_arr))] = rows
-    sel = np.lexsort((split, rank[tok_idx]))
-    get = texts.__getitem__
-    return list(zip(map(get, head[sel].tolist()), map(get, tail[sel].tolist()), strict=True))
-
-
-def _spm_merges_slow(texts: list[str], scores: list) -> list[tuple[str, str]]:
     vocab = set(texts)
-    merges = []
+    merges: list[tuple[str, str]] = []
+    add = merges.append
     for tid in sorted(range(len(texts)), key=lambda i: (-scores[i], i)):
         t = texts[tid]
         for k in range(1, len(t)):
@@ -798,7 +745,7 @@ def _spm_merges_slow(texts: list[str], scores: list) -> list[tuple[str, str]]:
             if a in vocab:
                 b = t[k:]
                 if b in vocab:
-                    merges.append((a, b))
+                    add((a, b))
     return merges
 
 

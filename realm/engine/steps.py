@@ -1,0 +1,27 @@
+"""Forward steps of sessions, behind one small interface.
+
+The sandbox's `realm_forward` asks a `StepRunner` for a step instead of calling
+`Session.feed` itself, so a scheduler that batches the steps of many sessions (one
+backend call for all tenants waiting) can take this place without the ABI changing.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+from realm.engine.session import Session
+
+
+class StepRunner(Protocol):
+    def step(self, session: Session, tokens: Sequence[int]) -> torch.Tensor:
+        """Run `tokens` through `session`; the logits of the last one, (vocab,) float32."""
+        ...
+
+
+class DirectStepRunner:
+    """Each step runs at once, alone: batch 1, exactly what the host-direct path runs."""
+
+    def step(self, session: Session, tokens: Sequence[int]) -> torch.Tensor:
+        return session.feed(tokens)[-1]

@@ -1,0 +1,147 @@
+"""What the host keeps for one guest instance while its code runs: the models it holds, the
+sessions it opened, the request in progress and the clocks of its limits.
+
+Host functions (realm/sandbox/abi.py) read and change this state; the instance
+(realm/sandbox/instance.py) creates it, installs it for the thread that runs the guest,
+and clears up after each request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from realm.engine.model_store import Allowed, StoredModel
+from realm.engine.session import Session
+from realm.errors import LimitExceeded, NotFound, UnknownModel
+from realm.models.transformer import Chunk
+
+if TYPE_CHECKING:
+    from realm.sandbox.runtime import Limits, Runtime
+
+_session_handles = itertools.count(1)
+"""Session handles are unique in the process: another instance's handle is never ours."""
+
+_current = threading.local()
+
+
+def current() -> GuestState | None:
+    """The state of the guest this thread is running (None outside a guest call)."""
+    return getattr(_current, "state", None)
+
+
+def install(state: GuestState | None) -> GuestState | None:
+    """Make `state` the current guest of this thread; returns the previous one."""
+    previous = getattr(_current, "state", None)
+    _current.state = state
+    return previous
+
+
+@dataclass
+class HostSession:
+    handle: int
+    entry: StoredModel
+    session: Session
+    pending: Chunk | None = None  # a per-layer step between realm_embed and realm_logits
+
+
+@dataclass
+class Call:
+    """One request: its JSON, where output goes, and what the guest reported."""
+
+    payload: bytes
+    on_token: Callable[[int, str], None] | None = None
+    cancel: threading.Event | None = None
+    text: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    finish: tuple[int, int, int] | None = None  # reason, prompt tokens, completion tokens
+    logs: int = 0
+    cache: dict[str, Any] = field(default_factory=dict)  # last tokenize / template result
+
+
+class GuestState:
+    def __init__(
+        self,
+        name: str,
+        tenant: str,
+        runtime: Runtime,
+        limits: Limits,
+        allowed: Allowed | None,
+        memory64: bool,
+    ) -> None:
+        self.name = name
+        self.tenant = tenant
+        self.runtime = runtime
+        self.limits = limits
+        self.allowed = allowed
+        self.mask = (1 << 64) - 1 if memory64 else (1 << 32) - 1
+        self.memory: Any = None  # the instance's exported wasmtime Memory
+        self.models: dict[int, StoredModel] = {}  # ids this guest holds a reference to
+        self.sessions: dict[int, HostSession] = {}
+        self.call: Call | None = None
+        self.last_error: str | None = None
+        self.host_calls = 0
+        # limits: time in wasm (host calls excluded) against the budget, and wall time
+        self.guest_seconds = 0.0
+        self.resumed_at = 0.0
+        self.wall_deadline = float("inf")
+        self.fault: str | None = None  # why the host stopped the guest (limits), if it did
+
+    # -- clocks ---------------------------------------------------------------------
+
+    def start_clock(self) -> None:
+        self.guest_seconds = 0.0
+        self.fault = None
+        self.resumed_at = time.perf_counter()
+        self.wall_deadline = self.resumed_at + self.limits.wall_seconds
+
+    def guest_seconds_left(self) -> float:
+        return self.limits.guest_seconds - self.guest_seconds
+
+    # -- lookups --------------------------------------------------------------------
+
+    def model(self, model_id: int) -> StoredModel:
+        """A model this guest holds; UnknownModel if the id was never issued, NotFound if it
+        was issued but this guest does not hold it (released, or never stored by it)."""
+        entry = self.models.get(model_id)
+        if entry is not None:
+            return entry
+        if self.runtime.models.was_issued(model_id):
+            raise NotFound(f"model id {model_id} is not held by this guest (released, or stored by another)")
+        raise UnknownModel(f"no model has id {model_id}")
+
+    def hold(self, entry: StoredModel) -> None:
+        """Keep one reference per model per guest: a second store of it gives the extra back."""
+        if entry.id in self.models:
+            self.runtime.models.release(entry.id)
+        else:
+            self.models[entry.id] = entry
+
+    def release(self, model_id: int) -> None:
+        self.model(model_id)
+        del self.models[model_id]
+        self.runtime.models.release(model_id)
+
+    def session(self, handle: int) -> HostSession:
+        s = self.sessions.get(handle)
+        if s is None:
+            raise NotFound(f"session {handle} does not exist or belongs to another guest")
+        return s
+
+    def open_session(self, entry: StoredModel, context_length: int) -> HostSession:
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise LimitExceeded(f"a guest may hold at most {self.limits.max_sessions} sessions at once")
+        s = HostSession(next(_session_handles), entry, entry.model.new_session(context_length or None))
+        self.sessions[s.handle] = s
+        return s
+
+    def close_sessions(self) -> None:
+        self.sessions.clear()
+
+    def release_models(self) -> None:
+        for model_id in list(self.models):
+            del self.models[model_id]
+            self.runtime.models.release(model_id)
