@@ -55,8 +55,11 @@ def run(
     stop: list[str] = typer.Option([], "--stop", help="stop before this text (repeatable)"),
     chat: bool = typer.Option(False, "--chat", help="apply the model's chat template to the prompt"),
     backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+    no_sandbox: bool = typer.Option(False, "--no-sandbox", help="run the generation loop on the host, not in the default guest"),
+    guest: Optional[Path] = typer.Option(None, "--guest", dir_okay=False, help="run this guest module (.wasm or .wat) instead of the default guest"),
 ) -> None:
-    """Generate a continuation of PROMPT and stream it to the terminal."""
+    """Generate a continuation of PROMPT and stream it to the terminal (through the default
+    guest in its WebAssembly sandbox unless --no-sandbox)."""
     from realm.engine.sampling import SamplingParams
 
     try:
@@ -64,14 +67,55 @@ def run(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
         )
-        loaded = _load(model or _default_model(), backend)
-        generation = loaded.generate(prompt, max_tokens, params, stop, chat=chat)
-        for piece in generation:
-            sys.stdout.write(piece.text)
-            sys.stdout.flush()
+        if no_sandbox:
+            if guest is not None:
+                raise _usage("--guest and --no-sandbox exclude each other")
+            loaded = _load(model or _default_model(), backend)
+            generation = loaded.generate(prompt, max_tokens, params, stop, chat=chat)
+            for piece in generation:
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+        else:
+            _run_guest(prompt, model or _default_model(), backend, guest, max_tokens, params, stop, chat)
         sys.stdout.write("\n")
     except RealmError as e:
         _fail(e)
+
+
+def _usage(message: str) -> RealmError:
+    from realm.errors import InvalidArgument
+
+    return InvalidArgument(message)
+
+
+def _run_guest(prompt, model, backend, guest, max_tokens, params, stop, chat) -> None:
+    """`realm run` through a guest: the model goes into a model store, the guest finds it
+    by name, checks its hash, and streams tokens back through realm_emit."""
+    from realm.backends.devices import BackendRegistry
+    from realm.engine.model_store import ModelStore
+    from realm.models import catalogue
+    from realm.sandbox.request import build_request
+    from realm.sandbox.runtime import Limits, Runtime
+
+    registry = BackendRegistry(backend)
+    store = ModelStore(registry.active)
+    path = catalogue.resolve(model, progress=sys.stderr.isatty())
+    known = catalogue.CATALOGUE.get(model)
+    stored = store.store_path(path, name=known.name if known else path.stem,
+                              sha256=known.sha256 if known else None)
+    runtime = Runtime(store, registry, limits=Limits(wall_seconds=float("inf")))
+    module = runtime.load_module(guest) if guest is not None else runtime.default_module()
+    chat_messages = [{"role": "user", "content": prompt}] if chat else None
+    request = build_request(stored, prompt=None if chat else prompt, messages=chat_messages,
+                            max_tokens=max_tokens, params=params, stop=stop)
+
+    def show(token: int, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    with runtime.instance(module, tenant="cli") as instance:
+        instance.generate(request, on_token=show)
 
 
 @app.command()
@@ -232,6 +276,34 @@ def backends(as_json: bool = typer.Option(False, "--json", help="one JSON object
     for b in info["available"]:
         mark = "*" if b["name"] == info["active"] else " "
         out.print(f"{mark} {b['name']:<6} (type {b['type']}) {b['description']}")
+
+
+guest_app = typer.Typer(no_args_is_help=True, help="Build guest modules (C, compiled to WebAssembly by zig).")
+app.add_typer(guest_app, name="guest")
+
+
+@guest_app.command("build")
+def guest_build(
+    source: Optional[Path] = typer.Argument(None, dir_okay=False, help="a guest's C source (default: guest/default.c)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="the .wasm to write (default: guest/build/NAME.wasm)"),
+    target: Optional[str] = typer.Option(None, "--target", help="wasm32 or wasm64 (default: from the source)"),
+    build_all: bool = typer.Option(False, "--all", help="build every guest shipped in guest/"),
+    force: bool = typer.Option(False, "--force", help="build even if the .wasm is up to date"),
+) -> None:
+    """Compile a guest with zig (from the ziglang package): no libc, no WASI, only the Realm ABI."""
+    from realm.sandbox import toolchain
+
+    try:
+        if build_all:
+            if source is not None or output is not None:
+                raise _usage("--all builds every shipped guest: give no SOURCE or --output with it")
+            for path in toolchain.build_all(force=force):
+                print(path)
+            return
+        path = toolchain.build(source or toolchain.DEFAULT_SOURCE, output, target, force=force)
+    except RealmError as e:
+        _fail(e)
+    print(path)
 
 
 def main() -> None:

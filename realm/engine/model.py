@@ -18,7 +18,7 @@ from realm.errors import InvalidArgument, Unsupported
 from realm.models import catalogue
 from realm.models.chat_template import ChatTemplate, chat_template_from_fields
 from realm.models.config import ModelConfig, config_from_gguf
-from realm.models.gguf_file import GGUFFile, sha256_file
+from realm.models.gguf_file import GGUFFile, sha256_file, trim_heap
 from realm.models.loader import load_weights
 from realm.models.tokenizer import Tokenizer
 from realm.models.transformer import Transformer
@@ -124,6 +124,8 @@ def load_model(path: str | Path, backend: Backend, name: str | None = None, sha2
     tokenizer = Tokenizer.from_gguf_fields(gguf.metadata)
     template = chat_template_from_fields(gguf.metadata, tokenizer)
     weights = load_weights(gguf, config, backend.pack_linear, backend.make_embedding, backend.make_vector)
+    gguf.drop_resident_pages()
+    trim_heap()
     return Model(
         name=name or path.stem,
         path=path,
@@ -146,7 +148,7 @@ def _weight_tensors(obj: Any):
     elif isinstance(obj, (list, tuple)):
         for item in obj:
             yield from _weight_tensors(item)
-    elif hasattr(obj, "__dict__"):
+    elif type(obj).__module__.startswith("realm.") and hasattr(obj, "__dict__"):
         for value in vars(obj).values():
             yield from _weight_tensors(value)
 

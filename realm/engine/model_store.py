@@ -23,13 +23,18 @@ time, others wait for it).
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
+import math
 import os
 import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
 
 from realm.backends.devices import Backend
 from realm.engine.model import Model, load_model
@@ -43,7 +48,7 @@ from realm.errors import (
     UnknownModel,
 )
 from realm.models import catalogue
-from realm.models.gguf_file import sha256_file
+from realm.models.gguf_file import TensorData, sha256_file
 
 Allowed = Callable[[str], bool]
 """A tenant's rule: True if the model with this name (or SHA-256 hex) may be used."""
@@ -78,10 +83,24 @@ class StoredModel:
         return self.model.name
 
     def info(self) -> dict[str, Any]:
-        """The model's info (Model.info) with its identity and the tokenizer facts guests need."""
-        tok = self.model.tokenizer
-        info = self.model.info()
-        info.update(
+        """What guests and listings show: identity, shape, placement, tokenizer facts."""
+        model = self.model
+        cfg, tok = model.config, model.tokenizer
+        return dict(
+            name=model.name,
+            architecture=cfg.architecture,
+            parameters=sum(math.prod(t.shape) for t in model.gguf.tensors.values()),
+            layers=cfg.n_layers,
+            embedding_length=cfg.dim,
+            heads=cfg.n_heads,
+            kv_heads=cfg.n_kv_heads,
+            vocab_size=cfg.vocab_size,
+            context_length=cfg.context_length,
+            quantization=model.gguf.quant_types(),
+            file_bytes=model.gguf.size_bytes,
+            backend=model.backend.name,
+            device=str(model.backend.device),
+            has_chat_template=model.chat_template is not None,
             id=self.id,
             sha256=self.sha256,
             names=sorted(self.names),
@@ -94,7 +113,6 @@ class StoredModel:
             add_space_prefix=bool(getattr(tok, "add_space_prefix", False)),
             clean_spaces=bool(getattr(tok, "clean_spaces", False)),
         )
-        return info
 
 
 class ModelStore:
@@ -290,7 +308,7 @@ class ModelStore:
             finally:
                 with self._lock:
                     self._loading.pop(sha, None)
-            held = model.bytes_held
+            held = weight_bytes(model.transformer.weights)
             with self._lock:
                 self._issued += 1
                 entry = StoredModel(id=self._issued, sha256=sha, model=model, refs=1, bytes_held=held)
@@ -322,6 +340,32 @@ class ModelStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
         return dest
+
+
+def weight_bytes(weights: Any) -> int:
+    """Bytes of the tensors reachable from a model's weights, each storage counted once.
+    Views into the file's memory map (TensorData) are not counted: those are file pages."""
+    seen_storage: set[int] = set()
+    seen_obj: set[int] = set()
+    total = 0
+    stack = [weights]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen_storage:
+                seen_storage.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (TensorData, np.ndarray, enum.Enum, type, str, bytes, int, float)) or obj is None:
+            continue
+        elif hasattr(obj, "__dict__") and id(obj) not in seen_obj:
+            seen_obj.add(id(obj))
+            stack.extend(vars(obj).values())
+    return total
 
 
 def _catalogue_names(sha: str) -> list[str]:

@@ -146,12 +146,12 @@ class ChatTemplate:
         except RecursionError as exc:
             raise InvalidArgument("the chat template recursed too deeply") from exc
         except Exception as exc:  # a template can make Python raise nearly anything
-            raise InvalidArgument(
-                f"the chat template failed: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise InvalidArgument(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
 
 
-def chat_template_from_fields(fields: Mapping[str, Any], tokenizer: Tokenizer) -> ChatTemplate | None:
+def chat_template_from_fields(
+    fields: Mapping[str, Any], tokenizer: Tokenizer
+) -> ChatTemplate | None:
     """The model's default chat template (`tokenizer.chat_template`), or None when it has none.
 
     A template that does not compile raises `InvalidArgument` (see `ChatTemplate`).

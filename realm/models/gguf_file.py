@@ -7,6 +7,9 @@ every type is one we can run.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,7 @@ class GGUFFile:
             reader = GGUFReader(self.path, "r")
         except Exception as exc:  # the gguf package raises many types for a bad file
             raise ModelFormatError(f"{self.path}: not a valid GGUF file ({exc})") from exc
+        self._map = reader.data  # the whole file, memory-mapped read-only
         self.metadata: dict[str, Any] = {
             name: _field_value(field) for name, field in reader.fields.items()
         }
@@ -80,12 +84,40 @@ class GGUFFile:
         except KeyError:
             raise ModelFormatError(f"{self.path}: required tensor {name!r} is missing") from None
 
+    def drop_resident_pages(self) -> None:
+        """Tell the kernel we are done with the file pages read so far (after the weights are
+        packed): they leave this process's resident set and are read again only if a
+        lookup touches them. Linux only; a no-op elsewhere."""
+        libc = _libc()
+        if libc is not None:
+            libc.madvise(ctypes.c_void_p(self._map.ctypes.data), ctypes.c_size_t(self._map.nbytes), _MADV_DONTNEED)
+
     def quant_types(self) -> dict[str, int]:
         """How many tensors use each quantization type."""
         counts: dict[str, int] = {}
         for t in self.tensors.values():
             counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
         return counts
+
+
+_MADV_DONTNEED = 4
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name and hasattr(ctypes.CDLL(name), "madvise") else None
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it after large transient
+    allocations, such as decoding a model's tensors). A no-op where there is no glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

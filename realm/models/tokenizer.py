@@ -38,13 +38,13 @@ overlap in the text (llama.cpp's sort is unstable; here lower id first).
 from __future__ import annotations
 
 import codecs
+import operator
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tokenizers import Regex
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from realm.errors import InvalidArgument, ModelFormatError
 
@@ -355,7 +355,9 @@ class Tokenizer:
         n = len(tokens)
         scores = _list_field(fields, "scores", (int, float))
         if scores is not None and len(scores) < n:
-            raise ModelFormatError(f"tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
+            raise ModelFormatError(
+                f"tokenizer.ggml.scores has {len(scores)} entries for {n} tokens"
+            )
         types = _list_field(fields, "token_type", int)
         if types is not None and len(types) < n:
             raise ModelFormatError(
@@ -541,7 +543,9 @@ class Tokenizer:
 
         # SentencePiece: BPE whose merge ranks follow the token scores
         if scores is None:
-            raise ModelFormatError("a 'llama' (SentencePiece) tokenizer needs tokenizer.ggml.scores")
+            raise ModelFormatError(
+                "a 'llama' (SentencePiece) tokenizer needs tokenizer.ggml.scores"
+            )
         merges = _spm_merges(texts, scores)
         unk = texts[self.unk_id] if self.unk_id is not None else None
         try:
@@ -567,11 +571,14 @@ class Tokenizer:
         if joined.count("\0") == len(texts) - 1:  # no token holds a NUL itself
             raw = joined.encode("utf-8", "surrogatepass").split(b"\0")
             if spm:
-                normal = joined.replace(_SPM_SPACE, " ").encode("utf-8", "surrogatepass").split(b"\0")
+                unescaped = joined.replace(_SPM_SPACE, " ")
+                normal = unescaped.encode("utf-8", "surrogatepass").split(b"\0")
         else:
             raw = [t.encode("utf-8", "surrogatepass") for t in texts]
             if spm:
-                normal = [t.replace(_SPM_SPACE, " ").encode("utf-8", "surrogatepass") for t in texts]
+                normal = [
+                    t.replace(_SPM_SPACE, " ").encode("utf-8", "surrogatepass") for t in texts
+                ]
         rendered: list[bytes] = []
         add = rendered.append
         special_attrs = ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED
@@ -580,7 +587,7 @@ class Tokenizer:
                 add(raw[i])
             elif a & ATTR_NORMAL:
                 add(normal[i] if spm else _byte_decode(texts[i]))
-            elif a & ATTR_BYTE and spm:
+            elif a & ATTR_BYTE:  # <0xNN>
                 m = _HEX_BYTE.fullmatch(texts[i])
                 add(bytes([int(m.group(1), 16)]) if m else b"")
             else:  # unused / undefined tokens are suppressed like control tokens
@@ -600,8 +607,7 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         """The token's text as stored in the vocabulary (e.g. 'Ġthe', '▁the', '<|im_end|>')."""
-        self._check_id(token_id)
-        return self._texts[token_id]
+        return self._texts[self._check_id(token_id)]
 
     def token_to_id(self, text: str) -> int | None:
         """The id of the token whose vocabulary text is `text`, if any."""
@@ -609,10 +615,10 @@ class Tokenizer:
 
     def is_control(self, token_id: int) -> bool:
         """Whether llama.cpp treats the token as a control token (hidden unless special)."""
-        self._check_id(token_id)
-        return bool(self._attrs[token_id] & (ATTR_CONTROL | ATTR_UNKNOWN))
+        return bool(self._attrs[self._check_id(token_id)] & (ATTR_CONTROL | ATTR_UNKNOWN))
 
     def is_eog(self, token_id: int) -> bool:
+        """Whether the token ends generation (is in `eot_ids`)."""
         return token_id in self.eot_ids
 
     def token_bytes(self, token_id: int, *, special: bool = False) -> bytes:
@@ -624,12 +630,18 @@ class Tokenizer:
         which case they give their text (llama.cpp's `special` argument); unused tokens
         give b"".
         """
-        self._check_id(token_id)
-        return self._pieces[bool(special)][token_id]
+        return self._pieces[bool(special)][self._check_id(token_id)]
 
-    def _check_id(self, token_id: int) -> None:
-        if not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
-            raise InvalidArgument(f"token id {token_id!r} is outside the vocabulary (0..{self.vocab_size - 1})")
+    def _check_id(self, token_id: int) -> int:
+        try:
+            index = operator.index(token_id)  # ints, numpy and torch integer scalars
+        except TypeError:
+            raise InvalidArgument(f"token id {token_id!r} is not an integer") from None
+        if not 0 <= index < self.vocab_size:
+            raise InvalidArgument(
+                f"token id {index} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
+        return index
 
     # -- encode ----------------------------------------------------------------------------
 
@@ -651,18 +663,15 @@ class Tokenizer:
         if not text:
             return out
         fragments = self._partition(text, parse_special)
-        raw = [f for f in fragments if isinstance(f, str)]
+        encode = self._hf.encode  # one fragment at a time: the batch API spawns threads
         try:
-            if len(raw) == 1 and len(fragments) == 1:
-                return out + self._hf.encode(raw[0], add_special_tokens=False).ids
-            encoded = iter(self._hf.encode_batch_fast(raw, add_special_tokens=False)) if raw else None
+            for f in fragments:
+                if isinstance(f, str):
+                    out.extend(encode(f, add_special_tokens=False).ids)
+                else:
+                    out.append(f)
         except Exception as exc:  # e.g. lone surrogates
             raise InvalidArgument(f"cannot tokenize the text: {exc}") from exc
-        for f in fragments:
-            if isinstance(f, str):
-                out.extend(next(encoded).ids)  # type: ignore[arg-type]
-            else:
-                out.append(f)
         return out
 
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
@@ -707,15 +716,18 @@ class Tokenizer:
         `detokenize` and llama.cpp's server stream do). User-defined tokens are always
         rendered. Invalid UTF-8 becomes U+FFFD.
         """
-        ids = list(ids)
-        if not ids:
-            return ""
-        n = self.vocab_size
-        for i in ids:
-            if not isinstance(i, int) or not 0 <= i < n:
-                self._check_id(i)
         pieces = self._pieces[not skip_special]
-        parts = [pieces[i] for i in ids]
+        ids = list(ids)
+        try:
+            parts = [pieces[i] for i in ids]
+            valid = not parts or min(ids) >= 0
+        except (TypeError, IndexError):
+            valid = False
+        if not valid:
+            for i in ids:
+                self._check_id(i)
+        if not parts:
+            return ""
         if self.add_space_prefix and parts[0][:1] == b" ":
             parts[0] = parts[0][1:]
         text = b"".join(parts).decode("utf-8", errors="replace")
@@ -738,7 +750,8 @@ def _spm_merges(texts: list[str], scores: list) -> list[tuple[str, str]]:
     vocab = set(texts)
     merges: list[tuple[str, str]] = []
     add = merges.append
-    for tid in sorted(range(len(texts)), key=lambda i: (-scores[i], i)):
+    # highest score first; sorted() is stable, so equal scores stay in id order
+    for tid in sorted(range(len(texts)), key=scores.__getitem__, reverse=True):
         t = texts[tid]
         for k in range(1, len(t)):
             a = t[:k]
@@ -779,7 +792,9 @@ class _SpecialMatcher:
             node[self._END] = tid
         self._root = root
         firsts = "".join(sorted(root))
-        self._starts = re.compile("[" + "".join(re.escape(c) for c in firsts) + "]") if root else None
+        self._starts = (
+            re.compile("[" + "".join(re.escape(c) for c in firsts) + "]") if root else None
+        )
 
     def find(self, text: str) -> set[int]:
         if self._starts is None:
@@ -802,7 +817,9 @@ class _SpecialMatcher:
 
 
 class StreamDecoder:
-    """Incremental detokenizer for streaming: never emits a broken UTF-8 character split across tokens.
+    """Incremental detokenizer for streaming: never emits a broken UTF-8 character.
+
+    Characters split across tokens come out once all their bytes are there.
 
     The concatenation of every `push` and the final `flush` equals
     `tokenizer.decode(ids, skip_special=skip_special)`. By default control tokens are not
@@ -821,8 +838,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (maybe "")."""
-        self._tok._check_id(token_id)
-        piece = self._pieces[token_id]
+        piece = self._pieces[self._tok._check_id(token_id)]
         if self._first:
             self._first = False
             if self._tok.add_space_prefix and piece[:1] == b" ":
@@ -853,7 +869,7 @@ class StreamDecoder:
         k = len(p) - 1
         while k >= 1 and not (_inert(p[k]) and _inert(p[k - 1])):
             k -= 1
-        if k < 1 or (self._has_ctx and k < 1):
+        if k < 1:
             self._pending = p
             return ""
         out = _clean_spaces(p[: k + 1])

@@ -59,7 +59,7 @@ def command(source: Path, output: Path, target: str) -> list[str]:
         *zig(), "cc",
         f"-target", f"{target}-freestanding",
         "-O2", "-s", "-msimd128", "-mbulk-memory",
-        "-std=c11", "-Wall", "-Werror=implicit-function-declaration",
+        "-std=c11", "-Wall", "-Wno-unused-function", "-Werror=implicit-function-declaration",
         "-I", str(INCLUDE_DIR),
         "-Wl,--no-entry",
         f"-Wl,-z,stack-size={STACK_BYTES}",
