@@ -43,7 +43,8 @@ class Session:
         self.tokens.extend(chunk.tokens)
 
     def feed(self, tokens: Sequence[int], all_logits: bool = False) -> torch.Tensor:
-        """Run tokens through the model; logits of the last token (1, V) or of all (T, V)."""
+        """Run tokens through the model; logits of the last token (1, V) or of all (T, V),
+        on the CPU whatever the device."""
         if not tokens:
             raise InvalidArgument("no tokens to feed")
         self.check(tokens)
@@ -56,7 +57,7 @@ class Session:
             self.commit(chunk)
             if all_logits or last:
                 out.append(chunk.logits)
-        return torch.cat(out).float()
+        return torch.cat(out).float().cpu()
 
     def rewind(self, n_tokens: int) -> None:
         """Forget everything after the first n_tokens (the KV cache is overwritten in place)."""

@@ -134,7 +134,7 @@ class Transformer:
         sliding = cfg.is_sliding(index)
         rope = self.rope_local if sliding and self.rope_local is not None else self.rope_global
         positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks])
-        cos, sin = rope.tables(positions.to(x.device))
+        cos, sin = (t.to(x.device) for t in rope.tables(positions))
         h = self._attention(index, layer, rms_norm(x, layer.attn_norm, cfg.norm_eps), chunks,
                             rope, cos, sin, sliding)
         if layer.post_attn_norm is not None:
