@@ -1,0 +1,155 @@
+"""Continuous batching: the forward steps of every waiting session, of every tenant, in one
+backend call.
+
+Guests run on their own threads and call `BatchScheduler.step()`, which blocks until the
+model runner thread has run that step. Each round the runner takes every waiting decode
+step (one token each: cheap, and where batching wins, since the weights are read once for
+all) and fills the rest of a token budget with pieces of waiting prompts, taken from
+tenants in turn so that one tenant's flood of long prompts cannot starve another's.
+A long prompt runs a piece per round, so it never stalls everyone else's decoding.
+
+`plan_round` is the whole policy, pure Python, with no torch in it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from realm.engine.session import Session
+from realm.errors import InternalError, InvalidArgument
+from realm.models.transformer import Transformer
+
+
+@dataclass
+class StepRequest:
+    """One session's next tokens, waiting to run."""
+
+    session: Session
+    tokens: list[int]
+    tenant: str
+    future: Future = field(default_factory=Future)
+    done: int = 0  # tokens already run (a prompt runs in pieces)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.tokens) - self.done
+
+
+def plan_round(waiting: Sequence[StepRequest], budget: int) -> list[tuple[StepRequest, int]]:
+    """Which requests run this round, and how many of their tokens: all single-token steps
+    first, then prompt pieces round-robin by tenant until `budget` tokens are planned.
+    Every request in `waiting` that is not planned keeps its place."""
+    plan: list[tuple[StepRequest, int]] = []
+    used = 0
+    for r in waiting:
+        if r.remaining == 1:
+            plan.append((r, 1))
+            used += 1
+    by_tenant: dict[str, deque[StepRequest]] = {}
+    for r in waiting:
+        if r.remaining > 1:
+            by_tenant.setdefault(r.tenant, deque()).append(r)
+    queues = deque(by_tenant.values())
+    while queues and used < budget:
+        queue = queues.popleft()
+        r = queue.popleft()
+        n = min(r.remaining, budget - used)
+        plan.append((r, n))
+        used += n
+        if queue:
+            queues.append(queue)
+    if not plan and waiting:  # a budget smaller than one piece still makes progress
+        plan.append((waiting[0], min(waiting[0].remaining, max(1, budget))))
+    return plan
+
+
+StepObserver = Callable[[int, int, int], None]
+"""Called after each batched call with (sequences, tokens, requests still waiting)."""
+
+
+class BatchScheduler:
+    """The model runner thread for one model, and the queue that feeds it."""
+
+    def __init__(
+        self,
+        transformer: Transformer,
+        max_batch_tokens: int = 256,
+        observer: StepObserver | None = None,
+    ) -> None:
+        self.transformer = transformer
+        self.max_batch_tokens = max_batch_tokens
+        self.observer = observer
+        self._waiting: list[StepRequest] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="realm-model-runner", daemon=True)
+        self._thread.start()
+
+    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> torch.Tensor:
+        """Run `tokens` for `session` (batched with whatever else is waiting); returns the
+        logits of the last token, (vocab,), on the CPU. Blocks until done."""
+        if not tokens:
+            raise InvalidArgument("no tokens to run")
+        session.check(tokens)
+        request = StepRequest(session, list(tokens), tenant)
+        with self._wake:
+            if self._closed:
+                raise InternalError("the model runner has shut down")
+            self._waiting.append(request)
+            self._wake.notify()
+        return request.future.result()
+
+    @property
+    def queue_depth(self) -> int:
+        with self._wake:
+            return len(self._waiting)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    for r in self._waiting:
+                        r.future.set_exception(InternalError("the model runner has shut down"))
+                    return
+                plan = plan_round(self._waiting, self.max_batch_tokens)
+            self._run_round(plan)
+
+    def _run_round(self, plan: list[tuple[StepRequest, int]]) -> None:
+        chunks = [r.session.chunk(r.tokens[r.done : r.done + n]) for r, n in plan]
+        try:
+            self.transformer.forward(chunks)
+        except Exception as exc:  # a failed batch fails its requests, never the runner
+            with self._wake:
+                for r, _ in plan:
+                    self._waiting.remove(r)
+            for r, _ in plan:
+                r.future.set_exception(exc)
+            return
+        finished = []
+        for (r, n), chunk in zip(plan, chunks):
+            r.session.commit(chunk)
+            r.done += n
+            if r.remaining == 0:
+                finished.append((r, chunk.logits[-1].float().cpu()))
+        with self._wake:
+            for r, _ in finished:
+                self._waiting.remove(r)
+            waiting = len(self._waiting)
+        for r, logits in finished:
+            r.future.set_result(logits)
+        if self.observer is not None:
+            self.observer(len(chunks), sum(n for _, n in plan), waiting)
