@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -55,6 +56,14 @@ def gemma3(gemma3_path, cpu_backend):
     from realm.engine.model import load_model
 
     return load_model(gemma3_path, cpu_backend, name="gemma3-270m")
+
+
+@functools.cache
+def metadata_of(path: Path) -> dict:
+    """A GGUF's metadata as the engine reads it, read once per test session."""
+    from realm.models.gguf_file import GGUFFile
+
+    return GGUFFile(path).metadata
 
 
 REFERENCE_FILES = {

@@ -65,7 +65,7 @@ def test_chat_template_and_end_of_turn(smollm2):
 
 
 def test_chat_on_a_base_model_is_a_clear_error(gemma3):
-    with pytest.raises(Unsupported, match="no chat template"):
+    with pytest.raises(Unsupported, match="cannot chat: it has no chat template"):
         gemma3.generate("hello", chat=True)
 
 

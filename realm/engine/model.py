@@ -36,6 +36,7 @@ class Model:
     transformer: Transformer
     backend: Backend
     load_seconds: float
+    chat_template_error: str | None  # why a template the file has cannot be used
     rss_after_load: int  # this process's resident bytes right after loading (0 if unknown)
 
     def new_session(self, context_length: int | None = None) -> Session:
@@ -52,10 +53,10 @@ class Model:
         tokens parsed; with `chat`, the text is a user message in the model's template."""
         if chat:
             if self.chat_template is None:
-                raise Unsupported(
-                    f"model {self.name} has no chat template (tokenizer.chat_template); "
-                    "it is a base model: send a plain prompt instead"
+                why = self.chat_template_error or (
+                    "it has no chat template (tokenizer.chat_template): a base model wants a plain prompt"
                 )
+                raise Unsupported(f"model {self.name} cannot chat: {why}")
             text = self.chat_template.render([{"role": "user", "content": text}])
         tok = self.tokenizer
         starts_with_bos = tok.bos_id is not None and text.startswith(tok.token_text(tok.bos_id))
@@ -122,7 +123,11 @@ def load_model(path: str | Path, backend: Backend, name: str | None = None, sha2
     gguf = GGUFFile(path)
     config = config_from_gguf(gguf)
     tokenizer = Tokenizer.from_gguf_fields(gguf.metadata)
-    template = chat_template_from_fields(gguf.metadata, tokenizer)
+    template, template_error = None, None
+    try:
+        template = chat_template_from_fields(gguf.metadata, tokenizer)
+    except InvalidArgument as e:  # a broken template only breaks chat, not completion
+        template_error = f"its chat template does not compile: {e}"
     weights = load_weights(gguf, config, backend.pack_linear, backend.make_embedding, backend.make_vector)
     gguf.drop_resident_pages()
     trim_heap()
@@ -134,6 +139,7 @@ def load_model(path: str | Path, backend: Backend, name: str | None = None, sha2
         config=config,
         tokenizer=tokenizer,
         chat_template=template,
+        chat_template_error=template_error,
         transformer=Transformer(config, weights),
         backend=backend,
         load_seconds=time.perf_counter() - started,
