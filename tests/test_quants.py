@@ -220,3 +220,14 @@ def test_planes_through_the_int4_kernel(qtype: QT) -> None:
     ref = x @ w.T
     error = (Int4Linear(int4_planes(raw, qtype, (ROWS, COLS)))(x) - ref).abs().max()
     assert error <= 5e-3 * ref.abs().max()
+
+
+def test_int4_linear_with_rows_not_a_multiple_of_sixteen() -> None:
+    from realm.backends.linear import Int4Linear
+
+    raw = gguf_quantize(weights()[:27], QT.Q8_0)
+    w = dequantize(raw, QT.Q8_0, (27, COLS))
+    x = torch.randn(2, COLS)
+    y = Int4Linear(int4_planes(raw, QT.Q8_0, (27, COLS)))(x)
+    assert y.shape == (2, 27)
+    assert (y - x @ w.T).abs().max() <= 5e-3 * (x @ w.T).abs().max()

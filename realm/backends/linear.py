@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
 from realm.models.gguf_file import TensorData
@@ -60,6 +61,13 @@ class Int4Linear:
             zero=torch.cat([p.zero for p in planes], dim=1),
         )
         self.out_features, self.in_features = groups.codes.shape[0], groups.codes.shape[1] // self.n_planes
+        pad = -self.out_features % 16  # the kernel packs rows in sixteens; pad with zero rows
+        if pad:
+            groups = Int4Groups(
+                codes=F.pad(groups.codes, (0, 0, 0, pad), value=8),
+                scale=F.pad(groups.scale, (0, 0, 0, pad)),
+                zero=F.pad(groups.zero, (0, 0, 0, pad)),
+            )
         self.packed = torch._convert_weight_to_int4pack_for_cpu(groups.codes.to(torch.int32), 1)
         # (in / 32, out, 2): the kernel's layout
         sz = torch.stack((groups.scale, groups.zero), dim=-1).transpose(0, 1).contiguous()
@@ -71,7 +79,8 @@ class Int4Linear:
         return _compensated(self._kernel, x)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
+        y = torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
+        return y[:, : self.out_features]
 
 
 def _stack_planes(tensors: Sequence[TensorData]) -> list[Int4Groups]:
