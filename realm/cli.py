@@ -306,6 +306,92 @@ def guest_build(
     print(path)
 
 
+@app.command()
+def serve(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", dir_okay=False, help="TOML config file (docs/SERVING.md); default $REALM_CONFIG"),
+    host: Optional[str] = typer.Option(None, "--host", help="address to listen on (default 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, "--port", "-p", help="port to listen on (default 8080)"),
+    model: list[str] = typer.Option([], "--model", "-m", help=MODEL_HELP + "; repeatable; replaces the config's models"),
+    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
+) -> None:
+    """Serve models over an OpenAI-compatible HTTP API, each tenant's requests in its own
+    guest sandbox, every tenant's forward steps batched together. With no config: the
+    default model, one open tenant, 127.0.0.1:8080."""
+    import logging
+    import os
+
+    from realm.server.settings import load_settings
+
+    try:
+        settings = load_settings(
+            config or os.environ.get("REALM_CONFIG") or None,
+            overrides={"host": host, "port": port, "models": model or None, "backend": backend},
+        )
+    except RealmError as e:
+        _fail(e)
+    import uvicorn
+
+    from realm.server.app import create_app
+
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        _fail(_usage(f"unknown log level {log_level!r}"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    application = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(application, host=settings.host, port=settings.port,
+                                           log_level=log_level.lower(), timeout_graceful_shutdown=5))
+
+    def stop(error: BaseException) -> None:
+        server.should_exit = True
+
+    application.state.on_load_error = stop
+    err.print(f"realm: serving on http://{settings.host}:{settings.port} (loading {', '.join(settings.model_names())})")
+    server.run()
+    failure = application.state.host.load_error
+    if failure is not None:
+        _fail(failure)
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys for the tenants of `realm serve`.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    tenant: str = typer.Argument(..., help="the tenant the key is for"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True, dir_okay=False,
+                                          help="add the key's hash to this tenant in this config file"),
+) -> None:
+    """Print a fresh API key (once: only its hash is ever stored) and the line that puts its
+    hash in the config; with --config, add the hash to the tenant's keys there."""
+    import re
+
+    from realm.server.keys import add_key_to_config, hash_key, new_key
+    from realm.server.settings import NAME
+
+    if not re.match(NAME, tenant):
+        _fail(_usage(f"{tenant!r} is not a tenant name (letters, digits, _ . -; at most 64)"))
+    key = new_key()
+    digest = hash_key(key)
+    print(key)
+    if config is not None and add_key_to_config(config, tenant, digest):
+        err.print(f"added its hash to tenant {tenant} in {config} (restart the server to use it)")
+        return
+    if config is not None:
+        print(f"tenant {tenant} is not in {config} (or its keys could not be edited safely)", file=sys.stderr)
+    print(f'add this to the tenant\'s table ([[tenants]] name = "{tenant}") in the config:', file=sys.stderr)
+    print(f'keys = ["{digest}"]', file=sys.stderr)
+
+
+@keys_app.command("hash")
+def keys_hash(key: str = typer.Argument(..., help="an API key")) -> None:
+    """Print the hash the config stores for KEY."""
+    from realm.server.keys import hash_key
+
+    print(hash_key(key))
+
+
 def main() -> None:
     app()
 

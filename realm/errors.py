@@ -140,6 +140,22 @@ class Unauthorized(RealmError):
     openai_type = "authentication_error"
 
 
+class PayloadTooLarge(RealmError):
+    """An HTTP request body over the server's size limit. HTTP only: guests never see it."""
+
+    abi_code = -9
+    http_status = 413
+    openai_type = "invalid_request_error"
+
+
+class ServiceUnavailable(RealmError):
+    """The server is not ready (its models are still loading) or is shutting down. HTTP only."""
+
+    abi_code = -15
+    http_status = 503
+    openai_type = "server_error"
+
+
 class InternalError(RealmError):
     """A fault in Realm itself; the message is safe to show, details go to the log."""
 

@@ -5,7 +5,9 @@
  * (a count, a handle, an id), < 0 is one of the REALM_E_* codes below. Pointers are
  * guest linear-memory addresses (32-bit in wasm32, 64-bit in wasm64); the host checks
  * every pointer and length against the guest's memory and never writes past a capacity
- * the guest passed. The host never allocates in guest memory.
+ * the guest passed. The host never allocates in guest memory. A `cap` counts elements of
+ * the type its pointer points to (bytes for char / uint8_t, floats for float, int32s for
+ * int32_t); a `len` of text counts bytes.
  *
  * A guest exports `memory`, `realm_guest_abi` (returns REALM_ABI_VERSION it was built
  * for) and `generate` (runs one request; returns 0 or a REALM_E_* code).
@@ -91,7 +93,8 @@ REALM_IMPORT(realm_finish) int32_t realm_finish(int32_t reason, int32_t prompt_t
 /* --- model identity ------------------------------------------------------------------ */
 REALM_IMPORT(realm_store_model) int32_t realm_store_model(const uint8_t *gguf, size_t len, realm_model_info *info);
 REALM_IMPORT(realm_store_model_by_name) int32_t realm_store_model_by_name(const char *name, size_t len, realm_model_info *info);
-/* 0 ok; REALM_E_UNKNOWN_MODEL; REALM_E_HASH_MISMATCH; REALM_E_PERMISSION_DENIED. */
+/* 0 ok; REALM_E_UNKNOWN_MODEL (never issued); REALM_E_NOT_FOUND (issued, but this guest
+ * does not hold it: released); REALM_E_HASH_MISMATCH; REALM_E_PERMISSION_DENIED. */
 REALM_IMPORT(realm_validate_model_id) int32_t realm_validate_model_id(int32_t id, const uint8_t *sha256);
 /* Model info as JSON; returns its size (writes nothing if cap is too small). */
 REALM_IMPORT(realm_get_model_info) int32_t realm_get_model_info(int32_t id, char *out, size_t cap);

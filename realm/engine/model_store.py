@@ -23,6 +23,7 @@ time, others wait for it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import math
@@ -101,6 +102,7 @@ class StoredModel:
             backend=model.backend.name,
             device=str(model.backend.device),
             has_chat_template=model.chat_template is not None,
+            config=dataclasses.asdict(cfg),
             id=self.id,
             sha256=self.sha256,
             names=sorted(self.names),

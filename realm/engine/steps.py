@@ -15,13 +15,14 @@ from realm.engine.session import Session
 
 
 class StepRunner(Protocol):
-    def step(self, session: Session, tokens: Sequence[int]) -> torch.Tensor:
-        """Run `tokens` through `session`; the logits of the last one, (vocab,) float32."""
+    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> torch.Tensor:
+        """Run `tokens` through `session` for `tenant`; the logits of the last one, (vocab,)
+        float32 on the CPU. `BatchScheduler` (realm/engine/scheduler.py) has this shape."""
         ...
 
 
 class DirectStepRunner:
     """Each step runs at once, alone: batch 1, exactly what the host-direct path runs."""
 
-    def step(self, session: Session, tokens: Sequence[int]) -> torch.Tensor:
+    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> torch.Tensor:
         return session.feed(tokens)[-1]

@@ -14,6 +14,7 @@ bounded by itself (epoch deadlines do not interrupt host calls).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from wasmtime import _ffi as wasmtime_ffi
 
 from realm.backends.devices import BackendKind
 from realm.engine.model_store import ARCHITECTURE_CODES, StoredModel
@@ -333,7 +335,7 @@ def forward(st: GuestState, caller: Any, handle: int, tokens: int, n: int, logit
     mem = _mem(st, caller)
     mem.address(logits, vocab * 4, "logits")
     ids = _tokens(mem, tokens, n, s.session.context_length)
-    out = st.runtime.steps.step(s.session, ids)
+    out = st.runtime.steps.step(s.session, ids, st.tenant)
     return mem.write_floats(logits, out, "logits")
 
 
@@ -560,50 +562,84 @@ def wasm_types(fn: HostFunction, memory64: bool) -> tuple[list[str], list[str]]:
     return [width if k in ("ptr", "size") else k for k in fn.params], ["i32"]
 
 
-def adapter(fn: HostFunction) -> Callable[..., int]:
-    """The function Wasmtime calls: finds the running guest's state, widens pointers to
-    unsigned, runs the implementation, turns every exception into an error code, and
-    keeps the guest's time budget (time spent here does not count against it)."""
-    impl = fn.impl
-    name = fn.name
-    unsigned = tuple(i for i, k in enumerate(fn.params) if k in ("ptr", "size"))
+def invoke(fn: HostFunction, st: GuestState, store: Any, args: list[int]) -> int:
+    """One host call for the guest `st`: pointers and sizes made unsigned, the wall clock
+    checked, the implementation run, every exception turned into an error code. Time spent
+    here does not count as the guest's WebAssembly time."""
+    entered = time.perf_counter()
+    st.guest_seconds += entered - st.resumed_at
+    st.host_calls += 1
+    try:
+        if entered > st.wall_deadline:
+            if st.cancelled_at is not None:
+                st.fault = f"did not stop within {CANCEL_GRACE_S:g} s of being told that its caller went away"
+            else:
+                st.fault = f"ran past its wall-clock limit of {st.limits.wall_seconds:g} s"
+            raise LimitExceeded(f"the guest {st.fault}")
+        for i, kind in enumerate(fn.params):
+            if kind == "ptr" or kind == "size":
+                args[i] &= st.mask
+        return int(fn.impl(st, store, *args))
+    except RealmError as e:
+        st.last_error = f"{fn.name}: {e}"
+        if isinstance(e, Cancelled) and st.cancelled_at is None:  # one more second, then it is stopped
+            st.cancelled_at = entered
+            st.wall_deadline = min(st.wall_deadline, entered + CANCEL_GRACE_S)
+            st.guest_seconds = max(st.guest_seconds, st.limits.guest_seconds - CANCEL_GRACE_S)
+        log.debug("[%s/%s] %s -> %s: %s", st.tenant, st.name, fn.name, type(e).__name__, e)
+        return e.abi_code
+    except Exception as e:  # a fault in Realm itself: the guest gets a code, we get the log
+        log.exception("[%s/%s] host function %s failed", st.tenant, st.name, fn.name)
+        st.last_error = f"{fn.name}: internal error ({type(e).__name__})"
+        return InternalError.abi_code
+    finally:
+        st.resumed_at = time.perf_counter()
+
+
+class _Context:
+    """A host call's store context, usable wherever wasmtime-py wants a store."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: Any) -> None:
+        self.ptr = ptr
+
+    def _context(self) -> Any:
+        return self.ptr
+
+
+def raw_adapter(fn: HostFunction, memory64: bool) -> Callable[[Any, Any, Any, int], int]:
+    """The callback Wasmtime calls (its "unchecked" host-function interface: raw values,
+    no per-argument conversion objects). Reads the arguments, runs `invoke`, writes the
+    i32 result; when the host has decided to stop the guest (a limit), returns a trap so the
+    guest stops at once. Nothing can escape it."""
+    fields = tuple(
+        "i64" if (k in ("ptr", "size") and memory64) or k == "i64" else ("f32" if k == "f32" else "i32")
+        for k in fn.params
+    )
     internal = InternalError.abi_code
 
-    def host(caller: Any, *args: Any) -> int:
-        st = guest_state.current()
-        if st is None:
-            log.error("host function %s called with no guest running on this thread", name)
-            return internal
-        entered = time.perf_counter()
-        st.guest_seconds += entered - st.resumed_at
-        st.host_calls += 1
+    def callback(env: Any, caller: Any, vals: Any, n_vals: int) -> int:
         try:
-            if entered > st.wall_deadline:
-                st.fault = f"ran past its wall-clock limit of {st.limits.wall_seconds:g} s"
-                raise LimitExceeded(f"the request ran past its wall-clock limit of {st.limits.wall_seconds:g} s")
-            if unsigned:
-                args = list(args)
-                for i in unsigned:
-                    args[i] &= st.mask
-            result = impl(st, caller, *args)
-            return int(result)
-        except RealmError as e:
-            st.last_error = f"{name}: {e}"
-            if isinstance(e, Cancelled):  # a guest that goes on after this gets one more second
-                st.guest_seconds = max(st.guest_seconds, st.limits.guest_seconds - CANCEL_GRACE_S)
-            log.debug("[%s/%s] %s -> %s: %s", st.tenant, st.name, name, type(e).__name__, e)
-            return e.abi_code
-        except Exception as e:  # a fault in Realm itself: the guest gets a code, we get the log
-            log.exception("[%s/%s] host function %s failed", st.tenant, st.name, name)
-            st.last_error = f"{name}: internal error ({type(e).__name__})"
-            return internal
-        finally:
-            now = time.perf_counter()
-            st.resumed_at = now
-            left = st.limits.guest_seconds - st.guest_seconds
-            if st.fault is not None:
-                left = 0.0
-            st.runtime.set_deadline(caller, left)
+            st = guest_state.current()
+            if st is None:
+                log.error("host function %s called with no guest running on this thread", fn.name)
+                vals[0].i32 = internal
+                return 0
+            args = [getattr(vals[i], f) for i, f in enumerate(fields)]
+            vals[0].i32 = invoke(fn, st, _Context(wasmtime_ffi.wasmtime_caller_context(caller)), args)
+            if st.fault is not None and not st.stopping:
+                st.stopping = True
+                message = f"guest {st.name} {st.fault}".encode()
+                return ctypes.cast(wasmtime_ffi.wasmtime_trap_new(message, len(message)), ctypes.c_void_p).value or 0
+            return 0
+        except BaseException:  # pragma: no cover - invoke catches everything; this is the last line
+            log.exception("host function %s: unexpected failure in its adapter", fn.name)
+            try:
+                vals[0].i32 = internal
+            except Exception:
+                pass
+            return 0
 
-    host.__name__ = name
-    return host
+    callback.__name__ = fn.name
+    return callback

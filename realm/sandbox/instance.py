@@ -31,7 +31,7 @@ from realm.errors import (
 )
 from realm.sandbox import abi
 from realm.sandbox import state as guest_state
-from realm.sandbox.runtime import GuestModule, Limits, engine, linker, set_deadline
+from realm.sandbox.runtime import GuestModule, Limits, engine, linker, watch
 from realm.sandbox.state import Call, GuestState
 
 if TYPE_CHECKING:
@@ -83,8 +83,14 @@ class GuestInstance:
     def _instantiate(self) -> None:
         """A fresh store and instance; checks the guest's ABI version."""
         st = self.state
+        if self.module.min_memory_bytes > self.limits.memory_bytes:
+            raise GuestFault(
+                f"guest {self.module.name} (tenant {self.tenant}) starts with "
+                f"{self.module.min_memory_bytes / 2**20:g} MiB of memory; its cap is {self.limits.memory_bytes / 2**20:g} MiB"
+            )
         store = wasmtime.Store(engine())
         store.set_limits(memory_size=self.limits.memory_bytes, table_elements=1 << 20, instances=1, tables=4, memories=1)
+        watch(store)
         self._store = store
         self._generate = None
         st.memory = None
@@ -205,16 +211,15 @@ class GuestInstance:
         st = self.state
         previous = guest_state.install(st)
         st.start_clock()
-        store = self._store
-        set_deadline(store, self.limits.guest_seconds)
         try:
             return fn()
         except wasmtime.Trap as trap:
             self._fault()
             raise GuestFault(self._describe(trap)) from None
-        except wasmtime.WasmtimeError as e:
+        except wasmtime.WasmtimeError as e:  # the deadline callback stopped it, or instantiation failed
             self._fault()
-            raise GuestFault(f"guest {self.module.name} (tenant {self.tenant}) failed: {_first_line(e)}") from None
+            what = st.fault or f"failed: {_first_line(e)}"
+            raise GuestFault(f"guest {self.module.name} (tenant {self.tenant}) {what}{self._memory_note()}; the request failed") from None
         finally:
             st.guest_seconds += time.perf_counter() - st.resumed_at
             guest_state.install(previous)
@@ -227,11 +232,10 @@ class GuestInstance:
     def _describe(self, trap: wasmtime.Trap) -> str:
         st = self.state
         code = trap.trap_code
-        if code == wasmtime.TrapCode.INTERRUPT:
-            what = st.fault or (
-                f"ran past its time limit of {self.limits.guest_seconds:g} s running WebAssembly "
-                "(host calls not counted)"
-            )
+        if st.fault is not None:  # the host stopped it
+            what = st.fault
+        elif code == wasmtime.TrapCode.INTERRUPT:
+            what = f"ran past its time limit of {self.limits.guest_seconds:g} s running WebAssembly"
         elif code == wasmtime.TrapCode.UNREACHABLE:
             what = "trapped: it executed an `unreachable` instruction (abort)"
         elif code == wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS:
@@ -240,9 +244,11 @@ class GuestInstance:
             what = "trapped: stack overflow"
         else:
             what = f"trapped: {_first_line(trap)}"
+        return f"guest {self.module.name} (tenant {self.tenant}) {what}{self._memory_note()}; the request failed"
+
+    def _memory_note(self) -> str:
         used = self._memory_bytes()
-        mem = f"; memory {used / 2**20:.1f} MiB of its {self.limits.memory_bytes / 2**20:g} MiB cap" if used else ""
-        return f"guest {self.module.name} (tenant {self.tenant}) {what}{mem}; the request failed"
+        return f"; memory {used / 2**20:.1f} MiB of its {self.limits.memory_bytes / 2**20:g} MiB cap" if used else ""
 
     def _memory_bytes(self) -> int:
         try:

@@ -16,10 +16,10 @@ compiled-module cache, and what a guest reaches through host functions.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import importlib.metadata
 import logging
-import math
 import os
 import secrets
 import threading
@@ -37,6 +37,7 @@ from realm.engine.steps import DirectStepRunner, StepRunner
 from realm.errors import GuestFault, InvalidArgument
 from realm.models.catalogue import realm_home
 from realm.sandbox import abi
+from realm.sandbox import state as guest_state
 
 if TYPE_CHECKING:
     from realm.sandbox.instance import GuestInstance
@@ -94,20 +95,56 @@ def _tick(eng: wasmtime.Engine) -> None:
         eng.increment_epoch()
 
 
-def ticks(seconds: float) -> int:
-    """Epoch ticks for a time limit (at least one more tick when any time is left)."""
-    if seconds <= 0:
-        return 0
-    return max(1, math.ceil(seconds / TICK_S))
+CHECK_TICKS = 5
+"""A running guest's limits are checked every this many ticks (the epoch deadline callback):
+every 50 ms of WebAssembly, the granularity of its time limits."""
+
+_keep: list[Any] = []  # ctypes callbacks Wasmtime holds pointers to: they must never be freed
+
+_DeadlineCallback = ctypes.CFUNCTYPE(
+    ctypes.c_size_t,
+    ctypes.POINTER(wasmtime_ffi.wasmtime_context_t),
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(wasmtime_ffi.wasmtime_update_deadline_kind_t),
+)
+_Finalizer = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
-def set_deadline(store: Any, seconds: float) -> None:
-    """Set the epoch deadline of a store, or of the store a host call's `Caller` belongs to."""
-    wasmtime_ffi.wasmtime_context_set_epoch_deadline(store._context(), ticks(seconds))
+@_DeadlineCallback
+def _on_deadline(context: Any, data: Any, delta: Any, kind: Any) -> int:
+    """Every CHECK_TICKS while a guest runs WebAssembly: stop it (an error) if it broke a
+    limit, else let it run on. Python signal handlers never run while wasm runs; this does."""
+    try:
+        st = guest_state.current()
+        reason = st.over_limit() if st is not None else None
+        if reason is not None:
+            st.fault = reason
+            st.stopping = True
+            message = f"guest {st.name} {reason}".encode()
+            return ctypes.cast(wasmtime_ffi.wasmtime_error_new(message), ctypes.c_void_p).value or 0
+    except BaseException:  # pragma: no cover - never let anything escape into Wasmtime
+        log.exception("the epoch deadline callback failed")
+    delta[0] = CHECK_TICKS
+    kind[0] = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
+    return 0
+
+
+@_Finalizer
+def _no_finalizer(data: Any) -> None:
+    return None
+
+
+def watch(store: wasmtime.Store) -> None:
+    """Make the store's guest stoppable: the deadline callback runs every CHECK_TICKS."""
+    wasmtime_ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), _on_deadline, None, _no_finalizer)
+    store.set_epoch_deadline(CHECK_TICKS)
 
 
 def linker(memory64: bool) -> wasmtime.Linker:
-    """The ABI linker for wasm32 (memory64=False) or wasm64 guests, built once per process."""
+    """The ABI linker for wasm32 (memory64=False) or wasm64 guests, built once per process.
+    Host functions use Wasmtime's raw ("unchecked") interface: the arguments arrive as raw
+    values, with no conversion objects per argument."""
     eng = engine()
     with _lock:
         if memory64 not in _linkers:
@@ -115,7 +152,14 @@ def linker(memory64: bool) -> wasmtime.Linker:
             for fn in abi.TABLE:
                 params, results = abi.wasm_types(fn, memory64)
                 ty = wasmtime.FuncType([_valtype(p) for p in params], [_valtype(r) for r in results])
-                link.define_func("env", fn.name, ty, abi.adapter(fn), access_caller=True)
+                callback = wasmtime_ffi.wasmtime_func_unchecked_callback_t(abi.raw_adapter(fn, memory64))
+                _keep.append(callback)
+                module, name = b"env", fn.name.encode()
+                error = wasmtime_ffi.wasmtime_linker_define_func_unchecked(
+                    link.ptr(), module, len(module), name, len(name), ty.ptr(), callback, None, _no_finalizer
+                )
+                if error:
+                    raise wasmtime.WasmtimeError._from_ptr(error)
             _linkers[memory64] = link
         return _linkers[memory64]
 
@@ -140,6 +184,7 @@ class GuestModule:
     module: wasmtime.Module
     memory64: bool
     imports: tuple[str, ...]
+    min_memory_bytes: int = 0  # the linear memory it starts with
 
 
 class ModuleCache:
@@ -230,7 +275,9 @@ def check_module(module: wasmtime.Module, name: str, sha: str) -> GuestModule:
                 f"signature is ({', '.join(params)}) -> (i32)"
             )
         names.append(fn.name)
-    return GuestModule(name=name, sha256=sha, module=module, memory64=memory64, imports=tuple(names))
+    start = memory.limits.min * memory.page_size
+    return GuestModule(name=name, sha256=sha, module=module, memory64=memory64, imports=tuple(names),
+                       min_memory_bytes=start)
 
 
 def _first_line(e: BaseException) -> str:
@@ -294,5 +341,3 @@ class Runtime:
         from realm.sandbox.instance import GuestInstance
 
         return GuestInstance(self, module, tenant, allowed=allowed, limits=limits or self.limits)
-
-    set_deadline = staticmethod(set_deadline)

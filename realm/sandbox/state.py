@@ -89,17 +89,34 @@ class GuestState:
         self.resumed_at = 0.0
         self.wall_deadline = float("inf")
         self.fault: str | None = None  # why the host stopped the guest (limits), if it did
+        self.cancelled_at: float | None = None  # when the guest was first told to stop
+        self.stopping = False  # its deadline is set to stop it (after a fault)
 
     # -- clocks ---------------------------------------------------------------------
 
     def start_clock(self) -> None:
         self.guest_seconds = 0.0
         self.fault = None
+        self.cancelled_at = None
+        self.stopping = False
         self.resumed_at = time.perf_counter()
         self.wall_deadline = self.resumed_at + self.limits.wall_seconds
 
-    def guest_seconds_left(self) -> float:
-        return self.limits.guest_seconds - self.guest_seconds
+    def over_limit(self) -> str | None:
+        """Why the guest must stop now (while it runs WebAssembly), or None."""
+        if self.fault is not None:
+            return self.fault
+        now = time.perf_counter()
+        if self.guest_seconds + (now - self.resumed_at) > self.limits.guest_seconds:
+            return (
+                f"ran past its time limit of {self.limits.guest_seconds:g} s running WebAssembly "
+                "(host calls not counted)"
+            )
+        if now > self.wall_deadline:
+            if self.cancelled_at is not None:
+                return "did not stop within 1 s of being told that its caller went away"
+            return f"ran past its wall-clock limit of {self.limits.wall_seconds:g} s"
+        return None
 
     # -- lookups --------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ GUEST_DIR = REPO / "guest"
 INCLUDE_DIR = GUEST_DIR / "include"
 BUILD_DIR = GUEST_DIR / "build"
 DEFAULT_SOURCE = GUEST_DIR / "default.c"
+EXAMPLES_DIR = GUEST_DIR / "examples"  # example guests; they may #include "../default.c"
 TARGETS = ("wasm32", "wasm64")
 STACK_BYTES = 1 << 20
 EXPORTS = ("generate", "realm_guest_abi")
@@ -101,8 +102,8 @@ def build(
 
 
 def shipped_sources() -> list[Path]:
-    """Every guest shipped in guest/ (a .c file at its top level)."""
-    return sorted(GUEST_DIR.glob("*.c"))
+    """Every guest shipped in guest/ (a .c file at its top level) and in guest/examples/."""
+    return sorted(GUEST_DIR.glob("*.c")) + sorted(EXAMPLES_DIR.glob("*.c"))
 
 
 def build_all(force: bool = False) -> list[Path]:
@@ -121,4 +122,6 @@ def _up_to_date(source: Path, out: Path) -> bool:
     except OSError:
         return False
     inputs = [source, Path(__file__), *INCLUDE_DIR.glob("*.h")]
+    if source.resolve().parent == EXAMPLES_DIR:
+        inputs.append(DEFAULT_SOURCE)
     return all(p.stat().st_mtime_ns <= built for p in inputs if p.exists())
