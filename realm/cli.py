@@ -99,12 +99,12 @@ def _run_guest(prompt, model, backend, guest, max_tokens, params, stop, chat) ->
 
     registry = BackendRegistry(backend)
     store = ModelStore(registry.active)
+    runtime = Runtime(store, registry, limits=Limits(wall_seconds=float("inf")))
+    module = runtime.load_module(guest) if guest is not None else runtime.default_module()
     path = catalogue.resolve(model, progress=sys.stderr.isatty())
     known = catalogue.CATALOGUE.get(model)
     stored = store.store_path(path, name=known.name if known else path.stem,
                               sha256=known.sha256 if known else None)
-    runtime = Runtime(store, registry, limits=Limits(wall_seconds=float("inf")))
-    module = runtime.load_module(guest) if guest is not None else runtime.default_module()
     chat_messages = [{"role": "user", "content": prompt}] if chat else None
     request = build_request(stored, prompt=None if chat else prompt, messages=chat_messages,
                             max_tokens=max_tokens, params=params, stop=stop)
@@ -313,6 +313,7 @@ def serve(
     port: Optional[int] = typer.Option(None, "--port", "-p", help="port to listen on (default 8080)"),
     model: list[str] = typer.Option([], "--model", "-m", help=MODEL_HELP + "; repeatable; replaces the config's models"),
     backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", help="compute threads (default: CPUs - 1, at least 1)"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API, each tenant's requests in its own
@@ -326,7 +327,7 @@ def serve(
     try:
         settings = load_settings(
             config or os.environ.get("REALM_CONFIG") or None,
-            overrides={"host": host, "port": port, "models": model or None, "backend": backend},
+            overrides={"host": host, "port": port, "models": model or None, "backend": backend, "threads": threads},
         )
     except RealmError as e:
         _fail(e)

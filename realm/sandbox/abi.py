@@ -377,7 +377,7 @@ def forward_layer(st: GuestState, caller: Any, handle: int, layer: int, x: int, 
     if not 0 <= layer < transformer.config.n_layers:
         raise InvalidArgument(f"layer {layer} is outside 0..{transformer.config.n_layers - 1}")
     mem = _mem(st, caller)
-    hidden = mem.read_floats(x, count, "x").view(len(chunk.tokens), -1)
+    hidden = mem.read_floats(x, count, "x").view(len(chunk.tokens), -1).to(s.entry.model.backend.device)
     out = transformer.layer(layer, hidden, [chunk])
     return mem.write_floats(x, out, "x")
 
@@ -390,7 +390,7 @@ def logits_of(st: GuestState, caller: Any, handle: int, x: int, x_cap: int, logi
         raise InvalidArgument(f"the logits buffer holds {cap} floats; the model has {vocab}")
     mem = _mem(st, caller)
     mem.address(logits, vocab * 4, "logits")
-    hidden = mem.read_floats(x, count, "x").view(len(chunk.tokens), -1)
+    hidden = mem.read_floats(x, count, "x").view(len(chunk.tokens), -1).to(s.entry.model.backend.device)
     s.entry.model.transformer.logits(hidden, [chunk])
     s.session.commit(chunk)
     s.pending = None
@@ -472,7 +472,7 @@ def matmul_weight(st: GuestState, caller: Any, model_id: int, name_ptr: int, nam
     if cap < m * d_out:
         raise InvalidArgument(f"c holds {cap} floats; the product needs {m * d_out}")
     mem.address(c, m * d_out * 4, "c")
-    xs = mem.read_floats(x, m * d_in, "x").view(m, d_in)
+    xs = mem.read_floats(x, m * d_in, "x").view(m, d_in).to(entry.model.backend.device)
     with torch.inference_mode():
         out = linear(xs)
     if lo or hi != out.shape[1]:

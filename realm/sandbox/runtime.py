@@ -3,7 +3,10 @@ compiled-module cache, and what a guest reaches through host functions.
 
 * One `wasmtime.Engine` per process, with memory64 on (wasm64 guests load) and epoch
   interruption on; a daemon thread advances the epoch every `TICK_S` (Python signal
-  handlers do not run while wasm runs, so no timer signal could stop a guest).
+  handlers do not run while wasm runs, so no timer signal could stop a guest). Every
+  `CHECK_TICKS` a running guest reaches its epoch deadline, whose callback checks the
+  guest's limits and stops it or lets it go on. (Lowering a deadline from a host call would
+  not do: compiled code caches the deadline until it is reached.)
 * Two linkers built from the one ABI table (realm/sandbox/abi.py): pointers and sizes are
   i32 for wasm32 guests and i64 for wasm64 guests. No WASI: a guest imports `env.realm_*`
   and nothing else.

@@ -58,7 +58,7 @@ def command(source: Path, output: Path, target: str) -> list[str]:
         raise InvalidArgument(f"unknown guest target {target!r} (choose {' or '.join(TARGETS)})")
     return [
         *zig(), "cc",
-        f"-target", f"{target}-freestanding",
+        "-target", f"{target}-freestanding",
         "-O2", "-s", "-msimd128", "-mbulk-memory",
         "-std=c11", "-Wall", "-Wno-unused-function", "-Werror=implicit-function-declaration",
         "-I", str(INCLUDE_DIR),
@@ -116,12 +116,36 @@ def default_guest() -> Path:
     return build(DEFAULT_SOURCE)
 
 
+_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+def _inputs(source: Path) -> set[Path]:
+    """The source and every file it includes with #include "...", transitively."""
+    seen: set[Path] = set()
+    todo = [source.resolve()]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for name in _INCLUDE.findall(text):
+            for base in (path.parent, INCLUDE_DIR):
+                candidate = (base / name).resolve()
+                if candidate.is_file():
+                    todo.append(candidate)
+                    break
+    return seen
+
+
 def _up_to_date(source: Path, out: Path) -> bool:
+    """The output is newer than the source, everything it includes, and this builder."""
     try:
         built = out.stat().st_mtime_ns
     except OSError:
         return False
-    inputs = [source, Path(__file__), *INCLUDE_DIR.glob("*.h")]
-    if source.resolve().parent == EXAMPLES_DIR:
-        inputs.append(DEFAULT_SOURCE)
+    inputs = [*_inputs(source), Path(__file__)]
     return all(p.stat().st_mtime_ns <= built for p in inputs if p.exists())

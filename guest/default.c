@@ -1,0 +1,784 @@
+/*
+ * default.c: Realm's default guest.
+ *
+ * One request: read it, find the model by name and check its id against the SHA-256 the
+ * request carries, render the chat template (for `messages`), tokenize, then loop: one
+ * whole forward step on the host (logits of the last position land in this guest's
+ * memory), sample here in WebAssembly, emit the token's text, stop on an end-of-generation
+ * token, a stop string or max_tokens. It mirrors the host's own loop
+ * (realm/engine/generation.py) and sampler (realm/engine/sampling.py):
+ *
+ *   penalties (repeat over the last n tokens, presence, frequency) -> top-k -> top-p ->
+ *   min-p -> temperature -> draw; temperature <= 0 is greedy (argmax, lowest index on ties,
+ *   the first NaN if any, like torch.argmax).
+ *
+ * Random draws use xoshiro256** seeded from the request's `seed` through splitmix64, so the
+ * same seed gives the same tokens here (not the same tokens as the host's torch sampler;
+ * greedy output is identical to the host's).
+ *
+ * Text is streamed without splitting a UTF-8 character and without showing text that may
+ * turn out to be the start of a stop string.
+ */
+#include "realm.h"
+#include "realm_rt.h"
+
+#define MAX_STOPS 64
+
+typedef struct params {
+    double temperature, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty;
+    int64_t top_k, repeat_last_n, max_tokens;
+    uint64_t seed;
+} params;
+
+typedef struct span {
+    const char *s;
+    size_t n;
+} span;
+
+/* --- text: growable byte strings and a streaming UTF-8 decoder --------------------------- */
+
+static void *grow_copy(void *old, size_t old_n, size_t n) {
+    void *p = rt_alloc(n);
+    if (p && old) memcpy(p, old, old_n < n ? old_n : n);
+    return p;
+}
+
+typedef struct text_buf {
+    char *data;
+    size_t len, cap;
+} text_buf;
+
+static int text_buf_reserve(text_buf *s, size_t extra) {
+    if (s->len + extra <= s->cap) return 1;
+    size_t cap = s->cap ? s->cap * 2 : 64;
+    while (cap < s->len + extra) cap *= 2;
+    char *p = (char *)grow_copy(s->data, s->len, cap);
+    if (!p) return 0;
+    s->data = p;
+    s->cap = cap;
+    return 1;
+}
+
+static int text_buf_add(text_buf *s, const char *p, size_t n) {
+    if (!text_buf_reserve(s, n)) return 0;
+    if (n) memcpy(s->data + s->len, p, n);
+    s->len += n;
+    return 1;
+}
+
+static int text_buf_cat(text_buf *s, const char *z) { return text_buf_add(s, z, rt_strlen(z)); }
+
+static int text_buf_int(text_buf *s, int64_t v) {
+    char buf[24];
+    int i = 24;
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    do { buf[--i] = (char)('0' + u % 10); u /= 10; } while (u);
+    if (v < 0) buf[--i] = '-';
+    return text_buf_add(s, buf + i, (size_t)(24 - i));
+}
+
+/* Removes the first n bytes. */
+static void text_buf_drop(text_buf *s, size_t n) {
+    if (n >= s->len) { s->len = 0; return; }
+    memmove(s->data, s->data + n, s->len - n);
+    s->len -= n;
+}
+
+/* --- incremental UTF-8 decoding -------------------------------------------------------------
+ * Bytes go in as tokens produce them; only whole characters come out. An invalid sequence
+ * becomes U+FFFD per maximal invalid subpart, and what each push returns is what CPython's
+ * incremental decoder (errors="replace") returns for the same chunk, so the stream is the
+ * host's own (realm/models/tokenizer.py, StreamDecoder). */
+
+typedef struct utf8_dec {
+    unsigned char held[4];
+    int n_held;
+} utf8_dec;
+
+static void utf8_fffd(text_buf *out) { text_buf_add(out, "\xEF\xBF\xBD", 3); }
+
+static void utf8_run(utf8_dec *d, const unsigned char *b, size_t n, text_buf *out, int final) {
+    size_t i = 0;
+    while (i < n) {
+        unsigned c = b[i];
+        if (c < 0x80) { text_buf_add(out, (const char *)b + i, 1); i++; continue; }
+        int need;
+        unsigned lo = 0x80, hi = 0xBF;
+        if (c >= 0xC2 && c <= 0xDF) need = 1;
+        else if (c == 0xE0) { need = 2; lo = 0xA0; }
+        else if (c == 0xED) {
+            need = 2;
+            hi = 0x9F;
+            if (!final && n - i == 2 && b[i + 1] >= 0xA0 && b[i + 1] <= 0xBF) {
+                /* a truncated surrogate at the end: CPython's incremental decoder holds it
+                 * (it can never become valid; the next bytes or the flush replace it) */
+                d->n_held = 2;
+                memcpy(d->held, b + i, 2);
+                break;
+            }
+        }
+        else if (c >= 0xE1 && c <= 0xEF) need = 2;
+        else if (c == 0xF0) { need = 3; lo = 0x90; }
+        else if (c == 0xF4) { need = 3; hi = 0x8F; }
+        else if (c >= 0xF1 && c <= 0xF3) need = 3;
+        else { utf8_fffd(out); i++; continue; }
+        int j = 1, bad = 0;
+        for (; j <= need; j++) {
+            if (i + (size_t)j >= n) {
+                if (final) { utf8_fffd(out); i = n; }
+                else { d->n_held = (int)(n - i); memcpy(d->held, b + i, n - i); i = n; }
+                bad = 2;
+                break;
+            }
+            unsigned x = b[i + (size_t)j];
+            unsigned l = j == 1 ? lo : 0x80, h = j == 1 ? hi : 0xBF;
+            if (x < l || x > h) { bad = 1; break; }
+        }
+        if (bad == 2) break;
+        if (bad == 1) { utf8_fffd(out); i += (size_t)j; continue; }
+        text_buf_add(out, (const char *)b + i, (size_t)need + 1);
+        i += (size_t)need + 1;
+    }
+}
+
+/* Decode `n` more bytes into `out` (appending). */
+static void utf8_push(utf8_dec *d, const char *bytes, size_t n, text_buf *out) {
+    if (!d->n_held) {
+        utf8_run(d, (const unsigned char *)bytes, n, out, 0);
+        return;
+    }
+    unsigned char small[260];
+    size_t held = (size_t)d->n_held;
+    unsigned char *tmp = held + n <= sizeof small ? small : (unsigned char *)rt_alloc(held + n);
+    d->n_held = 0;
+    if (!tmp) { /* out of memory: give up on the held character */
+        utf8_fffd(out);
+        utf8_run(d, (const unsigned char *)bytes, n, out, 0);
+        return;
+    }
+    memcpy(tmp, d->held, held);
+    memcpy(tmp + held, bytes, n);
+    utf8_run(d, tmp, held + n, out, 0);
+}
+
+/* The end: a character left unfinished becomes U+FFFD. */
+static void utf8_flush(utf8_dec *d, text_buf *out) {
+    if (d->n_held) {
+        unsigned char tmp[4];
+        size_t n = (size_t)d->n_held;
+        memcpy(tmp, d->held, n);
+        d->n_held = 0;
+        utf8_run(d, tmp, n, out, 1);
+    }
+}
+
+/* --- errors ------------------------------------------------------------------------------ */
+
+static int32_t fail(int32_t code, const char *what, const char *detail) {
+    text_buf m = {0};
+    text_buf_cat(&m, "default guest: ");
+    text_buf_cat(&m, what);
+    if (detail) text_buf_cat(&m, detail);
+    realm_log(REALM_LOG_ERROR, m.data ? m.data : what, m.data ? m.len : rt_strlen(what));
+    return code;
+}
+
+static int32_t fail_n(int32_t code, const char *what, int64_t a, const char *mid, int64_t b) {
+    text_buf m = {0};
+    text_buf_cat(&m, "default guest: ");
+    text_buf_cat(&m, what);
+    text_buf_int(&m, a);
+    if (mid) {
+        text_buf_cat(&m, mid);
+        text_buf_int(&m, b);
+    }
+    realm_log(REALM_LOG_ERROR, m.data ? m.data : what, m.data ? m.len : rt_strlen(what));
+    return code;
+}
+
+/* --- random numbers: xoshiro256** seeded through splitmix64 -------------------------------- */
+
+typedef struct rng {
+    uint64_t s[4];
+} rng;
+
+static uint64_t splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static void rng_seed(rng *r, uint64_t seed) {
+    for (int i = 0; i < 4; i++) r->s[i] = splitmix64(&seed);
+}
+
+static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t rng_next(rng *r) {
+    uint64_t *s = r->s;
+    uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return result;
+}
+
+/* uniform in [0, 1) with 53 random bits */
+static double rng_uniform(rng *r) { return (double)(rng_next(r) >> 11) * (1.0 / 9007199254740992.0); }
+
+/* --- sorting -------------------------------------------------------------------------------- */
+
+static void sift_i32(int32_t *a, size_t start, size_t n) {
+    size_t root = start;
+    for (;;) {
+        size_t child = 2 * root + 1;
+        if (child >= n) return;
+        if (child + 1 < n && a[child] < a[child + 1]) child++;
+        if (a[root] >= a[child]) return;
+        int32_t t = a[root]; a[root] = a[child]; a[child] = t;
+        root = child;
+    }
+}
+
+static void sort_i32(int32_t *a, size_t n) {
+    if (n < 2) return;
+    for (size_t i = n / 2; i-- > 0;) sift_i32(a, i, n);
+    for (size_t end = n - 1; end > 0; end--) {
+        int32_t t = a[0]; a[0] = a[end]; a[end] = t;
+        sift_i32(a, 0, end);
+    }
+}
+
+/* (val, idx) pairs: a min-heap on val, so heapsort leaves them in descending order */
+static void sift_pairs(float *v, int32_t *ix, size_t start, size_t n) {
+    size_t root = start;
+    for (;;) {
+        size_t child = 2 * root + 1;
+        if (child >= n) return;
+        if (child + 1 < n && v[child + 1] < v[child]) child++;
+        if (v[root] <= v[child]) return;
+        float tv = v[root]; v[root] = v[child]; v[child] = tv;
+        int32_t ti = ix[root]; ix[root] = ix[child]; ix[child] = ti;
+        root = child;
+    }
+}
+
+static void sort_pairs_desc(float *v, int32_t *ix, size_t n) {
+    if (n < 2) return;
+    for (size_t i = n / 2; i-- > 0;) sift_pairs(v, ix, i, n);
+    for (size_t end = n - 1; end > 0; end--) {
+        float tv = v[0]; v[0] = v[end]; v[end] = tv;
+        int32_t ti = ix[0]; ix[0] = ix[end]; ix[end] = ti;
+        sift_pairs(v, ix, 0, end);
+    }
+}
+
+/* --- the sampler ------------------------------------------------------------------------------ */
+
+typedef struct sampler {
+    params p;
+    rng r;
+    int32_t vocab;
+    int32_t *idx; /* candidates: ids, values and probabilities, vocab entries each */
+    float *val;
+    float *prob;
+    int32_t *recent; /* the last repeat_last_n tokens, sorted to count them */
+} sampler;
+
+static int sampler_init(sampler *s, const params *p, int32_t vocab) {
+    s->p = *p;
+    s->vocab = vocab;
+    rng_seed(&s->r, p->seed);
+    s->idx = NULL;
+    s->val = s->prob = NULL;
+    s->recent = NULL;
+    if (p->temperature > 0) {
+        s->idx = (int32_t *)rt_alloc((size_t)vocab * sizeof(int32_t));
+        s->val = (float *)rt_alloc((size_t)vocab * sizeof(float));
+        s->prob = (float *)rt_alloc((size_t)vocab * sizeof(float));
+        if (!s->idx || !s->val || !s->prob) return 0;
+    }
+    if (p->repeat_last_n > 0) {
+        s->recent = (int32_t *)rt_alloc((size_t)p->repeat_last_n * sizeof(int32_t));
+        if (!s->recent) return 0;
+    }
+    return 1;
+}
+
+static void penalise(sampler *s, float *logits, const int32_t *history, size_t n_history) {
+    const params *p = &s->p;
+    if (p->repeat_last_n == 0 || n_history == 0) return;
+    if (p->repeat_penalty == 1.0 && p->presence_penalty == 0.0 && p->frequency_penalty == 0.0) return;
+    size_t n = n_history < (size_t)p->repeat_last_n ? n_history : (size_t)p->repeat_last_n;
+    memcpy(s->recent, history + (n_history - n), n * sizeof(int32_t));
+    sort_i32(s->recent, n);
+    float rp = (float)p->repeat_penalty, fp = (float)p->frequency_penalty, pp = (float)p->presence_penalty;
+    for (size_t i = 0; i < n;) {
+        size_t j = i;
+        while (j < n && s->recent[j] == s->recent[i]) j++;
+        int32_t id = s->recent[i];
+        if (id >= 0 && id < s->vocab) {
+            float x = logits[id];
+            x = x <= 0 ? x * rp : x / rp;
+            logits[id] = x - (float)(j - i) * fp - pp;
+        }
+        i = j;
+    }
+}
+
+/* The index of the largest value, the lowest one on ties, or of the first NaN if there is
+ * one (torch.argmax's answer). Eight lanes of SIMD keep each lane's first maximum. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+static int32_t first_nan(const float *x, int32_t n) {
+    for (int32_t j = 0; j < n; j++)
+        if (x[j] != x[j]) return j;
+    return -1;
+}
+
+static int32_t argmax(const float *x, int32_t n) {
+    int32_t i = 1, best_i = 0;
+    float best = x[0];
+    if (best != best) return 0;
+    if (n >= 16) {
+        v4f m0, m1, v0, v1;
+        v4i i0 = {0, 1, 2, 3}, i1 = {4, 5, 6, 7}, b0 = i0, b1 = i1, step = {8, 8, 8, 8};
+        v4i nan = {0, 0, 0, 0};
+        __builtin_memcpy(&m0, x, 16);
+        __builtin_memcpy(&m1, x + 4, 16);
+        nan |= (m0 != m0) | (m1 != m1);
+        for (i = 8; i + 8 <= n; i += 8) {
+            __builtin_memcpy(&v0, x + i, 16);
+            __builtin_memcpy(&v1, x + i + 4, 16);
+            i0 += step;
+            i1 += step;
+            v4i g0 = v0 > m0, g1 = v1 > m1;
+            nan |= (v0 != v0) | (v1 != v1);
+            m0 = (v4f)(((v4i)v0 & g0) | ((v4i)m0 & ~g0));
+            m1 = (v4f)(((v4i)v1 & g1) | ((v4i)m1 & ~g1));
+            b0 = (i0 & g0) | (b0 & ~g0);
+            b1 = (i1 & g1) | (b1 & ~g1);
+        }
+        if (nan[0] | nan[1] | nan[2] | nan[3]) return first_nan(x, n);
+        for (int k = 0; k < 8; k++) {
+            float v = k < 4 ? m0[k] : m1[k - 4];
+            int32_t bi = k < 4 ? b0[k] : b1[k - 4];
+            if (v > best || (v == best && bi < best_i)) {
+                best = v;
+                best_i = bi;
+            }
+        }
+    }
+    for (; i < n; i++) {
+        float v = x[i];
+        if (v != v) return first_nan(x, n);
+        if (v > best) {
+            best = v;
+            best_i = i;
+        }
+    }
+    return best_i;
+}
+
+/* The k largest logits, in descending order, into s->val / s->idx. */
+static size_t top_k(sampler *s, const float *logits, size_t k) {
+    float *v = s->val;
+    int32_t *ix = s->idx;
+    size_t n = 0;
+    for (int32_t i = 0; i < s->vocab; i++) {
+        float x = logits[i];
+        if (n < k) {
+            v[n] = x;
+            ix[n] = i;
+            n++;
+            if (n == k) /* heapify the min-heap */
+                for (size_t j = k / 2; j-- > 0;) sift_pairs(v, ix, j, k);
+        } else if (x > v[0]) {
+            v[0] = x;
+            ix[0] = i;
+            sift_pairs(v, ix, 0, k);
+        }
+    }
+    if (n < k) /* fewer tokens than k: heapify what there is */
+        for (size_t j = n / 2; j-- > 0;) sift_pairs(v, ix, j, n);
+    /* heapsort the min-heap into descending order */
+    for (size_t end = n; end-- > 1;) {
+        float tv = v[0]; v[0] = v[end]; v[end] = tv;
+        int32_t ti = ix[0]; ix[0] = ix[end]; ix[end] = ti;
+        sift_pairs(v, ix, 0, end);
+    }
+    return n;
+}
+
+static int32_t sample(sampler *s, float *logits, const int32_t *history, size_t n_history) {
+    const params *p = &s->p;
+    int32_t V = s->vocab;
+    penalise(s, logits, history, n_history);
+    if (p->temperature <= 0) return argmax(logits, V);
+
+    /* candidates: the top k (sorted), or every token */
+    size_t n;
+    double sum = 0.0;
+    float top;
+    if (p->top_k > 0 && p->top_k < V) {
+        n = top_k(s, logits, (size_t)p->top_k);
+        top = s->val[0];
+        for (size_t i = 0; i < n; i++) sum += rt_exp((double)(s->val[i] - top));
+    } else {
+        /* softmax over the whole vocabulary; only tokens that can survive min-p are sorted
+         * (min-p keeps a prefix of the sorted order, and so does top-p: their shorter wins) */
+        top = logits[argmax(logits, V)];
+        n = 0;
+        for (int32_t i = 0; i < V; i++) {
+            double e = rt_exp((double)(logits[i] - top));
+            sum += e;
+            if (p->min_p <= 0.0 || e >= p->min_p) {
+                s->val[n] = logits[i];
+                s->idx[n] = i;
+                n++;
+            }
+        }
+        sort_pairs_desc(s->val, s->idx, n);
+    }
+    for (size_t i = 0; i < n; i++) s->prob[i] = (float)(rt_exp((double)(s->val[i] - top)) / sum);
+
+    size_t keep = n;
+    if (p->top_p < 1.0) {
+        float cum = 0.0f;
+        for (size_t i = 0; i < n; i++) {
+            cum += s->prob[i];
+            if (cum >= (float)p->top_p) {
+                if (i + 1 < keep) keep = i + 1;
+                break;
+            }
+        }
+    }
+    if (p->min_p > 0.0) {
+        float threshold = (float)p->min_p * s->prob[0];
+        size_t count = 0;
+        for (size_t i = 0; i < n; i++) count += s->prob[i] >= threshold;
+        if (count < 1) count = 1;
+        if (count < keep) keep = count;
+    }
+    /* softmax(values / temperature) over what is kept, then one draw */
+    double total = 0.0;
+    for (size_t i = 0; i < keep; i++) {
+        double w = rt_exp((double)(s->val[i] - s->val[0]) / p->temperature);
+        s->prob[i] = (float)w;
+        total += w;
+    }
+    double u = rng_uniform(&s->r) * total, cum = 0.0;
+    for (size_t i = 0; i < keep; i++) {
+        cum += s->prob[i];
+        if (u < cum) return s->idx[i];
+    }
+    return s->idx[keep - 1];
+}
+
+/* --- stop strings -------------------------------------------------------------------------- */
+
+static size_t find(const char *h, size_t hn, const char *nd, size_t nn) {
+    if (nn > hn) return (size_t)-1;
+    for (size_t i = 0; i + nn <= hn; i++)
+        if (h[i] == nd[0] && rt_memeq(h + i, nd, nn)) return i;
+    return (size_t)-1;
+}
+
+/* How many bytes of `text` can be shown; *stopped when a stop string was reached (then the
+ * text before it is shown and nothing is held). Otherwise the longest ending of `text` that
+ * begins a stop string is held back (whole characters only: text is valid UTF-8). */
+static size_t split_at_stop(const text_buf *text, const span *stops, int n_stops, int *stopped) {
+    size_t best = (size_t)-1;
+    for (int i = 0; i < n_stops; i++) {
+        if (!stops[i].n) continue;
+        size_t at = find(text->data, text->len, stops[i].s, stops[i].n);
+        if (at < best) best = at;
+    }
+    if (best != (size_t)-1) {
+        *stopped = 1;
+        return best;
+    }
+    size_t hold = 0;
+    for (int i = 0; i < n_stops; i++) {
+        const span *s = &stops[i];
+        if (s->n < 2) continue;
+        size_t n = s->n - 1 < text->len ? s->n - 1 : text->len;
+        for (; n > 0; n--) {
+            if (((unsigned char)s->s[n] & 0xC0) == 0x80) continue; /* not a character boundary */
+            if (rt_memeq(text->data + text->len - n, s->s, n)) {
+                if (n > hold) hold = n;
+                break;
+            }
+        }
+    }
+    return text->len - hold;
+}
+
+/* --- the request ----------------------------------------------------------------------------- */
+
+typedef struct request {
+    char *model;
+    size_t model_len;
+    uint8_t sha256[32];
+    const char *messages; /* raw JSON of the messages array, or NULL */
+    size_t messages_len;
+    char *prompt;
+    size_t prompt_len;
+    params p;
+    span stops[MAX_STOPS];
+    int n_stops;
+} request;
+
+/* JSON through realm_rt.h: a field's value (NULL span if absent or null) and its reading */
+static rt_span field(const char *json, size_t n, const char *key) {
+    rt_span v;
+    if (rt_json_get(json, n, key, &v) != 1 || rt_json_is_null(v)) v.p = NULL, v.len = 0;
+    return v;
+}
+
+static char *string_of(rt_span v, size_t *len) {
+    if (!v.p || v.len < 2 || v.p[0] != '"') return NULL;
+    char *out = (char *)rt_alloc(v.len + 1);
+    if (!out) return NULL;
+    int64_t n = rt_json_string(v, out);
+    if (n < 0) return NULL;
+    out[n] = 0;
+    *len = (size_t)n;
+    return out;
+}
+
+static int u64_of(rt_span v, uint64_t *out) { /* a non-negative integer, exactly */
+    uint64_t x = 0;
+    if (!v.len) return 0;
+    for (size_t i = 0; i < v.len; i++) {
+        char c = v.p[i];
+        if (c < '0' || c > '9') return 0;
+        if (x > (UINT64_MAX - (uint64_t)(c - '0')) / 10) return 0;
+        x = x * 10 + (uint64_t)(c - '0');
+    }
+    *out = x;
+    return 1;
+}
+
+static int32_t number(const char *json, size_t n, const char *key, double dflt, double *out) {
+    rt_span v = field(json, n, key);
+    if (!v.p) { *out = dflt; return 0; }
+    if (rt_json_number(v, out) != 0) return fail(REALM_E_INVALID_ARGUMENT, "request field is not a number: ", key);
+    return 0;
+}
+
+static int32_t integer(const char *json, size_t n, const char *key, int64_t dflt, int64_t *out) {
+    double d;
+    int32_t rc = number(json, n, key, (double)dflt, &d);
+    if (rc) return rc;
+    if (!(d >= -9.0e18 && d <= 9.0e18) || d != (double)(int64_t)d)
+        return fail(REALM_E_INVALID_ARGUMENT, "request field is not an integer: ", key);
+    *out = (int64_t)d;
+    return 0;
+}
+
+static int32_t parse_request(const char *json, size_t len, request *r) {
+    rt_span v;
+    int32_t rc;
+    memset(r, 0, sizeof *r);
+    if (rt_json_get(json, len, "model", &v) < 0)
+        return fail(REALM_E_INVALID_ARGUMENT, "the request is not a well-formed JSON object", NULL);
+
+    if (!(r->model = string_of(field(json, len, "model"), &r->model_len)))
+        return fail(REALM_E_INVALID_ARGUMENT, "the request names no model (\"model\")", NULL);
+    size_t hex_len = 0;
+    char *hex = string_of(field(json, len, "model_sha256"), &hex_len);
+    if (!hex || hex_len != 64)
+        return fail(REALM_E_INVALID_ARGUMENT, "the request has no model_sha256 (64 hex digits)", NULL);
+    for (int i = 0; i < 32; i++) {
+        int hi = rt_hex(hex[2 * i]), lo = rt_hex(hex[2 * i + 1]);
+        if (hi < 0 || lo < 0) return fail(REALM_E_INVALID_ARGUMENT, "model_sha256 is not hex", NULL);
+        r->sha256[i] = (uint8_t)(hi << 4 | lo);
+    }
+
+    v = field(json, len, "messages");
+    if (v.p) {
+        if (v.p[0] != '[') return fail(REALM_E_INVALID_ARGUMENT, "\"messages\" is not an array", NULL);
+        r->messages = v.p;
+        r->messages_len = v.len;
+    } else if (!(r->prompt = string_of(field(json, len, "prompt"), &r->prompt_len))) {
+        return fail(REALM_E_INVALID_ARGUMENT, "the request has neither \"prompt\" nor \"messages\"", NULL);
+    }
+
+    params *p = &r->p;
+    if ((rc = integer(json, len, "max_tokens", 128, &p->max_tokens)) ||
+        (rc = number(json, len, "temperature", 0.8, &p->temperature)) ||
+        (rc = integer(json, len, "top_k", 40, &p->top_k)) ||
+        (rc = number(json, len, "top_p", 0.95, &p->top_p)) ||
+        (rc = number(json, len, "min_p", 0.05, &p->min_p)) ||
+        (rc = number(json, len, "repeat_penalty", 1.0, &p->repeat_penalty)) ||
+        (rc = integer(json, len, "repeat_last_n", 64, &p->repeat_last_n)) ||
+        (rc = number(json, len, "presence_penalty", 0.0, &p->presence_penalty)) ||
+        (rc = number(json, len, "frequency_penalty", 0.0, &p->frequency_penalty)))
+        return rc;
+    v = field(json, len, "seed");
+    p->seed = 0;
+    if (v.p && !u64_of(v, &p->seed)) return fail(REALM_E_INVALID_ARGUMENT, "seed must be a non-negative integer", NULL);
+
+    if (p->max_tokens < 0) return fail(REALM_E_INVALID_ARGUMENT, "max_tokens must be >= 0", NULL);
+    if (!(p->temperature >= 0)) return fail(REALM_E_INVALID_ARGUMENT, "temperature must be >= 0", NULL);
+    if (p->top_k < 0) return fail(REALM_E_INVALID_ARGUMENT, "top_k must be >= 0", NULL);
+    if (!(p->top_p > 0 && p->top_p <= 1)) return fail(REALM_E_INVALID_ARGUMENT, "top_p must be in (0, 1]", NULL);
+    if (!(p->min_p >= 0 && p->min_p <= 1)) return fail(REALM_E_INVALID_ARGUMENT, "min_p must be in [0, 1]", NULL);
+    if (!(p->repeat_penalty > 0)) return fail(REALM_E_INVALID_ARGUMENT, "repeat_penalty must be > 0", NULL);
+    if (p->repeat_last_n < 0 || p->repeat_last_n > (1 << 24))
+        return fail(REALM_E_INVALID_ARGUMENT, "repeat_last_n must be in 0..16777216", NULL);
+    if (!(p->presence_penalty >= -2 && p->presence_penalty <= 2))
+        return fail(REALM_E_INVALID_ARGUMENT, "presence_penalty must be in [-2, 2]", NULL);
+    if (!(p->frequency_penalty >= -2 && p->frequency_penalty <= 2))
+        return fail(REALM_E_INVALID_ARGUMENT, "frequency_penalty must be in [-2, 2]", NULL);
+
+    v = field(json, len, "stop");
+    if (v.p && v.p[0] == '"') { /* a single string is accepted too */
+        size_t n;
+        char *s = string_of(v, &n);
+        if (!s) return fail(REALM_E_INVALID_ARGUMENT, "\"stop\" is malformed", NULL);
+        r->stops[r->n_stops++] = (span){s, n};
+    } else if (v.p) {
+        if (v.p[0] != '[') return fail(REALM_E_INVALID_ARGUMENT, "\"stop\" must be a list of strings", NULL);
+        size_t i = rt_json_ws(v.p, v.len, 1);
+        while (i < v.len && v.p[i] != ']') {
+            size_t e = rt_json_skip(v.p, v.len, i), n;
+            char *s = e ? string_of((rt_span){v.p + i, e - i}, &n) : NULL;
+            if (!s) return fail(REALM_E_INVALID_ARGUMENT, "\"stop\" must be a list of strings", NULL);
+            if (r->n_stops == MAX_STOPS) return fail_n(REALM_E_LIMIT_EXCEEDED, "too many stop strings; the most is ", MAX_STOPS, NULL, 0);
+            r->stops[r->n_stops++] = (span){s, n};
+            i = rt_json_ws(v.p, v.len, e);
+            if (i < v.len && v.p[i] == ',') i = rt_json_ws(v.p, v.len, i + 1);
+        }
+    }
+    return 0;
+}
+
+/* --- generate --------------------------------------------------------------------------------- */
+
+int32_t realm_guest_abi(void) { return REALM_ABI_VERSION; }
+
+static int32_t run(void) {
+    int32_t rc;
+    int32_t size = realm_request_read(NULL, 0);
+    if (size < 0) return size;
+    char *json = (char *)rt_alloc((size_t)size + 1);
+    if (!json) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the request", NULL);
+    if ((rc = realm_request_read(json, (size_t)size)) < 0) return rc;
+    request req;
+    if ((rc = parse_request(json, (size_t)size, &req))) return rc;
+
+    /* the model: by name from the host, then its identity checked against the request */
+    realm_model_info info;
+    int32_t model = realm_store_model_by_name(req.model, req.model_len, &info);
+    if (model < 0) return model;
+    if ((rc = realm_validate_model_id(model, req.sha256)) < 0) return rc;
+    int32_t vocab = (int32_t)info.vocab_size, ctx = (int32_t)info.context_length;
+
+    int add_space_prefix = 0;
+    int32_t info_len = realm_get_model_info(model, NULL, 0);
+    if (info_len > 0) {
+        char *info_json = (char *)rt_alloc((size_t)info_len);
+        if (info_json && realm_get_model_info(model, info_json, (size_t)info_len) == info_len) {
+            rt_span flag = field(info_json, (size_t)info_len, "add_space_prefix");
+            add_space_prefix = flag.len == 4 && rt_memeq(flag.p, "true", 4);
+        }
+    }
+
+    /* the prompt text: the chat template's rendering of the messages, or the prompt */
+    const char *text = req.prompt;
+    size_t text_len = req.prompt_len;
+    if (req.messages) {
+        int32_t n = realm_chat_template(model, req.messages, req.messages_len, NULL, 0);
+        if (n < 0) return n;
+        char *rendered = (char *)rt_alloc((size_t)n + 1);
+        if (!rendered) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the prompt", NULL);
+        if ((rc = realm_chat_template(model, req.messages, req.messages_len, rendered, (size_t)n)) < 0) return rc;
+        text = rendered;
+        text_len = (size_t)n;
+    }
+
+    /* tokens: at most one per byte, plus BOS */
+    size_t history_cap = (text_len + 2 > (size_t)ctx ? text_len + 2 : (size_t)ctx) + 1;
+    int32_t *history = (int32_t *)rt_alloc(history_cap * sizeof(int32_t));
+    if (!history) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the tokens", NULL);
+    int32_t n_prompt = realm_tokenize(model, text, text_len, REALM_TOKENIZE_ADD_BOS | REALM_TOKENIZE_PARSE_SPECIAL,
+                                      history, history_cap);
+    if (n_prompt < 0) return n_prompt;
+    if ((size_t)n_prompt > history_cap) return fail(REALM_E_INTERNAL, "more tokens than bytes in the prompt", NULL);
+    if (n_prompt == 0) return fail(REALM_E_INVALID_ARGUMENT, "the prompt is empty", NULL);
+    if (n_prompt >= ctx)
+        return fail_n(REALM_E_CONTEXT_OVERFLOW, "the prompt has ", n_prompt, " tokens; the context holds ", ctx);
+    int64_t budget = req.p.max_tokens < (int64_t)(ctx - n_prompt) ? req.p.max_tokens : (int64_t)(ctx - n_prompt);
+
+    sampler smp;
+    float *logits = (float *)rt_alloc((size_t)vocab * sizeof(float));
+    if (!logits || !sampler_init(&smp, &req.p, vocab)) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the sampler", NULL);
+
+    /* a context of exactly what this request can use: the host sizes the session's KV cache
+     * by it, so many short requests at once hold little memory */
+    int32_t session = realm_session_open(model, (int32_t)(n_prompt + budget));
+    if (session < 0) return session;
+    if ((rc = realm_forward(session, history, n_prompt, logits, (size_t)vocab)) < 0) return rc;
+
+    text_buf pending = {0};
+    utf8_dec decoder = {{0}, 0};
+    char small[256];
+    int32_t generated = 0, reason = REALM_FINISH_LENGTH, first = 1;
+    size_t n_history = (size_t)n_prompt;
+    for (;;) {
+        if (generated >= budget) {
+            reason = REALM_FINISH_LENGTH;
+            break;
+        }
+        int32_t token = sample(&smp, logits, history, n_history);
+        rc = realm_token_is_end(model, token);
+        if (rc < 0) return rc;
+        if (rc == 1) {
+            reason = REALM_FINISH_STOP;
+            break;
+        }
+        history[n_history++] = token;
+        generated++;
+
+        int32_t n = realm_token_bytes(model, token, small, sizeof small);
+        if (n < 0) return n;
+        const char *piece = small;
+        if ((size_t)n > sizeof small) {
+            char *big = (char *)rt_alloc((size_t)n);
+            if (!big) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for a token's text", NULL);
+            if ((rc = realm_token_bytes(model, token, big, (size_t)n)) < 0) return rc;
+            piece = big;
+        }
+        if (first) {
+            first = 0;
+            if (add_space_prefix && n > 0 && piece[0] == ' ') { piece++; n--; }
+        }
+        utf8_push(&decoder, piece, (size_t)n, &pending);
+        int stopped = 0;
+        size_t shown = split_at_stop(&pending, req.stops, req.n_stops, &stopped);
+        if ((rc = realm_emit(token, pending.data, shown)) < 0) return rc;
+        if (stopped) {
+            realm_session_close(session);
+            return realm_finish(REALM_FINISH_STOP, n_prompt, generated);
+        }
+        text_buf_drop(&pending, shown);
+        if ((rc = realm_forward(session, &token, 1, logits, (size_t)vocab)) < 0) return rc;
+    }
+    utf8_flush(&decoder, &pending);
+    if (pending.len && (rc = realm_emit(-1, pending.data, pending.len)) < 0) return rc;
+    realm_session_close(session);
+    return realm_finish(reason, n_prompt, generated);
+}
+
+int32_t generate(void) {
+    rt_reset(); /* every request starts with an empty heap */
+    int32_t rc = run();
+    return rc < 0 ? rc : 0;
+}

@@ -1,0 +1,170 @@
+"""Hostile guests (tests/guests/*.wat): each gets a clear error for itself, and the host
+keeps serving: after every one, a normal request on another instance gives the host's own
+greedy output."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from realm.errors import AbiVersionMismatch, Cancelled, GuestFault, LimitExceeded, ModelFormatError
+from realm.sandbox.runtime import Limits, Runtime
+from sandbox_helpers import GUESTS, greedy_request, host_direct, make_runtime
+
+SMOL = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def runtime(smollm2, smollm2_path, tmp_path_factory) -> Runtime:
+    return make_runtime({SMOL: (smollm2_path, smollm2)}, tmp_path_factory.mktemp("realm_home"))
+
+
+@pytest.fixture(scope="module")
+def still_serving(runtime, smollm2):
+    """Checks that a well-behaved tenant still gets the host's own greedy output."""
+    expected, _ = host_direct(smollm2, "The capital of France is", 4)
+    instance = runtime.instance(runtime.default_module(), tenant="bystander")
+
+    def check() -> None:
+        result = instance.generate(greedy_request(runtime, SMOL, "The capital of France is", 4))
+        assert result.tokens == expected.tokens and result.text == expected.text
+
+    yield check
+    instance.close()
+
+
+def _guest(runtime: Runtime, name: str, **limits):
+    module = runtime.load_module(GUESTS / f"{name}.wat")
+    return runtime.instance(module, tenant=f"hostile-{name}", limits=Limits(**limits) if limits else None)
+
+
+def test_an_endless_loop_hits_the_time_limit(runtime, still_serving):
+    inst = _guest(runtime, "loop", guest_seconds=0.3)
+    started = time.perf_counter()
+    with pytest.raises(GuestFault, match=r"guest loop \(tenant hostile-loop\) ran past its time limit of 0.3 s"):
+        inst.generate({})
+    assert time.perf_counter() - started < 3.0
+    # the same instance serves again (afresh), and faults the same way
+    with pytest.raises(GuestFault, match="time limit"):
+        inst.generate({})
+    still_serving()
+
+
+def test_a_loop_of_host_calls_hits_the_wall_clock_limit(runtime, still_serving):
+    inst = _guest(runtime, "loop_host", wall_seconds=0.5)
+    started = time.perf_counter()
+    with pytest.raises(GuestFault, match="ran past its wall-clock limit of 0.5 s"):
+        inst.generate({})
+    assert time.perf_counter() - started < 4.0
+    assert inst.state.host_calls > 100
+    still_serving()
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("unreachable", "executed an `unreachable` instruction"),
+        ("oob_trap", "out-of-bounds memory access"),
+        ("stack_overflow", "stack overflow"),
+    ],
+)
+def test_a_trap_fails_only_its_own_request(runtime, still_serving, name, message):
+    inst = _guest(runtime, name)
+    with pytest.raises(GuestFault, match=message):
+        inst.generate({})
+    still_serving()
+
+
+def test_pointers_outside_guest_memory_are_refused_by_every_host_call(runtime, still_serving):
+    inst = _guest(runtime, "oob_host")
+    result = inst.generate({"request": "x" * 100})
+    assert result.tokens == [2] * 7  # REALM_E_OUT_OF_BOUNDS (-2) from each of the seven calls
+    assert result.text == ""  # nothing was read or written
+    still_serving()
+
+
+def test_a_guest_returning_an_error_code_gets_that_error(runtime):
+    inst = _guest(runtime, "store_gguf")
+    # its pointers (0 and 0 at address 0) are fine but the bytes are not a model
+    with pytest.raises(ModelFormatError, match=r"guest store_gguf failed with ModelFormatError \(-6\): realm_store_model: the bytes are not a GGUF model"):
+        inst.generate({})
+
+
+def test_asking_for_more_memory_than_the_cap(runtime, still_serving):
+    inst = _guest(runtime, "grow", memory_bytes=1 << 20)
+    tokens = []
+    with pytest.raises(GuestFault, match=r"unreachable.*memory 0.1 MiB of its 1 MiB cap"):
+        inst.generate({}, on_token=lambda t, text: tokens.append(t))
+    assert tokens == [99]  # memory.grow answered -1
+    with pytest.raises(GuestFault, match="1 MiB"):
+        _guest(runtime, "big_memory", memory_bytes=1 << 20)
+    still_serving()
+
+
+def test_a_guest_for_another_abi_major_is_refused_naming_both_versions(runtime):
+    with pytest.raises(AbiVersionMismatch, match=r"built for Realm ABI 2\.0; this host implements ABI 1\.0"):
+        _guest(runtime, "abi_v2")
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("wasi", "imports wasi_snapshot_preview1.fd_write, which the Realm ABI 1.0 does not offer"),
+        ("bad_signature", r"imports env.realm_log as \(i32\) -> \(i32\); the ABI's wasm32 signature is \(i32, i32, i32\)"),
+    ],
+)
+def test_imports_outside_the_abi_are_refused_at_load(runtime, name, message):
+    with pytest.raises(GuestFault, match=message):
+        runtime.load_module(GUESTS / f"{name}.wat")
+
+
+def test_a_cancelled_request_stops_and_a_deaf_guest_is_stopped(runtime, still_serving):
+    cancel = threading.Event()
+    seen = []
+
+    def on_token(token: int, text: str) -> None:
+        seen.append(token)
+        if len(seen) == 5:
+            cancel.set()
+
+    inst = _guest(runtime, "emit_forever")
+    with pytest.raises(Cancelled):
+        inst.generate(b"1 (obeys)", on_token=on_token, cancel=cancel)
+    assert seen == [1, 2, 3, 4, 5]
+    # a guest that ignores REALM_E_CANCELLED is stopped a second later
+    cancel.clear()
+    seen.clear()
+    started = time.perf_counter()
+    with pytest.raises(GuestFault, match="did not stop within 1 s of being told that its caller went away"):
+        inst.generate(b"0 (deaf)", on_token=on_token, cancel=cancel)
+    assert time.perf_counter() - started < 5.0 and len(seen) == 5
+    # a consumer that fails stops the guest too, and its error comes back
+    with pytest.raises(BrokenPipeError):
+        inst.generate(b"1", on_token=lambda t, s: (_ for _ in ()).throw(BrokenPipeError("closed")))
+    still_serving()
+
+
+def test_an_instance_runs_one_request_at_a_time(runtime):
+    inst = _guest(runtime, "emit_forever")
+    started = threading.Event()
+    cancel = threading.Event()
+    errors = []
+
+    def first() -> None:
+        try:
+            inst.generate(b"1", on_token=lambda t, s: started.set(), cancel=cancel)
+        except Cancelled:
+            pass
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert started.wait(10)
+    with pytest.raises(LimitExceeded, match="already running a request"):
+        inst.generate(b"1")
+    cancel.set()
+    thread.join(10)
+    assert not errors
