@@ -13,7 +13,6 @@ import os
 import sys
 import textwrap
 import time
-import zipfile
 from pathlib import Path
 
 import pytest

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REFERENCE, metadata_of
+from conftest import metadata_of
 
 from realm.errors import InvalidArgument
 from realm.models.chat_template import ChatTemplate, chat_template_from_fields

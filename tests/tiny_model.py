@@ -18,6 +18,8 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 from gguf.quants import quantize
 
+from realm.models.tokenizer import _bytes_to_unicode
+
 DIM = 64
 N_HEADS = 4
 N_KV_HEADS = 2
@@ -38,16 +40,8 @@ EOS_TEXT = "<|endoftext|>"
 
 def _byte_chars() -> list[str]:
     """GPT-2's printable stand-in for each byte 0..255."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
+    table = _bytes_to_unicode()
+    return [table[b] for b in range(256)]
 
 
 def tiny_vocab() -> tuple[list[str], list[int], list[str]]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from realm.backends.devices import Backend
@@ -18,7 +20,7 @@ from realm.errors import InvalidArgument, Unsupported
 from realm.models import catalogue
 from realm.models.chat_template import ChatTemplate, chat_template_from_fields
 from realm.models.config import ModelConfig, config_from_gguf
-from realm.models.gguf_file import GGUFFile, sha256_file, trim_heap
+from realm.models.gguf_file import GGUFFile, TensorData, sha256_file, trim_heap
 from realm.models.loader import load_weights
 from realm.models.tokenizer import Tokenizer
 from realm.models.transformer import Transformer
@@ -77,13 +79,7 @@ class Model:
     @property
     def bytes_held(self) -> int:
         """Bytes of packed weights this model holds in memory (the file's pages not counted)."""
-        seen: set[int] = set()
-        total = 0
-        for obj in _weight_tensors(self.transformer.weights):
-            if obj.data_ptr() not in seen:
-                seen.add(obj.data_ptr())
-                total += obj.numel() * obj.element_size()
-        return total
+        return weight_bytes(self.transformer.weights)
 
     def info(self) -> dict[str, Any]:
         """What guests, `realm inspect` and `/v1/models` show about this model."""
@@ -147,16 +143,30 @@ def load_model(path: str | Path, backend: Backend, name: str | None = None, sha2
     )
 
 
-def _weight_tensors(obj: Any):
-    """Every tensor reachable from a weights object (packed codes, scales, norms)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from _weight_tensors(item)
-    elif type(obj).__module__.startswith("realm.") and hasattr(obj, "__dict__"):
-        for value in vars(obj).values():
-            yield from _weight_tensors(value)
+def weight_bytes(weights: Any) -> int:
+    """Bytes of the tensors reachable from a model's weights, each storage counted once.
+    Views into the file's memory map (TensorData) are not counted: those are file pages."""
+    seen_storage: set[int] = set()
+    seen_obj: set[int] = set()
+    total = 0
+    stack = [weights]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen_storage:
+                seen_storage.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (TensorData, np.ndarray, enum.Enum, type, str, bytes, int, float)) or obj is None:
+            continue
+        elif hasattr(obj, "__dict__") and id(obj) not in seen_obj:
+            seen_obj.add(id(obj))
+            stack.extend(vars(obj).values())
+    return total
 
 
 def _parameter_count(gguf: GGUFFile) -> int:

@@ -24,18 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import hashlib
 import math
 import os
-import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
-
-import numpy as np
-import torch
 
 from realm.backends.devices import Backend
 from realm.engine.model import Model, load_model
@@ -48,8 +43,9 @@ from realm.errors import (
     PermissionDenied,
     UnknownModel,
 )
+from realm.files import atomic_write
 from realm.models import catalogue
-from realm.models.gguf_file import TensorData, sha256_file
+from realm.models.gguf_file import sha256_file
 
 Allowed = Callable[[str], bool]
 """A tenant's rule: True if the model with this name (or SHA-256 hex) may be used."""
@@ -310,7 +306,7 @@ class ModelStore:
             finally:
                 with self._lock:
                     self._loading.pop(sha, None)
-            held = weight_bytes(model.transformer.weights)
+            held = model.bytes_held
             with self._lock:
                 self._issued += 1
                 entry = StoredModel(id=self._issued, sha256=sha, model=model, refs=1, bytes_held=held)
@@ -331,43 +327,8 @@ class ModelStore:
         dest = blobs / f"{sha}.gguf"
         if dest.is_file() and dest.stat().st_size == len(data):
             return dest
-        tmp = blobs / f".{sha}.partial-{secrets.token_hex(6)}"
-        try:
-            with open(tmp, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        atomic_write(dest, data)
         return dest
-
-
-def weight_bytes(weights: Any) -> int:
-    """Bytes of the tensors reachable from a model's weights, each storage counted once.
-    Views into the file's memory map (TensorData) are not counted: those are file pages."""
-    seen_storage: set[int] = set()
-    seen_obj: set[int] = set()
-    total = 0
-    stack = [weights]
-    while stack:
-        obj = stack.pop()
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() not in seen_storage:
-                seen_storage.add(storage.data_ptr())
-                total += storage.nbytes()
-        elif isinstance(obj, (list, tuple)):
-            stack.extend(obj)
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif isinstance(obj, (TensorData, np.ndarray, enum.Enum, type, str, bytes, int, float)) or obj is None:
-            continue
-        elif hasattr(obj, "__dict__") and id(obj) not in seen_obj:
-            seen_obj.add(id(obj))
-            stack.extend(vars(obj).values())
-    return total
 
 
 def _catalogue_names(sha: str) -> list[str]:

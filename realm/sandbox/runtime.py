@@ -24,7 +24,6 @@ import hashlib
 import importlib.metadata
 import logging
 import os
-import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from realm.backends.devices import BackendRegistry
 from realm.engine.model_store import Allowed, ModelStore
 from realm.engine.steps import DirectStepRunner, StepRunner
 from realm.errors import GuestFault, InvalidArgument
+from realm.files import atomic_write
 from realm.models.catalogue import realm_home
 from realm.sandbox import abi
 from realm.sandbox import state as guest_state
@@ -229,15 +229,8 @@ class ModuleCache:
             module = wasmtime.Module(eng, wasm)
         except wasmtime.WasmtimeError as e:
             raise GuestFault(f"guest {name} is not a valid WebAssembly module: {_first_line(e)}") from None
-        with contextlib.suppress(OSError):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
-            try:
-                tmp.write_bytes(module.serialize())
-                os.replace(tmp, path)
-            finally:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+        with contextlib.suppress(OSError):  # no cache is slower, not wrong
+            atomic_write(path, module.serialize())
         return module
 
 
