@@ -14,6 +14,7 @@ A long prompt runs a piece per round, so it never stalls everyone else's decodin
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -81,10 +82,15 @@ class BatchScheduler:
         transformer: Transformer,
         max_batch_tokens: int = 256,
         observer: StepObserver | None = None,
+        gather_s: float = 0.0,
     ) -> None:
+        """`gather_s`: how long a round may wait for the sessions of the previous round to
+        send their next step (their guests sample between steps), so that they run together
+        rather than in fragments; 0 starts a round as soon as anything waits."""
         self.transformer = transformer
         self.max_batch_tokens = max_batch_tokens
         self.observer = observer
+        self.gather_s = gather_s
         self._waiting: list[StepRequest] = []
         self._wake = threading.Condition()
         self._closed = False
@@ -117,15 +123,24 @@ class BatchScheduler:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        previous: set[int] = set()  # sessions whose step finished last round: likely back soon
         while True:
             with self._wake:
                 while not self._waiting and not self._closed:
                     self._wake.wait()
+                if previous and self.gather_s > 0:
+                    deadline = time.monotonic() + self.gather_s
+                    while not self._closed and not previous <= {id(r.session) for r in self._waiting}:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._wake.wait(left)
                 if self._closed:
                     for r in self._waiting:
                         r.future.set_exception(InternalError("the model runner has shut down"))
                     return
                 plan = plan_round(self._waiting, self.max_batch_tokens)
+            previous = {id(r.session) for r, n in plan if r.remaining == n}
             self._run_round(plan)
 
     def _run_round(self, plan: list[tuple[StepRequest, int]]) -> None:

@@ -1,0 +1,54 @@
+"""Prometheus metrics of one server, in a registry of its own (several apps may share a
+process, e.g. in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+_BATCH = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        tm = ["tenant", "model"]
+        self.requests = Counter("realm_requests", "Requests answered, by HTTP status", [*tm, "status"], registry=r)
+        self.prompt_tokens = Counter("realm_prompt_tokens", "Prompt tokens of completed requests", tm, registry=r)
+        self.completion_tokens = Counter("realm_completion_tokens", "Tokens generated", tm, registry=r)
+        self.ttft = Histogram(
+            "realm_time_to_first_token_seconds", "From the request's arrival to its first token", tm,
+            buckets=_LATENCY, registry=r,
+        )
+        self.tpot = Histogram(
+            "realm_time_per_output_token_seconds", "Between one output token and the next", tm,
+            buckets=_LATENCY, registry=r,
+        )
+        self.batch_size = Histogram(
+            "realm_batch_size", "Sequences in one batched forward call", ["model"], buckets=_BATCH, registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "realm_batch_tokens", "Tokens in one batched forward call", ["model"], buckets=_BATCH + (256, 512), registry=r,
+        )
+        self.queue_depth = Gauge("realm_queue_depth", "Forward steps waiting after the last call", ["model"], registry=r)
+        self.active = Gauge("realm_active_requests", "Requests running now", ["tenant"], registry=r)
+        self.guest_traps = Counter(
+            "realm_guest_traps", "Guest failures: traps, time or memory limits, broken ABI", ["tenant"], registry=r,
+        )
+
+    def observer(self, model: str):
+        """A BatchScheduler observer for `model`: batch size, tokens and queue depth."""
+        size, tokens, depth = self.batch_size.labels(model), self.batch_tokens.labels(model), self.queue_depth.labels(model)
+
+        def observe(sequences: int, n_tokens: int, waiting: int) -> None:
+            size.observe(sequences)
+            tokens.observe(n_tokens)
+            depth.set(waiting)
+
+        return observe
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,145 @@
+"""The request bodies of the OpenAI-compatible endpoints (and llama.cpp's tokenize pair).
+
+Sampling fields the caller leaves out get the host's defaults (llama.cpp's); every field
+the caller gives reaches the guest unchanged. Fields of OpenAI's API that Realm does not
+implement are refused (400) when they ask for something, ignored when they are inert.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from realm.engine.sampling import SamplingParams
+from realm.errors import Unsupported
+
+MAX_STOPS = 16
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, gt=0)
+    repeat_last_n: int | None = Field(None, ge=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+
+    @model_validator(mode="after")
+    def _supported(self) -> Any:
+        if self.n != 1:
+            raise Unsupported("n must be 1: one choice per request")
+        extra = self.model_extra or {}
+        for name, inert in _UNSUPPORTED.items():
+            if name in extra and extra[name] not in inert:
+                raise Unsupported(f"{name} is not supported by this server")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOPS:
+            raise Unsupported(f"at most {MAX_STOPS} stop strings")
+        return self
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling(self) -> SamplingParams:
+        """The sampling parameters: the caller's, the host's defaults for the rest."""
+        given = {
+            k: getattr(self, k)
+            for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
+                      "presence_penalty", "frequency_penalty", "seed")
+            if getattr(self, k) is not None
+        }  # fmt: skip
+        return SamplingParams(**given)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+_UNSUPPORTED: dict[str, tuple] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise Unsupported("one prompt per request (a list of one string at most)")
+        return self.prompt[0]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise Unsupported(f"message content of type {part.type!r} is not supported (text only)")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    content: str
+    add_special: bool = Field(True, description="BOS by the model's rule")
+    parse_special: bool = Field(True, description="control tokens written in the text become their ids")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)

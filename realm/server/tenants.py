@@ -1,0 +1,150 @@
+"""Tenants at run time: who they are, which guest and models they use, and their limits
+(concurrent requests, tokens per minute, max_tokens per request, guest memory and time)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from realm.engine.model_store import StoredModel
+from realm.errors import InvalidArgument, LimitExceeded, PermissionDenied
+from realm.sandbox.runtime import GuestModule, Limits
+from realm.server.settings import ALL_MODELS, TenantSettings
+
+
+class TokenBucket:
+    """`per_minute` tokens, refilled continuously; a request reserves its worst case
+    (prompt + max_tokens) up front and gives back what it did not use."""
+
+    def __init__(self, per_minute: int, clock=time.monotonic) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._clock = clock
+        self._tokens = self.capacity
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+
+    def take(self, n: int) -> None:
+        """Reserve n tokens, or raise LimitExceeded with the seconds until they are there."""
+        if n > self.capacity:
+            raise InvalidArgument(
+                f"this request may use {n} tokens (prompt + max_tokens); the tenant's limit is "
+                f"{int(self.capacity)} tokens per minute: ask for fewer max_tokens"
+            )
+        with self._lock:
+            self._refill()
+            if self._tokens < n:
+                wait = (n - self._tokens) / self.rate
+                raise LimitExceeded(
+                    f"over the tenant's limit of {int(self.capacity)} tokens per minute; retry in {wait:.1f} s",
+                    retry_after_s=wait,
+                )
+            self._tokens -= n
+
+    def settle(self, reserved: int, used: int) -> None:
+        """A request that reserved `reserved` tokens used `used`: give back (or take) the difference."""
+        with self._lock:
+            self._refill()
+            self._tokens = min(self.capacity, self._tokens + reserved - used)
+
+
+@dataclass
+class Tenant:
+    settings: TenantSettings
+    module: GuestModule
+    allowed_names: frozenset[str]  # names and SHA-256 hex of the served models it may use
+    bucket: TokenBucket | None
+    _active: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def build(cls, settings: TenantSettings, module: GuestModule, served: Iterable[tuple[str, StoredModel]]) -> Tenant:
+        allowed: set[str] = set()
+        for name, entry in served:
+            if ALL_MODELS in settings.models or name in settings.models:
+                allowed |= {name, entry.sha256}
+        per_minute = settings.limits.tokens_per_minute
+        return cls(settings, module, frozenset(allowed), TokenBucket(per_minute) if per_minute else None)
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def limits(self) -> Limits:
+        lim = self.settings.limits
+        return Limits(memory_bytes=lim.guest_memory_mb << 20, guest_seconds=lim.guest_seconds, wall_seconds=lim.wall_seconds)
+
+    def allowed(self, name_or_sha: str) -> bool:
+        """The sandbox's permission rule for this tenant (model_store.Allowed): served models
+        it was given, by name or SHA-256; nothing else (no uploads, no other cached models)."""
+        return name_or_sha in self.allowed_names
+
+    def check_model(self, name: str, entry: StoredModel) -> None:
+        if name not in self.allowed_names and entry.sha256 not in self.allowed_names:
+            raise PermissionDenied(f"tenant {self.name} may not use model {name}")
+
+    def check_max_tokens(self, max_tokens: int) -> None:
+        cap = self.settings.limits.max_tokens
+        if max_tokens > cap:
+            raise InvalidArgument(f"max_tokens {max_tokens} is over this tenant's limit of {cap} per request")
+
+    def admit(self, reserve: int) -> Admission:
+        """A slot for one request that may use `reserve` tokens; LimitExceeded (429) if the
+        tenant is at its concurrency limit or out of tokens for this minute."""
+        cap = self.settings.limits.max_concurrent
+        with self._lock:
+            if self._active >= cap:
+                raise LimitExceeded(
+                    f"tenant {self.name} already has {cap} requests running (its limit); retry shortly",
+                    retry_after_s=1.0,
+                )
+            self._active += 1
+        try:
+            if self.bucket is not None:
+                self.bucket.take(reserve)
+        except BaseException:
+            with self._lock:
+                self._active -= 1
+            raise
+        return Admission(self, reserve)
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def _leave(self, reserved: int, used: int) -> None:
+        if self.bucket is not None:
+            self.bucket.settle(reserved, used)
+        with self._lock:
+            self._active -= 1
+
+
+class Admission:
+    """One admitted request; `release(used)` exactly once, when its guest has stopped."""
+
+    def __init__(self, tenant: Tenant, reserved: int) -> None:
+        self.tenant = tenant
+        self.reserved = reserved
+        self._released = False
+        self._lock = threading.Lock()
+
+    def release(self, used: int | None = None) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self.tenant._leave(self.reserved, self.reserved if used is None else used)
+
+
+def retry_after_header(error: LimitExceeded) -> str | None:
+    s = getattr(error, "retry_after_s", None)
+    return None if s is None else str(max(1, math.ceil(s)))
