@@ -29,9 +29,8 @@ GROUP = 32
 def _compensated(kernel, x: torch.Tensor) -> torch.Tensor:
     """kernel(x) with x carried as bf16 hi + lo rows (see the module docstring)."""
     hi = x.to(torch.bfloat16)
-    lo = (x - hi.float()).to(torch.bfloat16)
-    y = kernel(torch.cat((hi, lo))).float()
-    return y[: len(x)] + y[len(x) :]
+    y = kernel(torch.cat((hi, (x - hi).to(torch.bfloat16))))
+    return y[len(x) :].float().add_(y[: len(x)])
 
 
 class DenseLinear:
@@ -81,7 +80,7 @@ class Int4Linear:
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
-        return y[:, : self.out_features]
+        return y[:, : self.out_features] if y.shape[1] != self.out_features else y
 
 
 def _stack_planes(tensors: Sequence[TensorData]) -> list[Int4Groups]:

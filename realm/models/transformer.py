@@ -75,11 +75,13 @@ class Chunk:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 class Rope:
-    """Rotary position embedding tables, computed per call for just the positions needed."""
+    """Rotary position embedding: x * cos + rotate(x) * sin, with the tables laid out for
+    the pairing the checkpoint uses (adjacent pairs, or halves for NeoX), so applying it is
+    a handful of tensor operations."""
 
     def __init__(self, head_dim: int, base: float, neox: bool, scale: float = 1.0) -> None:
         self.inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
@@ -87,17 +89,23 @@ class Rope:
         self.scale = scale
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin, (T, 1, head_dim), for just these positions."""
         angles = (positions.double()[:, None] / self.scale) * self.inv_freq[None, :]
-        return angles.cos().float()[:, None, :], angles.sin().float()[:, None, :]  # (T, 1, D/2)
+        cos, sin = angles.cos().float(), angles.sin().float()
+        if self.neox:  # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+            cos, sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+        else:  # pairs (a, b) -> (a cos - b sin, b cos + a sin)
+            cos, sin = cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+        return cos[:, None, :], sin[:, None, :]
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: (T, heads, head_dim)."""
         if self.neox:
             x1, x2 = x.chunk(2, dim=-1)
-            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        pairs = x.unflatten(-1, (-1, 2))
-        x0, x1 = pairs[..., 0], pairs[..., 1]
-        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+            swapped = torch.cat((x2, x1), dim=-1)
+        else:
+            swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        return x * cos + swapped * sin
 
 
 class Transformer:
@@ -116,9 +124,17 @@ class Transformer:
     def forward(self, chunks: Sequence[Chunk]) -> None:
         """Run every chunk's new tokens through the model; sets `chunk.logits` (rows, vocab)."""
         x = self.embed(chunks)
+        tables = self.rope_tables(chunks, x.device)
         for i in range(self.config.n_layers):
-            x = self.layer(i, x, chunks)
+            x = self.layer(i, x, chunks, tables)
         self.logits(x, chunks)
+
+    def rope_tables(self, chunks: Sequence[Chunk], device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """cos and sin of every chunk token's position, per RoPE (global, local): computed
+        once per step rather than once per layer."""
+        positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks])
+        ropes = [r for r in (self.rope_global, self.rope_local) if r is not None]
+        return {id(r): tuple(t.to(device) for t in r.tables(positions)) for r in ropes}
 
     @torch.inference_mode()
     def embed(self, chunks: Sequence[Chunk]) -> torch.Tensor:
@@ -128,13 +144,18 @@ class Transformer:
         return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
 
     @torch.inference_mode()
-    def layer(self, index: int, x: torch.Tensor, chunks: Sequence[Chunk]) -> torch.Tensor:
+    def layer(
+        self,
+        index: int,
+        x: torch.Tensor,
+        chunks: Sequence[Chunk],
+        tables: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         """One transformer block; stores the chunks' keys and values in their caches."""
         cfg, layer = self.config, self.weights.layers[index]
         sliding = cfg.is_sliding(index)
         rope = self.rope_local if sliding and self.rope_local is not None else self.rope_global
-        positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks])
-        cos, sin = (t.to(x.device) for t in rope.tables(positions))
+        cos, sin = (tables or self.rope_tables(chunks, x.device))[id(rope)]
         h = self._attention(index, layer, rms_norm(x, layer.attn_norm, cfg.norm_eps), chunks,
                             rope, cos, sin, sliding)
         if layer.post_attn_norm is not None:
