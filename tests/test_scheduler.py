@@ -63,3 +63,25 @@ def test_concurrent_sessions_are_batched_and_match_sequential(smollm2):
     scheduler.close()
     assert results == sequential
     assert max(batch_sizes) > 1
+
+
+def test_batched_decode_across_a_sliding_window_matches_one_at_a_time(tmp_path, cpu_backend):
+    """Sequences of different lengths, some past the window, decoded in one step."""
+    from realm.engine.model import load_model
+    from tiny_model import write_tiny_gemma3
+
+    model = load_model(write_tiny_gemma3(tmp_path / "g.gguf"), cpu_backend)
+    window = model.config.sliding_window
+    prompts = [list(range(3, 3 + n)) for n in (2, window - 1, window + 5, 3 * window)]
+    alone = []
+    for p in prompts:
+        s = model.new_session()
+        s.feed(p)
+        alone.append(s.feed([7])[0])
+    sessions = [model.new_session() for _ in prompts]
+    for s, p in zip(sessions, prompts):
+        s.feed(p)
+    chunks = [s.chunk([7]) for s in sessions]
+    model.transformer.forward(chunks)
+    for chunk, expected in zip(chunks, alone):
+        torch.testing.assert_close(chunk.logits[0], expected, atol=1e-4, rtol=1e-4)

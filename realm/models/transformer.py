@@ -14,6 +14,7 @@ from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from realm.models.config import ModelConfig
 
@@ -211,6 +212,8 @@ class Transformer:
             k = rms_norm(k, layer.k_norm, cfg.norm_eps)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         window = cfg.sliding_window if sliding else 0
+        if len(chunks) > 1 and len(chunks) == len(x):  # a decode step of many sequences
+            return layer.attn_out(self._attend_decode(index, q, k, v, chunks, window))
         outs, offset = [], 0
         for c in chunks:
             n = len(c.tokens)
@@ -220,6 +223,36 @@ class Transformer:
             offset += n
         o = torch.cat(outs, dim=1).transpose(0, 1).flatten(1)  # (T, n_heads * head_dim)
         return layer.attn_out(o)
+
+    def _attend_decode(
+        self,
+        index: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        chunks: Sequence[Chunk],
+        window: int,
+    ) -> torch.Tensor:
+        """One new token for each of B sequences: their keys padded to the longest and
+        attended in one product, so the cost per step does not grow by B times a dozen
+        small operations. q (B, H, D), k and v (B, Hkv, D); returns (B, H * D)."""
+        cfg = self.config
+        keys, values = [], []
+        for i, c in enumerate(chunks):
+            kk, vv = c.kv.append(index, c.start, k[i : i + 1].transpose(0, 1), v[i : i + 1].transpose(0, 1))
+            keys.append(kk.transpose(0, 1))  # (S_i, Hkv, D)
+            values.append(vv.transpose(0, 1))
+        lengths = torch.tensor([c.start + 1 for c in chunks], device=q.device)[:, None]
+        keys_b = pad_sequence(keys, batch_first=True).permute(0, 2, 3, 1)  # (B, Hkv, D, S)
+        values_b = pad_sequence(values, batch_first=True).transpose(1, 2)  # (B, Hkv, S, D)
+        b, group = len(chunks), cfg.n_heads // cfg.n_kv_heads
+        scores = (q.reshape(b, cfg.n_kv_heads, group, cfg.head_dim) @ keys_b) * cfg.attn_scale
+        position = torch.arange(keys_b.shape[-1], device=q.device)[None, :]
+        hidden = position >= lengths
+        if window:
+            hidden |= position < lengths - window
+        scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+        return (torch.softmax(scores, dim=-1) @ values_b).reshape(b, -1)
 
 
 def _attend(
