@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -182,16 +183,9 @@ def inspect(model: str = typer.Argument(..., help=MODEL_HELP),
     out.print(table)
     table = Table("type", "tensors", "parameters", title=f"{len(tensors)} tensors")
     for qtype, count in sorted(g.quant_types().items()):
-        params = sum(_numel(t["shape"]) for t in tensors if t["type"] == qtype)
+        params = sum(math.prod(t["shape"]) for t in tensors if t["type"] == qtype)
         table.add_row(qtype, str(count), f"{params:,}")
     out.print(table)
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @app.command()

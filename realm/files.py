@@ -1,8 +1,9 @@
-"""Writing files so that a reader never sees half of one."""
+"""Files: hashing them, and writing them so that a reader never sees half of one."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -22,3 +23,9 @@ def atomic_write(path: Path, data: bytes) -> None:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's content, hex: a model's identity."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

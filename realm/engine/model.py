@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +19,11 @@ from realm.engine.sampling import SamplingParams
 from realm.engine.session import Session
 from realm.engine.speed import rss_bytes
 from realm.errors import InvalidArgument, Unsupported
+from realm.files import sha256_file
 from realm.models import catalogue
 from realm.models.chat_template import ChatTemplate, chat_template_from_fields
 from realm.models.config import ModelConfig, config_from_gguf
-from realm.models.gguf_file import GGUFFile, TensorData, sha256_file, trim_heap
+from realm.models.gguf_file import GGUFFile, TensorData, trim_heap
 from realm.models.loader import load_weights
 from realm.models.tokenizer import Tokenizer
 from realm.models.transformer import Transformer
@@ -82,13 +85,14 @@ class Model:
         return weight_bytes(self.transformer.weights)
 
     def info(self) -> dict[str, Any]:
-        """What guests, `realm inspect` and `/v1/models` show about this model."""
-        cfg = self.config
+        """What guests, `realm inspect` and `/v1/models` show about this model: shape,
+        placement and tokenizer facts (the model store adds its identity)."""
+        cfg, tok = self.config, self.tokenizer
         return {
             "name": self.name,
             "sha256": self.sha256,
             "architecture": cfg.architecture,
-            "parameters": _parameter_count(self.gguf),
+            "parameters": sum(math.prod(t.shape) for t in self.gguf.tensors.values()),
             "layers": cfg.n_layers,
             "embedding_length": cfg.dim,
             "heads": cfg.n_heads,
@@ -99,8 +103,14 @@ class Model:
             "file_bytes": self.gguf.size_bytes,
             "backend": self.backend.name,
             "device": str(self.backend.device),
-            "bytes_held": self.bytes_held,
             "has_chat_template": self.chat_template is not None,
+            "config": dataclasses.asdict(cfg),
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
+            "eot_ids": sorted(tok.eot_ids),
+            "add_bos": tok.add_bos,
+            "add_space_prefix": bool(getattr(tok, "add_space_prefix", False)),
+            "clean_spaces": bool(getattr(tok, "clean_spaces", False)),
         }
 
 
@@ -168,12 +178,3 @@ def weight_bytes(weights: Any) -> int:
             stack.extend(vars(obj).values())
     return total
 
-
-def _parameter_count(gguf: GGUFFile) -> int:
-    total = 0
-    for t in gguf.tensors.values():
-        n = 1
-        for d in t.shape:
-            n *= d
-        total += n
-    return total

@@ -23,9 +23,7 @@ time, others wait for it).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -43,9 +41,8 @@ from realm.errors import (
     PermissionDenied,
     UnknownModel,
 )
-from realm.files import atomic_write
+from realm.files import atomic_write, sha256_file
 from realm.models import catalogue
-from realm.models.gguf_file import sha256_file
 
 Allowed = Callable[[str], bool]
 """A tenant's rule: True if the model with this name (or SHA-256 hex) may be used."""
@@ -80,36 +77,13 @@ class StoredModel:
         return self.model.name
 
     def info(self) -> dict[str, Any]:
-        """What guests and listings show: identity, shape, placement, tokenizer facts."""
-        model = self.model
-        cfg, tok = model.config, model.tokenizer
-        return dict(
-            name=model.name,
-            architecture=cfg.architecture,
-            parameters=sum(math.prod(t.shape) for t in model.gguf.tensors.values()),
-            layers=cfg.n_layers,
-            embedding_length=cfg.dim,
-            heads=cfg.n_heads,
-            kv_heads=cfg.n_kv_heads,
-            vocab_size=cfg.vocab_size,
-            context_length=cfg.context_length,
-            quantization=model.gguf.quant_types(),
-            file_bytes=model.gguf.size_bytes,
-            backend=model.backend.name,
-            device=str(model.backend.device),
-            has_chat_template=model.chat_template is not None,
-            config=dataclasses.asdict(cfg),
+        """The model's info plus its identity in this store."""
+        return self.model.info() | dict(
             id=self.id,
             sha256=self.sha256,
             names=sorted(self.names),
             refs=self.refs,
             bytes_held=self.bytes_held,
-            bos_id=tok.bos_id,
-            eos_id=tok.eos_id,
-            eot_ids=sorted(tok.eot_ids),
-            add_bos=tok.add_bos,
-            add_space_prefix=bool(getattr(tok, "add_space_prefix", False)),
-            clean_spaces=bool(getattr(tok, "clean_spaces", False)),
         )
 
 

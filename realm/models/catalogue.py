@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import IO, Iterator, Mapping, Sequence
 
 from realm.errors import FetchError, ModelFormatError, UnknownModel
+from realm.files import sha256_file
 
 __all__ = [
     "CATALOGUE",
@@ -185,8 +186,7 @@ def _file_digest(path: Path) -> tuple[str, int] | None:
         return None
     digest = _read_sidecar(path, st)
     if digest is None:
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        digest = sha256_file(path)
         _write_sidecar(path, digest, st.st_size)
     return digest, st.st_size
 
