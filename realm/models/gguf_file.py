@@ -43,9 +43,7 @@ class GGUFFile:
         except Exception as exc:  # the gguf package raises many types for a bad file
             raise ModelFormatError(f"{self.path}: not a valid GGUF file ({exc})") from exc
         self._map = reader.data  # the whole file, memory-mapped read-only
-        self.metadata: dict[str, Any] = {
-            name: _field_value(field) for name, field in reader.fields.items()
-        }
+        packed = {name: _packed_field(field) for name, field in reader.fields.items()}
         self.tensors: dict[str, TensorData] = {}
         for tensor in reader.tensors:
             if tensor.tensor_type not in SUPPORTED:
@@ -58,6 +56,8 @@ class GGUFFile:
             self.tensors[tensor.name] = TensorData(
                 tensor.name, tensor.tensor_type, shape, tensor.data
             )
+        del reader  # its hundreds of thousands of small objects go before the metadata is made
+        self.metadata: dict[str, Any] = {name: _unpacked_field(value) for name, value in packed.items()}
         self.architecture: str = self.metadata.get("general.architecture", "")
         if not self.architecture:
             raise ModelFormatError(f"{self.path}: no general.architecture in metadata")
@@ -119,16 +119,40 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
-def _field_value(field: Any) -> Any:
-    """A GGUF field as a plain Python value (str, int, float, bool or list of them)."""
+@dataclass(frozen=True)
+class _StringArray:
+    """A string array as one blob and its end offsets: built while the reader is alive, it
+    lets the final list of str be made after the reader's own objects are freed, so the two
+    do not interleave on the heap (interleaved, they pinned ~200 MB for gemma3's vocabulary)."""
+
+    blob: bytes
+    ends: np.ndarray
+
+
+def _packed_field(field: Any) -> Any:
+    """A GGUF field in a form that holds no reference to the reader: strings and scalars as
+    Python values, arrays as one numpy array or one `_StringArray`."""
     types = field.types
     if not types:
         return None
     if types[0] == GGUFValueType.ARRAY:
         if len(types) > 1 and types[1] == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
+            pieces = [bytes(field.parts[i]) for i in field.data]
+            return _StringArray(b"".join(pieces), np.cumsum([len(p) for p in pieces], dtype=np.int64))
+        if not field.data:
+            return []
+        return np.concatenate([field.parts[i] for i in field.data])
     if types[0] == GGUFValueType.STRING:
         return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
     value = field.parts[field.data[0]].tolist()[0]
     return bool(value) if types[0] == GGUFValueType.BOOL else value
+
+
+def _unpacked_field(value: Any) -> Any:
+    """Plain Python values (str, int, float, bool or a list of them)."""
+    if isinstance(value, _StringArray):
+        starts = [0, *value.ends[:-1].tolist()]
+        return [value.blob[a:b].decode("utf-8", errors="replace") for a, b in zip(starts, value.ends.tolist())]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
