@@ -41,9 +41,9 @@ class Backend:
     def name(self) -> str:
         return {BackendKind.CPU: "cpu", BackendKind.GPU: "gpu", BackendKind.NONE: "naive"}[self.kind]
 
-    def pack_linear(self, tensors: Sequence[TensorData]) -> Linear:
+    def pack_linear(self, tensors: Sequence[TensorData], many_rows: bool) -> Linear:
         if self.kind == BackendKind.CPU:
-            return linear.pack_for_cpu(tensors)
+            return linear.pack_for_cpu(tensors, many_rows)
         return linear.pack_dense(tensors, self.device, torch.float32)
 
     def make_embedding(self, tensor: TensorData) -> Embedding:

@@ -9,7 +9,14 @@ through a kernel that is bound by reading the weights. Q4_0, Q4_1 and Q4_K repac
 exactly into the int4 group layout, and the 5-, 6- and 8-bit formats into two or four int4
 planes stacked along the input (`quants.int4_planes`): no code is re-quantized, though the
 kernel holds each group's scale and zero in bf16 (a relative 2**-9 per group; within the
-reference bounds, measured). Float weights stay dense.
+reference bounds, measured).
+
+The int4 kernel's time grows with rows times planes, so a weight of several planes that
+sees whole prompts also keeps a dense bf16 copy for products of `DENSE_MIN_ROWS` rows or
+more: on gemma3's layers that took a 128-token prefill from 360 ms to 128 ms, for 2 bytes
+a weight more. (Rounding those weights to bf16 stays within the reference bounds,
+measured; the copy loses to the planes for one or two rows, where reading bytes is all.)
+Float weights stay dense.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from realm.models.gguf_file import TensorData
 from realm.models.quants import INT4_PLANES, Int4Groups, dequantize, int4_planes
 
 GROUP = 32
+DENSE_MIN_ROWS = 4
 
 
 def _compensated(kernel, x: torch.Tensor) -> torch.Tensor:
@@ -34,14 +42,20 @@ def _compensated(kernel, x: torch.Tensor) -> torch.Tensor:
 
 
 class DenseLinear:
-    """A plain matrix in `dtype` on any device: the GPU format, and the one for float tensors."""
+    """A plain matrix in `dtype` on any device: the GPU format, and the one for float tensors.
+    A bf16 matrix takes its input as a compensated pair (see the module docstring)."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
         self.out_features, self.in_features = weight.shape
         self.weight = weight.to(dtype).contiguous()  # (out, in)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(self.weight.dtype) @ self.weight.t()).float()
+        if self.weight.dtype == torch.bfloat16:
+            return _compensated(self._product, x)
+        return self._product(x.to(self.weight.dtype)).float()
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
 
     def dense(self) -> torch.Tensor:
         return self.weight.float()
@@ -51,10 +65,12 @@ class Int4Linear:
     """PyTorch's CPU int4 kernel: weight = (code - 8) * scale + zero per group of 32 inputs.
 
     A weight held as P planes (W = W_1 + ... + W_P) runs as one product of the input
-    repeated P times with the planes side by side."""
+    repeated P times with the planes side by side; `dense`, its bf16 copy if it has one,
+    takes products of many rows instead."""
 
-    def __init__(self, planes: Sequence[Int4Groups]) -> None:
+    def __init__(self, planes: Sequence[Int4Groups], dense: DenseLinear | None = None) -> None:
         self.n_planes = len(planes)
+        self.dense = dense
         groups = Int4Groups(
             codes=torch.cat([p.codes for p in planes], dim=1),
             scale=torch.cat([p.scale for p in planes], dim=1),
@@ -74,6 +90,8 @@ class Int4Linear:
         self.scales_zeros = sz.to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and len(x) >= DENSE_MIN_ROWS:
+            return self.dense(x)
         if self.n_planes > 1:
             x = x.repeat(1, self.n_planes)
         return _compensated(self._kernel, x)
@@ -107,12 +125,17 @@ def dequantize_stacked(tensors: Sequence[TensorData]) -> torch.Tensor:
     return torch.cat([dequantize(t.raw, t.qtype, t.shape) for t in tensors])
 
 
-def pack_for_cpu(tensors: Sequence[TensorData]):
-    """The fastest exact-enough CPU format for these tensors (stacked as one Linear)."""
+def pack_for_cpu(tensors: Sequence[TensorData], many_rows: bool) -> Int4Linear | DenseLinear:
+    """The fastest exact-enough CPU format for these tensors (stacked as one Linear);
+    `many_rows`: the product sees whole prompts, so a dense copy may pay for its memory."""
     qtypes = {t.qtype for t in tensors}
     in_features = tensors[0].shape[-1]
     if qtypes <= INT4_PLANES and in_features % GROUP == 0:
-        return Int4Linear(_stack_planes(tensors))
+        planes = _stack_planes(tensors)
+        dense = None
+        if many_rows and len(planes) > 1:
+            dense = DenseLinear(dequantize_stacked(tensors), torch.bfloat16)
+        return Int4Linear(planes, dense)
     weight = dequantize_stacked(tensors)
     if qtypes <= {QT.F16, QT.BF16}:
         return DenseLinear(weight, torch.bfloat16)

@@ -99,14 +99,16 @@ class Rope:
             cos, sin = cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
         return cos[:, None, :], sin[:, None, :]
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: (T, heads, head_dim)."""
-        if self.neox:
-            x1, x2 = x.chunk(2, dim=-1)
-            swapped = torch.cat((x2, x1), dim=-1)
-        else:
-            swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-        return x * cos + swapped * sin
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """RoPE on x (T, heads, head_dim) with a `Rope`'s tables."""
+    if neox:
+        x1, x2 = x.chunk(2, dim=-1)
+        swapped = torch.cat((x2, x1), dim=-1)
+    else:
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x * cos + swapped * sin
 
 
 class Transformer:
@@ -157,15 +159,13 @@ class Transformer:
         sliding = cfg.is_sliding(index)
         rope = self.rope_local if sliding and self.rope_local is not None else self.rope_global
         cos, sin = (tables or self.rope_tables(chunks, x.device))[id(rope)]
-        h = self._attention(index, layer, rms_norm(x, layer.attn_norm, cfg.norm_eps), chunks,
-                            rope, cos, sin, sliding)
-        if layer.post_attn_norm is not None:
-            h = rms_norm(h, layer.post_attn_norm, cfg.norm_eps)
-        x = x + h
-        h = self._ffn(layer, rms_norm(x, layer.ffn_norm, cfg.norm_eps))
-        if layer.post_ffn_norm is not None:
-            h = rms_norm(h, layer.post_ffn_norm, cfg.norm_eps)
-        return x + h
+        q, k, v = self._qkv(layer, x, rope.neox, cos, sin)
+        window = cfg.sliding_window if sliding else 0
+        if len(chunks) > 1 and len(chunks) == len(x):  # a decode step of many sequences
+            o = self._attend_decode(index, q, k, v, chunks, window)
+        else:
+            o = self._attend_chunks(index, q, k, v, chunks, window)
+        return self._block_out(layer, x, o)
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor, chunks: Sequence[Chunk]) -> None:
@@ -182,47 +182,48 @@ class Transformer:
             c.logits = logits[offset : offset + len(r)]
             offset += len(r)
 
-    def _ffn(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        gate, up = layer.gate_up(x).chunk(2, dim=-1)
-        if self.config.activation == "silu":
-            gate = F.silu(gate)
-        else:
-            gate = F.gelu(gate, approximate="tanh")
-        return layer.down(gate * up)
-
-    def _attention(
-        self,
-        index: int,
-        layer: LayerWeights,
-        x: torch.Tensor,
-        chunks: Sequence[Chunk],
-        rope: Rope,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        sliding: bool,
-    ) -> torch.Tensor:
+    def _qkv(
+        self, layer: LayerWeights, x: torch.Tensor, neox: bool, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention's inputs: q (T, H, D), k and v (T, Hkv, D), normed and rotated."""
         cfg = self.config
+        h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
         n_q, n_kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        q, k, v = layer.qkv(x).split((n_q, n_kv, n_kv), dim=-1)
-        q = q.unflatten(-1, (cfg.n_heads, cfg.head_dim))  # (T, n_heads, head_dim)
+        q, k, v = layer.qkv(h).split((n_q, n_kv, n_kv), dim=-1)
+        q = q.unflatten(-1, (cfg.n_heads, cfg.head_dim))
         k = k.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
         v = v.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
         if layer.q_norm is not None:
             q = rms_norm(q, layer.q_norm, cfg.norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.norm_eps)
-        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-        window = cfg.sliding_window if sliding else 0
-        if len(chunks) > 1 and len(chunks) == len(x):  # a decode step of many sequences
-            return layer.attn_out(self._attend_decode(index, q, k, v, chunks, window))
+        return rotate(q, cos, sin, neox), rotate(k, cos, sin, neox), v
+
+    def _block_out(self, layer: LayerWeights, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The rest of the block after attention: output projection, residuals, FFN."""
+        cfg = self.config
+        h = layer.attn_out(o)
+        if layer.post_attn_norm is not None:
+            h = rms_norm(h, layer.post_attn_norm, cfg.norm_eps)
+        x = x + h
+        gate, up = layer.gate_up(rms_norm(x, layer.ffn_norm, cfg.norm_eps)).chunk(2, dim=-1)
+        gate = F.silu(gate) if cfg.activation == "silu" else F.gelu(gate, approximate="tanh")
+        h = layer.down(gate * up)
+        if layer.post_ffn_norm is not None:
+            h = rms_norm(h, layer.post_ffn_norm, cfg.norm_eps)
+        return x + h
+
+    def _attend_chunks(
+        self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: Sequence[Chunk], window: int
+    ) -> torch.Tensor:
+        """Each chunk's queries over its own cache, one chunk at a time; (T, H * D)."""
         outs, offset = [], 0
         for c in chunks:
             n = len(c.tokens)
             sl = slice(offset, offset + n)
             keys, values = c.kv.append(index, c.start, k[sl].transpose(0, 1), v[sl].transpose(0, 1))
-            outs.append(_attend(q[sl].transpose(0, 1), keys, values, c.start, window, cfg.attn_scale))
+            outs.append(_attend(q[sl].transpose(0, 1), keys, values, c.start, window, self.config.attn_scale))
             offset += n
-        o = torch.cat(outs, dim=1).transpose(0, 1).flatten(1)  # (T, n_heads * head_dim)
-        return layer.attn_out(o)
+        return torch.cat(outs, dim=1).transpose(0, 1).flatten(1)
 
     def _attend_decode(
         self,
