@@ -90,7 +90,9 @@ def host_greedy(model, prompt: str, max_tokens: int):
 def assert_near_greedy(result, prompt: str, max_tokens: int, host, reference, level: str) -> None:
     """Each guest token is the greedy choice, up to a near tie, after the same tokens, and the
     guest stopped where greedy would. "naive" is held to the float32 `reference` (F32_TOL);
-    "op" to `host`, within twice the host's distance from float32 at that step."""
+    "op" and "layer" to `host`, within twice the host's distance from float32 at that step
+    (the host decodes through its compiled step, whose fused kernels round differently from
+    the eager layer-by-layer path: on quantized weights a near tie can go either way)."""
     s_host, s_ref = host.new_session(), reference.new_session()
     feed = host.encode_prompt(prompt)
     for i, token in enumerate([*result.tokens, None]):
@@ -182,20 +184,14 @@ def float32_reference():
 def test_quantized_tiny_model(runtime, guests, float32_reference, level):
     for prompt in PROMPTS:
         result, m = run_guest(runtime, guests["wasm32"], "tiny-llama-q8", prompt, TINY_TOKENS, level)
-        if level == "layer":
-            assert result.tokens == host_greedy(m, prompt, TINY_TOKENS).tokens
-        else:
-            assert_near_greedy(result, prompt, TINY_TOKENS, m, float32_reference(m), level)
+        assert_near_greedy(result, prompt, TINY_TOKENS, m, float32_reference(m), level)
 
 
 @pytest.mark.parametrize("level", ["layer", "op", "naive"])
 def test_smollm2(smollm2_runtime, guests, float32_reference, level):
     prompt = "The capital of France is"
     result, m = run_guest(smollm2_runtime, guests["wasm32"], "smollm2-135m", prompt, SMOLLM2_TOKENS, level)
-    if level == "layer":
-        assert result.tokens == host_greedy(m, prompt, SMOLLM2_TOKENS).tokens
-    else:
-        assert_near_greedy(result, prompt, SMOLLM2_TOKENS, m, float32_reference(m), level)
+    assert_near_greedy(result, prompt, SMOLLM2_TOKENS, m, float32_reference(m), level)
 
 
 # ---------------------------------------------------------------------------- the module

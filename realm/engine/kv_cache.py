@@ -1,28 +1,90 @@
-"""One sequence's keys and values on the host, grown in steps as the sequence grows.
+"""Keys and values of every live sequence of a model, in one pool of fixed-size blocks.
 
-Preallocating the whole context (8192 tokens for smollm2) would cost hundreds of MB per
-session; growing by doubling keeps a short chat small and the copies amortised.
+One pool per model, not one tensor per sequence: a decode step of many sequences then reads
+all their keys with one gather through their block tables, which is what lets that step
+run as one compiled graph whatever the batch (see `Transformer.decode`). A sequence holds
+only the blocks its tokens fill, so a short chat stays small however long the context; the
+pool doubles when it runs out, and a sequence's blocks go back when it is dropped.
+
+Isolation: a sequence's block table names only its own blocks, positions past its length
+are masked out of attention, and a block is zeroed when it is given back, so nothing one
+sequence wrote is ever read by another. Block 0 is never handed out: it is the all-zero
+block that pads the tables of shorter sequences in a batch.
 """
 
 from __future__ import annotations
+
+import math
+import threading
+import weakref
 
 import torch
 
 from realm.errors import ContextOverflow
 from realm.models.config import ModelConfig
 
-_INITIAL = 256
+BLOCK = 16
+"""Tokens per block."""
+_INITIAL_BLOCKS = 64
+
+
+class KVPool:
+    """Per layer, keys and values as (blocks, n_kv_heads, BLOCK, head_dim) float32: position
+    p of a sequence is at block table[p // BLOCK], offset p % BLOCK."""
+
+    def __init__(self, config: ModelConfig, device: torch.device) -> None:
+        self.n_layers = config.n_layers
+        self.block_shape = (config.n_kv_heads, BLOCK, config.head_dim)
+        self.device = device
+        self.lock = threading.RLock()  # held by whoever runs the model over this pool
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.n_blocks = 0
+        self._free: list[int] = []
+        self._grow(_INITIAL_BLOCKS)
+
+    def allocate(self, n: int) -> list[int]:
+        with self.lock:
+            while len(self._free) < n:
+                self._grow(2 * self.n_blocks)
+            taken, self._free = self._free[:n], self._free[n:]
+            return taken
+
+    def release(self, blocks: list[int]) -> None:
+        if not blocks:
+            return
+        with self.lock:
+            table = torch.tensor(blocks, dtype=torch.long, device=self.device)
+            for t in self.keys + self.values:
+                t.index_fill_(0, table, 0.0)
+            self._free.extend(blocks)
+
+    @property
+    def bytes_held(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def _grow(self, n_blocks: int) -> None:
+        with self.lock:
+            for store in (self.keys, self.values):
+                for i in range(self.n_layers):
+                    grown = torch.zeros(n_blocks, *self.block_shape, device=self.device)
+                    if i < len(store):
+                        grown[: self.n_blocks] = store[i]
+                        store[i] = grown
+                    else:
+                        store.append(grown)
+            self._free.extend(range(max(1, self.n_blocks), n_blocks))
+            self.n_blocks = n_blocks
 
 
 class KVCache:
-    def __init__(self, config: ModelConfig, max_tokens: int, device: torch.device) -> None:
-        self.n_layers = config.n_layers
-        self.shape = (config.n_kv_heads, 0, config.head_dim)
+    """One sequence's blocks in a pool, grown as the sequence grows up to `max_tokens`."""
+
+    def __init__(self, pool: KVPool, max_tokens: int) -> None:
+        self.pool = pool
         self.max_tokens = max_tokens
-        self.device = device
-        self.capacity = 0
-        self.keys: list[torch.Tensor] = []  # per layer: (n_kv_heads, capacity, head_dim)
-        self.values: list[torch.Tensor] = []
+        self.blocks: list[int] = []
+        weakref.finalize(self, pool.release, self.blocks)  # the list, so later blocks go too
 
     def reserve(self, n_tokens: int) -> None:
         """Make room for positions [0, n_tokens); beyond max_tokens is a ContextOverflow."""
@@ -30,29 +92,36 @@ class KVCache:
             raise ContextOverflow(
                 f"{n_tokens} tokens do not fit in this session's context of {self.max_tokens}"
             )
-        if n_tokens <= self.capacity:
-            return
-        capacity = min(self.max_tokens, max(n_tokens, 2 * self.capacity, _INITIAL))
-        heads, _, dim = self.shape
-        for store in (self.keys, self.values):
-            for i in range(self.n_layers):
-                grown = torch.zeros(heads, capacity, dim, device=self.device)
-                if i < len(store):
-                    grown[:, : self.capacity] = store[i][:, : self.capacity]
-                    store[i] = grown
-                else:
-                    store.append(grown)
-        self.capacity = capacity
+        missing = -(-n_tokens // BLOCK) - len(self.blocks)
+        if missing > 0:
+            self.blocks.extend(self.pool.allocate(missing))
+
+    def table(self) -> torch.Tensor:
+        """The sequence's blocks in order, (blocks,) int64."""
+        return torch.tensor(self.blocks, dtype=torch.long, device=self.pool.device)
+
+    def slots(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block and offset of positions [start, end), already reserved."""
+        positions = torch.arange(start, end)
+        table = torch.tensor(self.blocks, dtype=torch.long)
+        return table[positions // BLOCK].to(self.pool.device), (positions % BLOCK).to(self.pool.device)
 
     def append(
         self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (n_kv_heads, T, head_dim) at positions start..; return all keys and
+        values so far, (n_kv_heads, S, head_dim)."""
         end = start + k.shape[1]
         self.reserve(end)
-        self.keys[layer][:, start:end] = k
-        self.values[layer][:, start:end] = v
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
+        blocks, offsets = self.slots(start, end)
+        keys, values = self.pool.keys[layer], self.pool.values[layer]
+        keys[blocks, :, offsets] = k.transpose(0, 1)
+        values[blocks, :, offsets] = v.transpose(0, 1)
+        table = self.table()[: -(-end // BLOCK)]
+        heads, _, dim = self.pool.block_shape
+        return tuple(t[table].transpose(0, 1).reshape(heads, -1, dim)[:, :end] for t in (keys, values))
 
     @property
     def bytes_held(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        """This sequence's share of the pool."""
+        return len(self.blocks) * 2 * self.pool.n_layers * math.prod(self.pool.block_shape) * 4

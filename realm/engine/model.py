@@ -15,6 +15,7 @@ import torch
 
 from realm.backends.devices import Backend
 from realm.engine.generation import Generation
+from realm.engine.kv_cache import KVPool
 from realm.engine.sampling import SamplingParams
 from realm.engine.session import Session
 from realm.engine.speed import rss_bytes
@@ -43,6 +44,7 @@ class Model:
     load_seconds: float
     chat_template_error: str | None  # why a template the file has cannot be used
     rss_after_load: int  # this process's resident bytes right after loading (0 if unknown)
+    kv_pool: KVPool  # the keys and values of all this model's sessions
 
     def new_session(self, context_length: int | None = None) -> Session:
         """A fresh session; its context is the model's unless a smaller one is asked for."""
@@ -51,7 +53,16 @@ class Model:
             raise InvalidArgument(
                 f"context length {n} is outside 1..{self.config.context_length} for {self.name}"
             )
-        return Session(self.transformer, n, self.backend.device)
+        return Session(self.transformer, n, self.kv_pool)
+
+    def warm_up(self) -> None:
+        """One decode step alone and one of two sequences, so that their compiled graphs
+        are built (or read from the cache) now rather than in the first request."""
+        first, second = self.new_session(4), self.new_session(4)
+        first.feed([0])
+        second.feed([0])
+        chunks = [first.chunk([0]), second.chunk([0])]
+        self.transformer.forward(chunks)
 
     def encode_prompt(self, text: str, chat: bool = False) -> list[int]:
         """Prompt text -> tokens the way llama.cpp does: BOS by the model's rule, special
@@ -146,7 +157,8 @@ def load_model(path: str | Path, backend: Backend, name: str | None = None, sha2
         tokenizer=tokenizer,
         chat_template=template,
         chat_template_error=template_error,
-        transformer=Transformer(config, weights),
+        transformer=Transformer(config, weights, backend.decode_compiler()),
+        kv_pool=KVPool(config, backend.device),
         backend=backend,
         load_seconds=time.perf_counter() - started,
         rss_after_load=rss_bytes(),

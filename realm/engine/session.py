@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from realm.engine.kv_cache import KVCache
+from realm.engine.kv_cache import KVCache, KVPool
 from realm.errors import ContextOverflow, InvalidArgument
 from realm.models.transformer import Chunk, Transformer
 
@@ -15,12 +15,12 @@ PREFILL_CHUNK = 512
 
 
 class Session:
-    def __init__(self, transformer: Transformer, context_length: int, device: torch.device) -> None:
+    def __init__(self, transformer: Transformer, context_length: int, pool: KVPool) -> None:
         self.transformer = transformer
         self.context_length = context_length
         self.vocab_size = transformer.config.vocab_size
         self.tokens: list[int] = []
-        self.kv = KVCache(transformer.config, context_length, device)
+        self.kv = KVCache(pool, context_length)
 
     def check(self, tokens: Sequence[int]) -> None:
         """Refuse tokens outside the vocabulary or past the context before any work is done."""

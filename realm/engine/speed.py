@@ -24,7 +24,9 @@ def rss_bytes() -> int:
 
 
 def measure_speed(model: Model, prompt_tokens: int = 128, gen_tokens: int = 64, repeats: int = 3) -> dict:
-    """Best of `repeats`: one prefill of `prompt_tokens`, then `gen_tokens` greedy steps."""
+    """Best of `repeats`: one prefill of `prompt_tokens`, then `gen_tokens` greedy steps,
+    after a warm-up that compiles the decode step (compiling is not decoding)."""
+    model.warm_up()
     text = "The quick brown fox jumps over the lazy dog. " * (prompt_tokens // 4 + 8)
     prompt = model.tokenizer.encode(text)[:prompt_tokens]
     best_prefill = best_decode = float("inf")

@@ -10,7 +10,7 @@ knows nothing of quantization formats or devices.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,30 @@ class Embedding(Protocol):
     def lookup(self, ids: torch.Tensor) -> torch.Tensor: ...  # (T,) int64 -> (T, dim) f32
 
 
+class KVPoolTensors(Protocol):
+    """Keys and values of many sequences, per layer in blocks (blocks, n_kv_heads, block, head_dim)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    lock: Any  # held while the model runs over the pool (it may grow between steps)
+
+
 class KVStore(Protocol):
-    """One sequence's keys and values, appended to as it grows."""
+    """One sequence's keys and values: its rows in a shared pool, grown as it grows."""
+
+    pool: KVPoolTensors
+
+    def reserve(self, n_tokens: int) -> None:
+        """Make room for positions [0, n_tokens)."""
+        ...
+
+    def table(self) -> torch.Tensor:
+        """The sequence's blocks in order, (blocks,) int64."""
+        ...
+
+    def slots(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block and offset (int64) of positions [start, end), already reserved."""
+        ...
 
     def append(
         self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
@@ -111,33 +133,108 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) ->
     return x * cos + swapped * sin
 
 
-class Transformer:
-    """Config + weights + RoPE tables: everything immutable about a loaded model."""
+RopeTables = list[tuple[torch.Tensor, torch.Tensor]]
+"""cos and sin of a step's token positions for each RoPE of the model: global, then local."""
+DecodeGraph = Callable[..., torch.Tensor]
 
-    def __init__(self, config: ModelConfig, weights: Weights) -> None:
+
+class Transformer:
+    """Config + weights + RoPE tables: everything immutable about a loaded model.
+
+    `compile_decode` wraps the decode step (`decode_layers`) in a compiler, such as
+    `realm.models.compiled.compile_decode`; the step is the same function either way."""
+
+    def __init__(
+        self, config: ModelConfig, weights: Weights, compile_decode: Callable[[DecodeGraph], DecodeGraph] | None = None
+    ) -> None:
         self.config = config
         self.weights = weights
         cfg = config
-        self.rope_global = Rope(cfg.head_dim, cfg.rope_base, cfg.rope_neox, cfg.rope_scale)
-        self.rope_local = (
-            Rope(cfg.head_dim, cfg.rope_base_local, cfg.rope_neox) if cfg.sliding_window else None
-        )
+        self.ropes = [Rope(cfg.head_dim, cfg.rope_base, cfg.rope_neox, cfg.rope_scale)]
+        if cfg.sliding_window:
+            self.ropes.append(Rope(cfg.head_dim, cfg.rope_base_local, cfg.rope_neox))
+        self._decode_graph = compile_decode(self.decode_layers) if compile_decode else self.decode_layers
 
     @torch.inference_mode()
     def forward(self, chunks: Sequence[Chunk]) -> None:
-        """Run every chunk's new tokens through the model; sets `chunk.logits` (rows, vocab)."""
-        x = self.embed(chunks)
-        tables = self.rope_tables(chunks, x.device)
-        for i in range(self.config.n_layers):
-            x = self.layer(i, x, chunks, tables)
-        self.logits(x, chunks)
+        """Run every chunk's new tokens through the model; sets `chunk.logits` (rows, vocab).
+        Chunks of one token (decode steps) run together as one `decode`, the rest layer by
+        layer with attention per chunk."""
+        steps = [c for c in chunks if len(c.tokens) == 1]
+        prompts = [c for c in chunks if len(c.tokens) > 1]
+        if steps:
+            self.decode(steps)
+        if prompts:
+            with prompts[0].kv.pool.lock:
+                x = self.embed(prompts)
+                tables = self.rope_tables(prompts, x.device)
+                for i in range(self.config.n_layers):
+                    x = self.layer(i, x, prompts, tables)
+                self.logits(x, prompts)
 
-    def rope_tables(self, chunks: Sequence[Chunk], device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """cos and sin of every chunk token's position, per RoPE (global, local): computed
-        once per step rather than once per layer."""
+    @torch.inference_mode()
+    def decode(self, chunks: Sequence[Chunk]) -> None:
+        """One new token for each of B sequences, all layers in one call of the decode graph:
+        each sequence's keys are gathered from the pool through its rows, padded to the
+        longest and masked, so the graph is the same whatever the batch and lengths."""
+        pool = chunks[0].kv.pool
+        with pool.lock:
+            for c in chunks:
+                c.kv.reserve(c.start + 1)
+            x = self.embed(chunks)
+            positions = torch.tensor([c.start for c in chunks], device=x.device)
+            blocks, offsets = (torch.cat(t) for t in zip(*(c.kv.slots(c.start, c.start + 1) for c in chunks)))
+            tables = pad_sequence([c.kv.table() for c in chunks], batch_first=True)  # 0: the zero block
+            if tables.shape[1] == 1:  # a table of one block would be a graph of its own
+                tables = F.pad(tables, (0, 1))
+            logits = self._decode_graph(
+                x, positions, blocks, offsets, tables, self.rope_tables(chunks, x.device), pool.keys, pool.values
+            )
+        for i, c in enumerate(chunks):
+            c.logits = logits[i : i + 1]
+
+    def decode_layers(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        blocks: torch.Tensor,
+        offsets: torch.Tensor,
+        tables: torch.Tensor,
+        rope: RopeTables,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The decode step as a pure function of tensors (what gets compiled): x (B, dim) at
+        `positions` (B,); writes each layer's new keys and values at `blocks`, `offsets` (B,)
+        of the pool, then attends over the blocks of each sequence's table (B, N), padded
+        with the zero block and masked past its position; logits (B, vocab)."""
+        cfg = self.config
+        b, group = x.shape[0], cfg.n_heads // cfg.n_kv_heads
+        key_pos = torch.arange(tables.shape[1] * keys[0].shape[2], device=x.device)[None, :]
+        visible = key_pos <= positions[:, None]
+        in_window = key_pos > positions[:, None] - cfg.sliding_window if cfg.sliding_window else visible
+        for i, layer in enumerate(self.weights.layers):
+            r = self._rope_index(i)
+            q, k, v = self._qkv(layer, x, self.ropes[r].neox, *rope[r])
+            keys[i][blocks, :, offsets] = k
+            values[i][blocks, :, offsets] = v
+            mask = visible & in_window if cfg.is_sliding(i) else visible
+            seq_k = keys[i][tables].transpose(1, 2).flatten(2, 3)  # (B, Hkv, S, D)
+            seq_v = values[i][tables].transpose(1, 2).flatten(2, 3)
+            scores = q.reshape(b, cfg.n_kv_heads, group, cfg.head_dim) @ seq_k.transpose(2, 3)
+            scores = (scores * cfg.attn_scale).masked_fill(~mask[:, None, None, :], float("-inf"))
+            o = torch.softmax(scores, dim=-1) @ seq_v  # (B, Hkv, G, D)
+            x = self._block_out(layer, x, o.reshape(b, -1))
+        return self.weights.output(rms_norm(x, self.weights.output_norm, cfg.norm_eps))
+
+    def rope_tables(self, chunks: Sequence[Chunk], device: torch.device) -> RopeTables:
+        """cos and sin of every chunk token's position, per RoPE: computed once per step
+        rather than once per layer."""
         positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks])
-        ropes = [r for r in (self.rope_global, self.rope_local) if r is not None]
-        return {id(r): tuple(t.to(device) for t in r.tables(positions)) for r in ropes}
+        return [tuple(t.to(device) for t in r.tables(positions)) for r in self.ropes]
+
+    def _rope_index(self, layer: int) -> int:
+        return 1 if self.config.is_sliding(layer) and len(self.ropes) > 1 else 0
 
     @torch.inference_mode()
     def embed(self, chunks: Sequence[Chunk]) -> torch.Tensor:
@@ -152,19 +249,15 @@ class Transformer:
         index: int,
         x: torch.Tensor,
         chunks: Sequence[Chunk],
-        tables: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        tables: RopeTables | None = None,
     ) -> torch.Tensor:
         """One transformer block; stores the chunks' keys and values in their caches."""
         cfg, layer = self.config, self.weights.layers[index]
-        sliding = cfg.is_sliding(index)
-        rope = self.rope_local if sliding and self.rope_local is not None else self.rope_global
-        cos, sin = (tables or self.rope_tables(chunks, x.device))[id(rope)]
-        q, k, v = self._qkv(layer, x, rope.neox, cos, sin)
-        window = cfg.sliding_window if sliding else 0
-        if len(chunks) > 1 and len(chunks) == len(x):  # a decode step of many sequences
-            o = self._attend_decode(index, q, k, v, chunks, window)
-        else:
-            o = self._attend_chunks(index, q, k, v, chunks, window)
+        rope = self._rope_index(index)
+        cos, sin = (tables or self.rope_tables(chunks, x.device))[rope]
+        q, k, v = self._qkv(layer, x, self.ropes[rope].neox, cos, sin)
+        with chunks[0].kv.pool.lock:
+            o = self._attend_chunks(index, q, k, v, chunks, cfg.sliding_window if cfg.is_sliding(index) else 0)
         return self._block_out(layer, x, o)
 
     @torch.inference_mode()
@@ -224,36 +317,6 @@ class Transformer:
             outs.append(_attend(q[sl].transpose(0, 1), keys, values, c.start, window, self.config.attn_scale))
             offset += n
         return torch.cat(outs, dim=1).transpose(0, 1).flatten(1)
-
-    def _attend_decode(
-        self,
-        index: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        chunks: Sequence[Chunk],
-        window: int,
-    ) -> torch.Tensor:
-        """One new token for each of B sequences: their keys padded to the longest and
-        attended in one product, so the cost per step does not grow by B times a dozen
-        small operations. q (B, H, D), k and v (B, Hkv, D); returns (B, H * D)."""
-        cfg = self.config
-        keys, values = [], []
-        for i, c in enumerate(chunks):
-            kk, vv = c.kv.append(index, c.start, k[i : i + 1].transpose(0, 1), v[i : i + 1].transpose(0, 1))
-            keys.append(kk.transpose(0, 1))  # (S_i, Hkv, D)
-            values.append(vv.transpose(0, 1))
-        lengths = torch.tensor([c.start + 1 for c in chunks], device=q.device)[:, None]
-        keys_b = pad_sequence(keys, batch_first=True).permute(0, 2, 3, 1)  # (B, Hkv, D, S)
-        values_b = pad_sequence(values, batch_first=True).transpose(1, 2)  # (B, Hkv, S, D)
-        b, group = len(chunks), cfg.n_heads // cfg.n_kv_heads
-        scores = (q.reshape(b, cfg.n_kv_heads, group, cfg.head_dim) @ keys_b) * cfg.attn_scale
-        position = torch.arange(keys_b.shape[-1], device=q.device)[None, :]
-        hidden = position >= lengths
-        if window:
-            hidden |= position < lengths - window
-        scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
-        return (torch.softmax(scores, dim=-1) @ values_b).reshape(b, -1)
 
 
 def _attend(
