@@ -36,24 +36,30 @@ def test_long_prompt_is_split_across_rounds():
 
 
 def test_concurrent_sessions_are_batched_and_match_sequential(smollm2):
+    """Four sessions on four threads, fed the tokens each gets greedily alone: every step's
+    logits match the lone run's. (Batches of one and of several run different compiled
+    graphs, which round differently in the last bits; through bf16 that grows to ~0.3 in the
+    logits, as far as the int4 path itself is from float32 (~0.2-0.5, test_decode_graph).
+    So this compares logits on the same tokens, not free-running greedy text, where a near
+    tie may go either way; a sequence reading another's keys would be off by far more.)"""
     prompts = ["The capital of France is", "Once upon a time", "def add(a, b):", "Water boils at"]
     encoded = [smollm2.encode_prompt(p) for p in prompts]
 
-    def greedy(step, ids, n=8):
-        session, out = smollm2.new_session(), []
-        logits = step(session, ids)
-        for _ in range(n):
-            out.append(int(torch.argmax(logits)))
-            logits = step(session, [out[-1]])
-        return out
+    def run(step, ids, forced=None, n=8):
+        session, tokens = smollm2.new_session(), []
+        logits = [step(session, ids)]
+        for i in range(n):
+            tokens.append(forced[i] if forced else int(torch.argmax(logits[-1])))
+            logits.append(step(session, [tokens[-1]]))
+        return tokens, torch.stack(logits)
 
-    sequential = [greedy(lambda s, t: s.feed(t)[-1], ids) for ids in encoded]
+    sequential = [run(lambda s, t: s.feed(t)[-1], ids) for ids in encoded]
     batch_sizes = []
     scheduler = BatchScheduler(smollm2.transformer, observer=lambda seqs, toks, waiting: batch_sizes.append(seqs))
     results: list = [None] * len(prompts)
 
     def worker(i):
-        results[i] = greedy(lambda s, t: scheduler.step(s, t, tenant=f"t{i % 2}"), encoded[i])
+        results[i] = run(lambda s, t: scheduler.step(s, t, tenant=f"t{i % 2}"), encoded[i], sequential[i][0])
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -61,7 +67,8 @@ def test_concurrent_sessions_are_batched_and_match_sequential(smollm2):
     for t in threads:
         t.join()
     scheduler.close()
-    assert results == sequential
+    for (_, alone), (_, batched) in zip(sequential, results):
+        torch.testing.assert_close(batched, alone, atol=0.5, rtol=0)
     assert max(batch_sizes) > 1
 
 

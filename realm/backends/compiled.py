@@ -3,8 +3,9 @@
 Eagerly, a decode step spends more time dispatching its ~60 small PyTorch operations per
 layer than running them: on smollm2 about 4.7 ms of a 9 ms token went to operations other
 than the int4 products. Inductor fuses them into a few C++ loops around the products and
-the attention gather. One graph with dynamic batch size and length serves every step
-(batches of 1 and of 2+ compile apart, as dynamo specialises size 1).
+the attention gather. One graph with dynamic batch size and length serves every batch
+of two or more; a lone sequence gets a graph of its own (dynamo specialises size 1), whose
+fused kernels may round differently in the last bits.
 
 Costs and safety:
 - The first decode step of a model shape compiles (about a minute on 2 cores, once per

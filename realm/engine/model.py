@@ -56,8 +56,8 @@ class Model:
         return Session(self.transformer, n, self.kv_pool)
 
     def warm_up(self) -> None:
-        """One decode step alone and one of two sequences, so that their compiled graphs
-        are built (or read from the cache) now rather than in the first request."""
+        """Decode steps of one and of two sequences, so that their compiled graphs are built
+        (or read from the cache) now rather than in the first request."""
         first, second = self.new_session(4), self.new_session(4)
         first.feed([0])
         second.feed([0])
