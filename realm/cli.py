@@ -307,7 +307,7 @@ def serve(
     port: Optional[int] = typer.Option(None, "--port", "-p", help="port to listen on (default 8080)"),
     model: list[str] = typer.Option([], "--model", "-m", help=MODEL_HELP + "; repeatable; replaces the config's models"),
     backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", help="compute threads (default: CPUs - 1, at least 1)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="compute threads (default: one per CPU)"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API, each tenant's requests in its own

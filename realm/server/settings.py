@@ -130,7 +130,7 @@ class ServerSettings(_Strict):
         return self
 
     def compute_threads(self) -> int:
-        return self.threads or max(1, len(os.sched_getaffinity(0)) - 1)
+        return self.threads or len(os.sched_getaffinity(0))
 
     def model_entries(self) -> list[ModelSettings]:
         """Every served model as (name, path or None for a catalogue name)."""
