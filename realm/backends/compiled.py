@@ -11,9 +11,9 @@ Costs and safety:
 - The first decode step of a model shape compiles (about a minute on 2 cores, once per
   machine: Inductor caches the result on disk, under `$REALM_HOME/compiled` unless
   TORCHINDUCTOR_CACHE_DIR says otherwise; a cached graph loads in seconds).
-- The graph keeps only the guards on its tensor inputs and on which model it belongs to:
-  guarding every weight of every layer cost ~0.8 ms a step. A model's weights and config
-  never change after loading, so those guards can never fail.
+- The graph keeps only the guards on its inputs, none on the model: guarding every weight
+  of every layer cost ~0.8 ms a step. Each model compiles over its own copy of the step's
+  code (`_own_code`), so its graphs are its own, and a model never changes after loading.
 - If compiling fails (no C++ compiler, say) the step runs eagerly, with one warning.
   REALM_COMPILE=0 turns compiling off.
 """
