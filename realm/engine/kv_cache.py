@@ -25,7 +25,7 @@ from realm.models.config import ModelConfig
 
 BLOCK = 16
 """Tokens per block."""
-_INITIAL_BLOCKS = 64
+_INITIAL_BLOCKS = 16  # 256 tokens; the pool doubles as sessions need more
 
 
 class KVPool:
