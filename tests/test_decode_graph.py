@@ -69,7 +69,8 @@ def test_dropped_sessions_give_their_blocks_back_zeroed(smollm2):
 
 def test_pool_growth_keeps_every_sequence_intact(smollm2):
     """A sequence that outgrows the pool makes it reallocate under a sequence that is
-    mid-generation; that one's next logits equal what its twin got before the growth."""
+    mid-generation; that one's next logits equal what its twin got before the growth, and
+    the grown pool takes blocks back as before."""
     session, twin = smollm2.new_session(), smollm2.new_session()
     session.feed(PROMPT)
     twin.feed(PROMPT)
@@ -79,3 +80,8 @@ def test_pool_growth_keeps_every_sequence_intact(smollm2):
     big.feed(list(range(1, (blocks_before + 1) * BLOCK)))
     assert smollm2.kv_pool.n_blocks > blocks_before
     torch.testing.assert_close(session.feed([42]), expected, atol=1e-4, rtol=0)
+    free = len(smollm2.kv_pool._free)
+    held = len(big.kv.blocks)
+    del big
+    gc.collect()
+    assert len(smollm2.kv_pool._free) == free + held

@@ -53,7 +53,7 @@ class KVPool:
     def release(self, blocks: list[int]) -> None:
         if not blocks:
             return
-        with self.lock:
+        with self.lock, torch.inference_mode():  # the pool's tensors may be inference tensors
             table = torch.tensor(blocks, dtype=torch.long, device=self.device)
             for t in self.keys + self.values:
                 t.index_fill_(0, table, 0.0)
@@ -64,7 +64,7 @@ class KVPool:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def _grow(self, n_blocks: int) -> None:
-        with self.lock:
+        with self.lock, torch.inference_mode():
             for store in (self.keys, self.values):
                 for i in range(self.n_layers):
                     grown = torch.zeros(n_blocks, *self.block_shape, device=self.device)
