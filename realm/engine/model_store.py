@@ -197,9 +197,7 @@ class ModelStore:
     def get(self, model_id: int, allowed: Allowed | None = None) -> StoredModel:
         """The stored model with this id: UnknownModel if never issued, NotFound if released."""
         with self._lock:
-            entry = self._by_id.get(model_id)
-            if entry is None:
-                raise self._missing(model_id)
+            entry = self._entry(model_id)
         _check_allowed(allowed, entry.sha256, sorted(entry.names))
         return entry
 
@@ -214,18 +212,14 @@ class ModelStore:
     def acquire(self, model_id: int) -> StoredModel:
         """+1 reference to a stored model."""
         with self._lock:
-            entry = self._by_id.get(model_id)
-            if entry is None:
-                raise self._missing(model_id)
+            entry = self._entry(model_id)
             entry.refs += 1
             return entry
 
     def release(self, model_id: int) -> None:
         """-1 reference; the last one unloads the model and retires its id forever."""
         with self._lock:
-            entry = self._by_id.get(model_id)
-            if entry is None:
-                raise self._missing(model_id)
+            entry = self._entry(model_id)
             entry.refs -= 1
             if entry.refs > 0:
                 return
@@ -253,10 +247,15 @@ class ModelStore:
 
     # ----------------------------------------------------------------------- internals
 
-    def _missing(self, model_id: int) -> Exception:
+    def _entry(self, model_id: int) -> StoredModel:
+        """The live entry for `model_id` (call with the lock held): NotFound if released,
+        UnknownModel if never issued."""
+        entry = self._by_id.get(model_id)
+        if entry is not None:
+            return entry
         if model_id in self._retired:
-            return NotFound(f"model id {model_id} was released (ids are never reused)")
-        return UnknownModel(f"no model has id {model_id}")
+            raise NotFound(f"model id {model_id} was released (ids are never reused)")
+        raise UnknownModel(f"no model has id {model_id}")
 
     def _acquire_existing(self, sha: str, allowed: Allowed | None, names: list[str] = ()) -> StoredModel | None:
         with self._lock:
