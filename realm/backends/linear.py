@@ -14,10 +14,10 @@ reference bounds, measured).
 The int4 kernel's time grows with rows times planes, so a weight of several planes that
 sees whole prompts also keeps a dense bf16 copy for products of `DENSE_MIN_ROWS` rows or
 more: on gemma3's layers that took a 128-token prefill from 360 ms to 128 ms, for 2 bytes
-a weight more. The compiled decode step always reads the planes: its rows are few, and a
-branch on the batch size would split its one graph in two. (Rounding those weights to bf16 stays within the reference bounds,
-measured; the copy loses to the planes for one or two rows, where reading bytes is all.)
-Float weights stay dense.
+a weight more (rounding those weights to bf16 stays within the reference bounds, measured;
+the copy loses to the planes for one or two rows, where reading bytes is all). The
+compiled decode step always reads the planes: its rows are few, and a branch on the batch
+size would split its one graph in two. Float weights stay dense.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ block that pads the tables of shorter sequences in a batch.
 
 from __future__ import annotations
 
-import math
 import threading
 import weakref
 
@@ -59,10 +58,6 @@ class KVPool:
                 t.index_fill_(0, table, 0.0)
             self._free.extend(blocks)
 
-    @property
-    def bytes_held(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
     def _grow(self, n_blocks: int) -> None:
         with self.lock, torch.inference_mode():
             for store in (self.keys, self.values):
@@ -102,9 +97,8 @@ class KVCache:
 
     def slots(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Block and offset of positions [start, end), already reserved."""
-        positions = torch.arange(start, end)
-        table = torch.tensor(self.blocks, dtype=torch.long)
-        return table[positions // BLOCK].to(self.pool.device), (positions % BLOCK).to(self.pool.device)
+        positions = torch.arange(start, end, device=self.pool.device)
+        return self.table()[positions // BLOCK], positions % BLOCK
 
     def append(
         self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
@@ -120,8 +114,3 @@ class KVCache:
         table = self.table()[: -(-end // BLOCK)]
         heads, _, dim = self.pool.block_shape
         return tuple(t[table].transpose(0, 1).reshape(heads, -1, dim)[:, :end] for t in (keys, values))
-
-    @property
-    def bytes_held(self) -> int:
-        """This sequence's share of the pool."""
-        return len(self.blocks) * 2 * self.pool.n_layers * math.prod(self.pool.block_shape) * 4

@@ -41,7 +41,7 @@ class KVPoolTensors(Protocol):
 
 
 class KVStore(Protocol):
-    """One sequence's keys and values: its rows in a shared pool, grown as it grows."""
+    """One sequence's keys and values: its blocks in a shared pool, grown as it grows."""
 
     pool: KVPoolTensors
 
@@ -142,7 +142,7 @@ class Transformer:
     """Config + weights + RoPE tables: everything immutable about a loaded model.
 
     `compile_decode` wraps the decode step (`decode_layers`) in a compiler, such as
-    `realm.models.compiled.compile_decode`; the step is the same function either way."""
+    `realm.backends.compiled.compile_decode`; the step is the same function either way."""
 
     def __init__(
         self, config: ModelConfig, weights: Weights, compile_decode: Callable[[DecodeGraph], DecodeGraph] | None = None
@@ -175,8 +175,8 @@ class Transformer:
     @torch.inference_mode()
     def decode(self, chunks: Sequence[Chunk]) -> None:
         """One new token for each of B sequences, all layers in one call of the decode graph:
-        each sequence's keys are gathered from the pool through its rows, padded to the
-        longest and masked, so the graph is the same whatever the batch and lengths."""
+        each sequence's keys are gathered from the pool through its block table, padded to
+        the longest and masked, so the graph is the same whatever the batch and lengths."""
         pool = chunks[0].kv.pool
         with pool.lock:
             for c in chunks:
