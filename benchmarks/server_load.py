@@ -199,14 +199,15 @@ def run_phases(name: str, targets, model: str, pids_for, args) -> list[dict]:
 # ---------------------------------------------------------------------------- servers
 
 
-def start_realm(model_path: Path, tenants: int, workdir: Path) -> tuple[subprocess.Popen, list[tuple[str, str]]]:
+def start_realm(model_path: Path, tenants: int, threads: int | None, workdir: Path) -> tuple[subprocess.Popen, list[tuple[str, str]]]:
     sys.path.insert(0, str(REPO))
     from realm.server.keys import hash_key, new_key
 
     keys = [new_key() for _ in range(tenants)]
     port = free_port()
     config = workdir / "realm.toml"
-    lines = [f"port = {port}", 'backend = "cpu"', f'models = [{{ name = "bench", path = "{model_path}" }}]', ""]
+    lines = [f"port = {port}", 'backend = "cpu"', f'models = [{{ name = "bench", path = "{model_path}" }}]']
+    lines += [f"threads = {threads}", ""] if threads else [""]
     for i, key in enumerate(keys):
         lines += ["[[tenants]]", f'name = "tenant{i}"', f'keys = ["{hash_key(key)}"]', "[tenants.limits]",
                   "max_concurrent = 8", ""]
@@ -247,7 +248,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="catalogue name or GGUF path")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    parser.add_argument("--requests", type=int, default=6, help="requests per client, one after another")
+    parser.add_argument("--threads", type=int, help="Realm's compute threads (default: the server's own, one per CPU)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--llama-python", default="/tmp/lcpvenv/bin/python",
                         help="a Python with llama_cpp (llama-cpp-python); '' skips llama.cpp")
@@ -265,7 +267,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="realm-bench-") as tmp:
         work = Path(tmp)
         print(f"Realm: one server, {tenants} tenants, model {args.model}", flush=True)
-        proc, targets = start_realm(model_path, tenants, work)
+        proc, targets = start_realm(model_path, tenants, args.threads, work)
         try:
             wait_healthy([targets[0][0]], [proc], 600)
             results["rows"] += run_phases("realm", targets, "bench", lambda n: [proc.pid], args)

@@ -11,11 +11,16 @@ MODELS = ["smollm2", "gemma3"]
 LLAMA_CPP_PPL = {"smollm2": 15.6997, "gemma3": 15.9336}
 
 
-@pytest.fixture(scope="module", params=MODELS)
+@pytest.fixture(scope="module", params=[(m, path) for m in MODELS for path in ("prefill", "batched steps")],
+                ids=lambda p: f"{p[0]}-{p[1].replace(' ', '-')}")
 def agreements(request):
-    model = request.getfixturevalue(request.param)
-    reference, meta = load_reference(request.param)
-    return request.param, [prompt_agreement(model, reference, i) for i in range(len(meta["prompts"]))]
+    """Each model's logits on every reference prompt, by both paths a prompt's logits take:
+    one prefill pass, and decode steps batched with another sequence (bf16 activations)."""
+    name, path = request.param
+    model = request.getfixturevalue(name)
+    reference, meta = load_reference(name)
+    batched = path == "batched steps"
+    return f"{name} ({path})", [prompt_agreement(model, reference, i, batched) for i in range(len(meta["prompts"]))]
 
 
 def test_last_position_top1_is_identical_on_every_prompt(agreements):

@@ -28,14 +28,21 @@ class PromptAgreement:
     teacher_forced_total: int
 
 
-def prompt_agreement(model: Model, reference: np.lib.npyio.NpzFile, index: int) -> PromptAgreement:
-    """Compare one reference prompt: prompt logits, then teacher-forced greedy tokens."""
+def prompt_agreement(
+    model: Model, reference: np.lib.npyio.NpzFile, index: int, batched_steps: bool = False
+) -> PromptAgreement:
+    """Compare one reference prompt: prompt logits, then teacher-forced greedy tokens.
+    `batched_steps`: the logits come from decode steps in a batch (`batched_step_logits`),
+    the path a busy server takes, instead of from one prefill pass."""
     prompt = reference[f"p{index}_tokens"].astype(np.int64).tolist()
     top_ids = reference[f"p{index}_top_ids"]
     top_logits = reference[f"p{index}_top_logits"]
     greedy = reference[f"p{index}_greedy"].astype(np.int64).tolist()
-    session = model.new_session()
-    logits = session.feed(prompt + greedy[:-1], all_logits=True).numpy()
+    tokens = prompt + greedy[:-1]
+    if batched_steps:
+        logits = batched_step_logits(model, tokens).numpy()
+    else:
+        logits = model.new_session().feed(tokens, all_logits=True).numpy()
     ours = logits[: len(prompt)]
     gathered = np.take_along_axis(ours, top_ids.astype(np.int64), axis=1)
     forced = logits[len(prompt) - 1 : len(prompt) - 1 + len(greedy)].argmax(axis=1)
@@ -49,6 +56,20 @@ def prompt_agreement(model: Model, reference: np.lib.npyio.NpzFile, index: int) 
         teacher_forced_matches=matches,
         teacher_forced_total=len(greedy),
     )
+
+
+def batched_step_logits(model: Model, tokens: Sequence[int]) -> torch.Tensor:
+    """The logits (T, vocab) of `tokens` fed one decode step at a time, each step batched
+    with a second sequence of the same tokens: the model's decode graph for batches."""
+    sessions = [model.new_session(len(tokens)) for _ in range(2)]
+    rows = []
+    for token in tokens:
+        chunks = [s.chunk([token]) for s in sessions]
+        model.transformer.forward(chunks)
+        for s, c in zip(sessions, chunks):
+            s.commit(c)
+        rows.append(chunks[0].logits[-1].float())
+    return torch.stack(rows)
 
 
 def perplexity(model: Model, tokens: Sequence[int], ctx: int = 512) -> tuple[float, int]:

@@ -25,7 +25,10 @@ class Linear(Protocol):
     in_features: int
     out_features: int
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...  # (T, in) f32 -> (T, out) f32
+    def __call__(self, x: torch.Tensor, precise: bool = True) -> torch.Tensor:
+        """(T, in) f32 -> (T, out) f32; `precise=False` lets the backend round the input to
+        its kernel's precision (bf16 on the CPU) where that buys speed."""
+        ...
 
 
 class Embedding(Protocol):
@@ -133,6 +136,15 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) ->
     return x * cos + swapped * sin
 
 
+GRAPH_PROMPT_TOKENS = 32
+"""Prompts up to this long run as rows of the decode graph, beside the decode steps. Run
+layer by layer, a short prompt costs ~15 ms of dispatch alone, stalling every decode step
+of its round; in the graph, 20 tokens of smollm2 took 20 ms instead of 39 (gemma3: 37
+either way; 40 tokens: 64 ms against 55, its layer path reads dense bf16 copies)."""
+GRAPH_CELLS = 1 << 16
+"""Rows x keys one decode-graph call may attend over: each row gathers its sequence's keys,
+so this bounds that copy (50 MB a layer for smollm2) when prompts join."""
+
 RopeTables = list[tuple[torch.Tensor, torch.Tensor]]
 """cos and sin of a step's token positions for each RoPE of the model: global, then local."""
 DecodeGraph = Callable[..., torch.Tensor]
@@ -158,40 +170,48 @@ class Transformer:
     @torch.inference_mode()
     def forward(self, chunks: Sequence[Chunk]) -> None:
         """Run every chunk's new tokens through the model; sets `chunk.logits` (rows, vocab).
-        Chunks of one token (decode steps) run together as one `decode`, the rest layer by
-        layer with attention per chunk."""
-        steps = [c for c in chunks if len(c.tokens) == 1]
-        prompts = [c for c in chunks if len(c.tokens) > 1]
-        if steps:
-            self.decode(steps)
-        if prompts:
-            with prompts[0].kv.pool.lock:
-                x = self.embed(prompts)
-                tables = self.rope_tables(prompts, x.device)
+        Decode steps and short prompts run together through the decode graph (`decode`);
+        long prompts, and chunks that want every row's logits, layer by layer with
+        attention per chunk."""
+        rows, graph, layered = 0, [], []
+        for c in sorted(chunks, key=lambda c: len(c.tokens)):
+            n = len(c.tokens)
+            keys = max([c.start + n] + [g.start + len(g.tokens) for g in graph])
+            if n == 1 or (not c.all_logits and n <= GRAPH_PROMPT_TOKENS and (rows + n) * keys <= GRAPH_CELLS):
+                graph.append(c)
+                rows += n
+            else:
+                layered.append(c)
+        if graph:
+            self.decode(graph)
+        if layered:
+            with layered[0].kv.pool.lock:
+                x = self.embed(layered)
+                tables = self.rope_tables(layered, x.device)
                 for i in range(self.config.n_layers):
-                    x = self.layer(i, x, prompts, tables)
-                self.logits(x, prompts)
+                    x = self.layer(i, x, layered, tables)
+                self.logits(x, layered)
 
     @torch.inference_mode()
     def decode(self, chunks: Sequence[Chunk]) -> None:
-        """One new token for each of B sequences, all layers in one call of the decode graph:
-        each sequence's keys are gathered from the pool through its block table, padded to
-        the longest and masked, so the graph is the same whatever the batch and lengths."""
+        """Every token of the chunks as a row of one call of the decode graph, at its own
+        position over its sequence's blocks: a sequence's keys are gathered from the pool
+        through its block table, padded to the longest and masked past the row's position,
+        so the graph is the same whatever the rows and lengths. Sets each chunk's last logits."""
         pool = chunks[0].kv.pool
         with pool.lock:
             for c in chunks:
-                c.kv.reserve(c.start + 1)
+                c.kv.reserve(c.start + len(c.tokens))
             x = self.embed(chunks)
-            positions = torch.tensor([c.start for c in chunks], device=x.device)
-            blocks, offsets = (torch.cat(t) for t in zip(*(c.kv.slots(c.start, c.start + 1) for c in chunks)))
-            tables = pad_sequence([c.kv.table() for c in chunks], batch_first=True)  # 0: the zero block
+            positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks]).to(x.device)
+            blocks, offsets = (torch.cat(t) for t in zip(*(c.kv.slots(c.start, c.start + len(c.tokens)) for c in chunks)))
+            tables = pad_sequence([c.kv.table() for c in chunks for _ in c.tokens], batch_first=True)  # 0: zero block
             if tables.shape[1] == 1:  # a table of one block would be a graph of its own
                 tables = F.pad(tables, (0, 1))
-            logits = self._decode_graph(
+            hidden = self._decode_graph(
                 x, positions, blocks, offsets, tables, self.rope_tables(chunks, x.device), pool.keys, pool.values
             )
-        for i, c in enumerate(chunks):
-            c.logits = logits[i : i + 1]
+        self.logits(hidden, chunks, precise=len(x) == 1)
 
     def decode_layers(
         self,
@@ -206,16 +226,17 @@ class Transformer:
     ) -> torch.Tensor:
         """The decode step as a pure function of tensors (what gets compiled): x (B, dim) at
         `positions` (B,); writes each layer's new keys and values at `blocks`, `offsets` (B,)
-        of the pool, then attends over the blocks of each sequence's table (B, N), padded
-        with the zero block and masked past its position; logits (B, vocab)."""
+        of the pool, then attends over the blocks of each row's table (B, N), padded with
+        the zero block and masked past its position; the last hidden states (B, dim)."""
         cfg = self.config
         b, group = x.shape[0], cfg.n_heads // cfg.n_kv_heads
+        precise = b == 1  # a batch takes bf16 activations: see backends/linear.py
         key_pos = torch.arange(tables.shape[1] * keys[0].shape[2], device=x.device)[None, :]
         visible = key_pos <= positions[:, None]
         in_window = key_pos > positions[:, None] - cfg.sliding_window if cfg.sliding_window else visible
         for i, layer in enumerate(self.weights.layers):
             r = self._rope_index(i)
-            q, k, v = self._qkv(layer, x, self.ropes[r].neox, *rope[r])
+            q, k, v = self._qkv(layer, x, self.ropes[r].neox, *rope[r], precise)
             keys[i][blocks, :, offsets] = k
             values[i][blocks, :, offsets] = v
             mask = visible & in_window if cfg.is_sliding(i) else visible
@@ -224,8 +245,8 @@ class Transformer:
             scores = q.reshape(b, cfg.n_kv_heads, group, cfg.head_dim) @ seq_k.transpose(2, 3)
             scores = (scores * cfg.attn_scale).masked_fill(~mask[:, None, None, :], float("-inf"))
             o = torch.softmax(scores, dim=-1) @ seq_v  # (B, Hkv, G, D)
-            x = self._block_out(layer, x, o.reshape(b, -1))
-        return self.weights.output(rms_norm(x, self.weights.output_norm, cfg.norm_eps))
+            x = self._block_out(layer, x, o.reshape(b, -1), precise)
+        return x
 
     def rope_tables(self, chunks: Sequence[Chunk], device: torch.device) -> RopeTables:
         """cos and sin of every chunk token's position, per RoPE: computed once per step
@@ -261,7 +282,7 @@ class Transformer:
         return self._block_out(layer, x, o)
 
     @torch.inference_mode()
-    def logits(self, x: torch.Tensor, chunks: Sequence[Chunk]) -> None:
+    def logits(self, x: torch.Tensor, chunks: Sequence[Chunk], precise: bool = True) -> None:
         """Final norm and output projection of the rows each chunk wants; sets chunk.logits."""
         rows, offset = [], 0
         for c in chunks:
@@ -269,20 +290,21 @@ class Transformer:
             rows.append(x[offset : offset + n] if c.all_logits else x[offset + n - 1 : offset + n])
             offset += n
         w = self.weights
-        logits = w.output(rms_norm(torch.cat(rows), w.output_norm, self.config.norm_eps))
+        logits = w.output(rms_norm(torch.cat(rows), w.output_norm, self.config.norm_eps), precise)
         offset = 0
         for c, r in zip(chunks, rows):
             c.logits = logits[offset : offset + len(r)]
             offset += len(r)
 
     def _qkv(
-        self, layer: LayerWeights, x: torch.Tensor, neox: bool, cos: torch.Tensor, sin: torch.Tensor
+        self, layer: LayerWeights, x: torch.Tensor, neox: bool, cos: torch.Tensor, sin: torch.Tensor,
+        precise: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attention's inputs: q (T, H, D), k and v (T, Hkv, D), normed and rotated."""
         cfg = self.config
         h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
         n_q, n_kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        q, k, v = layer.qkv(h).split((n_q, n_kv, n_kv), dim=-1)
+        q, k, v = layer.qkv(h, precise).split((n_q, n_kv, n_kv), dim=-1)
         q = q.unflatten(-1, (cfg.n_heads, cfg.head_dim))
         k = k.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
         v = v.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
@@ -291,16 +313,16 @@ class Transformer:
             k = rms_norm(k, layer.k_norm, cfg.norm_eps)
         return rotate(q, cos, sin, neox), rotate(k, cos, sin, neox), v
 
-    def _block_out(self, layer: LayerWeights, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    def _block_out(self, layer: LayerWeights, x: torch.Tensor, o: torch.Tensor, precise: bool = True) -> torch.Tensor:
         """The rest of the block after attention: output projection, residuals, FFN."""
         cfg = self.config
-        h = layer.attn_out(o)
+        h = layer.attn_out(o, precise)
         if layer.post_attn_norm is not None:
             h = rms_norm(h, layer.post_attn_norm, cfg.norm_eps)
         x = x + h
-        gate, up = layer.gate_up(rms_norm(x, layer.ffn_norm, cfg.norm_eps)).chunk(2, dim=-1)
+        gate, up = layer.gate_up(rms_norm(x, layer.ffn_norm, cfg.norm_eps), precise).chunk(2, dim=-1)
         gate = F.silu(gate) if cfg.activation == "silu" else F.gelu(gate, approximate="tanh")
-        h = layer.down(gate * up)
+        h = layer.down(gate * up, precise)
         if layer.post_ffn_norm is not None:
             h = rms_norm(h, layer.post_ffn_norm, cfg.norm_eps)
         return x + h
