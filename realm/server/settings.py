@@ -97,8 +97,7 @@ class ServerSettings(_Strict):
     )
     threads: int | None = Field(
         None, ge=1, le=1024,
-        description="compute threads of the model runners; default: one fewer than the CPUs this process may use "
-                    "(at least 1), which leaves a core to the guests and the HTTP loop",
+        description="compute threads of the model runners; default: one per CPU this process may use",
     )
     tenants: list[TenantSettings] = Field(default_factory=list)
     config_dir: Path | None = Field(None, exclude=True, description="where relative guest and model paths start")
