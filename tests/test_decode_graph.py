@@ -6,9 +6,9 @@ import gc
 
 import torch
 
+from realm.engine.agreement import batched_step_logits
 from realm.engine.kv_cache import BLOCK, KVPool
 from realm.engine.session import Session
-from realm.engine.agreement import batched_step_logits
 from realm.models.transformer import GRAPH_PROMPT_TOKENS, Transformer
 
 PROMPT = [1, 504, 3458, 282, 8197, 314]

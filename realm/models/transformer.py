@@ -100,6 +100,11 @@ class Chunk:
     logits: torch.Tensor | None = field(default=None, repr=False)  # filled by forward()
 
 
+def token_positions(chunks: Sequence[Chunk]) -> torch.Tensor:
+    """The position of every chunk token, stacked in order (T,) int64, on the CPU."""
+    return torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks])
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
 
@@ -173,13 +178,12 @@ class Transformer:
         Decode steps and short prompts run together through the decode graph (`decode`);
         long prompts, and chunks that want every row's logits, layer by layer with
         attention per chunk."""
-        rows, graph, layered = 0, [], []
+        rows, keys, graph, layered = 0, 0, [], []  # keys: the most any row of the graph attends over
         for c in sorted(chunks, key=lambda c: len(c.tokens)):
-            n = len(c.tokens)
-            keys = max([c.start + n] + [g.start + len(g.tokens) for g in graph])
-            if n == 1 or (not c.all_logits and n <= GRAPH_PROMPT_TOKENS and (rows + n) * keys <= GRAPH_CELLS):
+            n, end = len(c.tokens), c.start + len(c.tokens)
+            if n == 1 or (not c.all_logits and n <= GRAPH_PROMPT_TOKENS and (rows + n) * max(keys, end) <= GRAPH_CELLS):
                 graph.append(c)
-                rows += n
+                rows, keys = rows + n, max(keys, end)
             else:
                 layered.append(c)
         if graph:
@@ -187,7 +191,7 @@ class Transformer:
         if layered:
             with layered[0].kv.pool.lock:
                 x = self.embed(layered)
-                tables = self.rope_tables(layered, x.device)
+                tables = self.rope_tables(token_positions(layered), x.device)
                 for i in range(self.config.n_layers):
                     x = self.layer(i, x, layered, tables)
                 self.logits(x, layered)
@@ -203,14 +207,14 @@ class Transformer:
             for c in chunks:
                 c.kv.reserve(c.start + len(c.tokens))
             x = self.embed(chunks)
-            positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks]).to(x.device)
+            positions = token_positions(chunks)
             blocks, offsets = (torch.cat(t) for t in zip(*(c.kv.slots(c.start, c.start + len(c.tokens)) for c in chunks)))
-            tables = pad_sequence([c.kv.table() for c in chunks for _ in c.tokens], batch_first=True)  # 0: zero block
+            row_tables = [t for c in chunks for t in [c.kv.table()] * len(c.tokens)]
+            tables = pad_sequence(row_tables, batch_first=True)  # 0: the zero block
             if tables.shape[1] == 1:  # a table of one block would be a graph of its own
                 tables = F.pad(tables, (0, 1))
-            hidden = self._decode_graph(
-                x, positions, blocks, offsets, tables, self.rope_tables(chunks, x.device), pool.keys, pool.values
-            )
+            rope = self.rope_tables(positions, x.device)
+            hidden = self._decode_graph(x, positions.to(x.device), blocks, offsets, tables, rope, pool.keys, pool.values)
         self.logits(hidden, chunks, precise=len(x) == 1)
 
     def decode_layers(
@@ -248,10 +252,9 @@ class Transformer:
             x = self._block_out(layer, x, o.reshape(b, -1), precise)
         return x
 
-    def rope_tables(self, chunks: Sequence[Chunk], device: torch.device) -> RopeTables:
-        """cos and sin of every chunk token's position, per RoPE: computed once per step
-        rather than once per layer."""
-        positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks])
+    def rope_tables(self, positions: torch.Tensor, device: torch.device) -> RopeTables:
+        """cos and sin of these positions (`token_positions`), per RoPE: computed once per
+        step rather than once per layer."""
         return [tuple(t.to(device) for t in r.tables(positions)) for r in self.ropes]
 
     def _rope_index(self, layer: int) -> int:
@@ -275,7 +278,7 @@ class Transformer:
         """One transformer block; stores the chunks' keys and values in their caches."""
         cfg, layer = self.config, self.weights.layers[index]
         rope = self._rope_index(index)
-        cos, sin = (tables or self.rope_tables(chunks, x.device))[rope]
+        cos, sin = (tables or self.rope_tables(token_positions(chunks), x.device))[rope]
         q, k, v = self._qkv(layer, x, self.ropes[rope].neox, cos, sin)
         with chunks[0].kv.pool.lock:
             o = self._attend_chunks(index, q, k, v, chunks, cfg.sliding_window if cfg.is_sliding(index) else 0)
