@@ -18,6 +18,7 @@ import torch
 from realm.backends import linear
 from realm.backends.compiled import compile_decode, compile_enabled
 from realm.backends.embedding import RawEmbedding
+from realm.backends.screened import ScreenedLinear
 from realm.errors import BackendUnavailable, InvalidArgument
 from realm.models.gguf_file import TensorData
 from realm.models.quants import dequantize
@@ -42,10 +43,15 @@ class Backend:
     def name(self) -> str:
         return {BackendKind.CPU: "cpu", BackendKind.GPU: "gpu", BackendKind.NONE: "naive"}[self.kind]
 
-    def pack_linear(self, tensors: Sequence[TensorData], many_rows: bool) -> Linear:
+    def pack_linear(self, tensors: Sequence[TensorData]) -> Linear:
         if self.kind == BackendKind.CPU:
-            return linear.pack_for_cpu(tensors, many_rows)
+            return linear.pack_for_cpu(tensors)
         return linear.pack_dense(tensors, self.device, torch.float32)
+
+    def pack_output(self, tensor: TensorData) -> Linear:
+        if self.kind == BackendKind.CPU:
+            return ScreenedLinear(tensor)
+        return linear.pack_dense([tensor], self.device, torch.float32)
 
     def decode_compiler(self) -> Callable | None:
         """What compiles the decode step here: Inductor on the CPU, nothing elsewhere (the

@@ -6,11 +6,9 @@ beyond the file's pages and matches llama.cpp's lookup bit for bit.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from realm.models.gguf_file import TensorData
-from realm.models.quants import dequantize
 
 
 class RawEmbedding:
@@ -20,5 +18,4 @@ class RawEmbedding:
         self.vocab_size, self.dim = tensor.shape
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = np.ascontiguousarray(self.tensor.raw[ids.cpu().numpy()])
-        return dequantize(rows, self.tensor.qtype, (len(ids), self.dim)).to(self.device)
+        return self.tensor.rows(ids.cpu().numpy()).to(self.device)

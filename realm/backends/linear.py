@@ -18,13 +18,14 @@ smollm2: 21.5 ms a step with the pair, 15.4 without). Through batched steps, on 
 reference prompt of both models, the rounded rows stay within the reference bounds
 (tests/test_reference.py).
 
-The int4 kernel's time grows with rows times planes, so a weight of several planes that
-sees whole prompts also keeps a dense bf16 copy for products of `DENSE_MIN_ROWS` rows or
+The int4 kernel's time grows with rows times planes, so a layer weight of several planes
+(layers see whole prompts) also keeps a dense bf16 copy for products of `DENSE_MIN_ROWS` rows or
 more: on gemma3's layers that took a 128-token prefill from 360 ms to 128 ms, for 2 bytes
 a weight more (rounding those weights to bf16 stays within the reference bounds, measured;
 the copy loses to the planes for one or two rows, where reading bytes is all). The
 compiled decode step always reads the planes: its rows are few, and a branch on the batch
-size would split its one graph in two. Float weights stay dense.
+size would split its one graph in two. Float weights stay dense. The output projection
+has a format of its own (`screened.py`).
 """
 
 from __future__ import annotations
@@ -136,15 +137,14 @@ def dequantize_stacked(tensors: Sequence[TensorData]) -> torch.Tensor:
     return torch.cat([dequantize(t.raw, t.qtype, t.shape) for t in tensors])
 
 
-def pack_for_cpu(tensors: Sequence[TensorData], many_rows: bool) -> Int4Linear | DenseLinear:
-    """The fastest exact-enough CPU format for these tensors (stacked as one Linear);
-    `many_rows`: the product sees whole prompts, so a dense copy may pay for its memory."""
+def pack_for_cpu(tensors: Sequence[TensorData]) -> Int4Linear | DenseLinear:
+    """The fastest exact-enough CPU format for these layer tensors (stacked as one Linear)."""
     qtypes = {t.qtype for t in tensors}
     in_features = tensors[0].shape[-1]
     if qtypes <= INT4_PLANES and in_features % GROUP == 0:
         planes = _stack_planes(tensors)
         dense = None
-        if many_rows and len(planes) > 1:
+        if len(planes) > 1:
             dense = DenseLinear(dequantize_stacked(tensors), torch.bfloat16)
         return Int4Linear(planes, dense)
     weight = dequantize_stacked(tensors)

@@ -145,7 +145,9 @@ def load_model(path: str | Path, backend: Backend, name: str | None = None, sha2
         template = chat_template_from_fields(gguf.metadata, tokenizer)
     except InvalidArgument as e:  # a broken template only breaks chat, not completion
         template_error = f"its chat template does not compile: {e}"
-    weights = load_weights(gguf, config, backend.pack_linear, backend.make_embedding, backend.make_vector)
+    weights = load_weights(
+        gguf, config, backend.pack_linear, backend.pack_output, backend.make_embedding, backend.make_vector
+    )
     gguf.drop_resident_pages()
     trim_heap()
     return Model(

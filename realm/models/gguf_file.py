@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from realm.errors import ModelFormatError
-from realm.models.quants import SUPPORTED
+from realm.models.quants import SUPPORTED, dequantize
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,12 @@ class TensorData:
     qtype: GGMLQuantizationType
     shape: tuple[int, ...]  # row-major: (rows, cols) for a matrix
     raw: np.ndarray
+
+    def rows(self, ids: np.ndarray | slice) -> torch.Tensor:
+        """Some rows of a matrix as float32, dequantized exactly as stored and read straight
+        from the memory map: only their pages are touched."""
+        picked = np.ascontiguousarray(self.raw[ids])
+        return dequantize(picked, self.qtype, (len(picked), self.shape[-1]))
 
 
 class GGUFFile:

@@ -14,10 +14,11 @@ from realm.models.config import ModelConfig
 from realm.models.gguf_file import GGUFFile, TensorData
 from realm.models.transformer import Embedding, LayerWeights, Linear, Weights
 
-PackLinear = Callable[[Sequence[TensorData], bool], Linear]
-"""Packs one or more tensors with the same input width as one Linear (outputs stacked). The
-flag says whether the product sees a whole prompt's rows at once (every layer's does; the
-output projection sees one row per sequence), so a format fast for many rows may pay off."""
+PackLinear = Callable[[Sequence[TensorData]], Linear]
+"""Packs one or more layer tensors with the same input width as one Linear (outputs stacked)."""
+PackOutput = Callable[[TensorData], Linear]
+"""Packs the output projection: a product whose largest entries decide everything, so a
+backend may compute the rest less exactly (see backends/screened.py)."""
 MakeEmbedding = Callable[[TensorData], Embedding]
 MakeVector = Callable[[TensorData], torch.Tensor]
 
@@ -33,6 +34,7 @@ def load_weights(
     gguf: GGUFFile,
     config: ModelConfig,
     pack_linear: PackLinear,
+    pack_output: PackOutput,
     make_embedding: MakeEmbedding,
     make_vector: MakeVector,
 ) -> Weights:
@@ -48,11 +50,11 @@ def load_weights(
         layers.append(
             LayerWeights(
                 attn_norm=make_vector(t("attn_norm")),
-                qkv=pack_linear([t("attn_q"), t("attn_k"), t("attn_v")], True),
-                attn_out=pack_linear([t("attn_output")], True),
+                qkv=pack_linear([t("attn_q"), t("attn_k"), t("attn_v")]),
+                attn_out=pack_linear([t("attn_output")]),
                 ffn_norm=make_vector(t("ffn_norm")),
-                gate_up=pack_linear([t("ffn_gate"), t("ffn_up")], True),
-                down=pack_linear([t("ffn_down")], True),
+                gate_up=pack_linear([t("ffn_gate"), t("ffn_up")]),
+                down=pack_linear([t("ffn_down")]),
                 **norms,
             )
         )
@@ -62,5 +64,5 @@ def load_weights(
         embedding=make_embedding(embedding),
         layers=layers,
         output_norm=make_vector(gguf.tensor("output_norm.weight")),
-        output=pack_linear([output], False),
+        output=pack_output(output),
     )

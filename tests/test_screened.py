@@ -1,0 +1,79 @@
+"""The screened output projection: the largest logits exact, the tail close."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import quantize as gguf_quantize
+
+from realm.backends.screened import CANDIDATES, ScreenedLinear, largest
+from realm.models.gguf_file import TensorData
+
+
+def exact_product(x: torch.Tensor, tensor: TensorData) -> torch.Tensor:
+    """x @ W.T in float64 from the weights as stored, a slice of rows at a time."""
+    pieces = [
+        x.double() @ tensor.rows(slice(start, start + 32768)).double().T
+        for start in range(0, tensor.shape[0], 32768)
+    ]
+    return torch.cat(pieces, dim=1)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.F16, QT.F32], ids=lambda q: q.name)
+def test_a_vocabulary_smaller_than_the_candidates_is_exact_everywhere(qtype: QT) -> None:
+    rows, cols = CANDIDATES // 2, 64
+    w = np.random.default_rng(0).normal(0, 0.05, (rows, cols)).astype(np.float32)
+    w[3] = 0  # an all-zero row must not divide by a zero scale
+    tensor = TensorData("output.weight", qtype, (rows, cols), gguf_quantize(w, qtype))
+    x = torch.randn(3, cols)
+    y = ScreenedLinear(tensor)(x)
+    assert y.shape == (3, rows) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), exact_product(x, tensor), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_largest_logits_are_exact_and_the_tail_close(request, reference_dir, name):
+    """On real hidden states (a reference prompt's last rows before the output projection):
+    llama.cpp's reference keeps 20 logits a position, so those must carry no screening
+    error; the tail moves by a few hundredths on average."""
+    model = request.getfixturevalue(name)
+    output = model.transformer.weights.output
+    assert isinstance(output, ScreenedLinear)
+    seen: list[torch.Tensor] = []
+
+    def recording(x: torch.Tensor, precise: bool = True) -> torch.Tensor:
+        seen.append(x.clone())
+        return output(x, precise)
+
+    reference = np.load(next(reference_dir.glob(f"{name}*.logits.npz")))
+    tokens = reference["p6_tokens"].astype(np.int64).tolist()[:120]
+    model.transformer.weights.output = recording
+    try:
+        model.new_session().feed(tokens, all_logits=True)
+    finally:
+        model.transformer.weights.output = output
+    x = torch.cat(seen)[::4]
+    screened, exact = output(x).double(), exact_product(x, output.tensor)
+
+    error = (screened - exact).abs()
+    top20 = exact.topk(20, dim=1).indices
+    assert error.gather(1, top20).max() <= 1e-4
+    assert torch.equal(screened.argmax(dim=1), exact.argmax(dim=1))
+    assert error.mean() <= 0.1, float(error.mean())
+    assert error.max() <= 1.5, float(error.max())
+
+
+@pytest.mark.parametrize("n", [49152, 262144, 1000])
+def test_largest_finds_the_same_entries_as_topk(n: int) -> None:
+    logits = torch.randn(5, n)
+    logits[1, 7::97] += 40  # many clustered winners: runs holding several of the k largest
+    logits[2] = 0.5  # all tied
+    logits[2, -3] = 1.0
+    got = largest(logits, CANDIDATES)
+    assert got.shape == (5, CANDIDATES)
+    assert all(len(set(row.tolist())) == CANDIDATES for row in got)
+    want = logits.topk(CANDIDATES, dim=1).values
+    torch.testing.assert_close(logits.gather(1, got).sort(dim=1).values, want.sort(dim=1).values, rtol=0, atol=0)
+    assert int(got[2].eq(n - 3).sum()) == 1
