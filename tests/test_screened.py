@@ -27,17 +27,18 @@ def test_a_vocabulary_smaller_than_the_candidates_is_exact_everywhere(qtype: QT)
     w = np.random.default_rng(0).normal(0, 0.05, (rows, cols)).astype(np.float32)
     w[3] = 0  # an all-zero row must not divide by a zero scale
     tensor = TensorData("output.weight", qtype, (rows, cols), gguf_quantize(w, qtype))
-    x = torch.randn(3, cols)
-    y = ScreenedLinear(tensor)(x)
-    assert y.shape == (3, rows) and y.dtype == torch.float32
-    torch.testing.assert_close(y.double(), exact_product(x, tensor), rtol=1e-5, atol=1e-5)
+    linear = ScreenedLinear(tensor)
+    for x in (torch.randn(3, cols), torch.randn(1, cols)):  # the two screens: many rows, one
+        y = linear(x)
+        assert y.shape == (len(x), rows) and y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), exact_product(x, tensor), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
 def test_largest_logits_are_exact_and_the_tail_close(request, reference_dir, name):
     """On real hidden states (a reference prompt's last rows before the output projection):
     llama.cpp's reference keeps 20 logits a position, so those must carry no screening
-    error; the tail moves by a few hundredths on average."""
+    error; the tail moves by about a tenth on average."""
     model = request.getfixturevalue(name)
     output = model.transformer.weights.output
     assert isinstance(output, ScreenedLinear)
@@ -55,14 +56,15 @@ def test_largest_logits_are_exact_and_the_tail_close(request, reference_dir, nam
     finally:
         model.transformer.weights.output = output
     x = torch.cat(seen)[::4]
-    screened, exact = output(x).double(), exact_product(x, output.tensor)
-
-    error = (screened - exact).abs()
+    exact = exact_product(x, output.tensor)
     top20 = exact.topk(20, dim=1).indices
-    assert error.gather(1, top20).max() <= 1e-4
-    assert torch.equal(screened.argmax(dim=1), exact.argmax(dim=1))
-    assert error.mean() <= 0.1, float(error.mean())
-    assert error.max() <= 1.5, float(error.max())
+    # all rows at once (a batch, a prefill), then one at a time (a lone decode step)
+    for screened in (output(x), torch.cat([output(row[None]) for row in x])):
+        error = (screened.double() - exact).abs()
+        assert error.gather(1, top20).max() <= 1e-4
+        assert torch.equal(screened.argmax(dim=1), exact.argmax(dim=1))
+        assert error.mean() <= 0.2, float(error.mean())
+        assert error.max() <= 2.0, float(error.max())
 
 
 @pytest.mark.parametrize("n", [49152, 262144, 1000])

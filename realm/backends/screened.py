@@ -3,16 +3,18 @@
 The output projection is the largest matrix a decode step reads (a third of smollm2's
 bytes, half of gemma3's). Sampling, the reference bounds and a guest's choice of token all
 hang on the largest logits; the tail only has to keep its place far below them. So the
-vocabulary is screened first with one int8 code per weight and one bf16 scale per row
-(PyTorch's int8 kernel, 1 byte a weight against 1.25 for the two int4 planes a Q8_0
-matrix takes), then each row's `CANDIDATES` largest logits are recomputed in float32 from
-their weights exactly as stored, read from the GGUF's memory map.
+vocabulary is screened first with one int8 code per weight and one scale per row (1 byte
+a weight against 1.25 for the two int4 planes a Q8_0 matrix takes), then each row's
+`CANDIDATES` largest logits are recomputed in float32 from their weights exactly as
+stored, read from the GGUF's memory map.
 
-Re-quantizing a whole row to int8 moves a logit by a few hundredths, which alone flipped
-near-tie argmaxes past the reference bounds; after the exact pass the largest logits
-carry no screening error at all, and the tail stays within `tests/test_screened.py`'s
-bound. On 2 threads, one row: smollm2 0.73 ms against 1.12 ms for the planes, gemma3
-5.2 against 6.4 ms.
+Re-quantizing a whole row to int8 moves a logit by a few hundredths (a tenth when the
+activations are rounded to int8 too, as for one row below, and as llama.cpp computes
+every logit); that alone flipped near-tie argmaxes past the reference bounds. After the
+exact pass the largest logits carry no screening error at all, and the tail stays within
+`tests/test_screened.py`'s bounds. On 2 threads, one row of gemma3: 6.2 ms with the
+planes, 3.4 ms screened; of smollm2: 1.2 against 0.5 ms. Eight rows of smollm2 take
+about as long either way (2.1 against 2.3 ms).
 """
 
 from __future__ import annotations
@@ -39,21 +41,35 @@ class ScreenedLinear:
         codes, scales = [], []
         for start in range(0, self.out_features, _ROWS_PER_PIECE):
             weight = tensor.rows(slice(start, start + _ROWS_PER_PIECE))
-            scale = (weight.abs().amax(dim=1) / 127).to(torch.bfloat16)
+            scale = weight.abs().amax(dim=1) / 127
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row
-            codes.append(torch.round(weight / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8))
+            codes.append(torch.round(weight / scale[:, None]).to(torch.int8))
             scales.append(scale)
         self.codes = torch.cat(codes)  # (out, in)
         self.scales = torch.cat(scales)  # (out,)
+        self.scales_bf16 = self.scales.to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor, precise: bool = True) -> torch.Tensor:
         """(T, in) f32 -> (T, out) f32. `precise` is moot: the screen always takes bf16 rows,
         and the candidates always get float32."""
-        logits = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.codes, self.scales).float()
+        x = x.float()
+        logits = self._screen(x)
         best = largest(logits, self.candidates)  # (T, candidates)
         weights = self.tensor.rows(best.flatten().numpy()).view(len(x), self.candidates, self.in_features)
-        exact = torch.bmm(weights, x.float()[:, :, None]).squeeze(2)
+        exact = torch.bmm(weights, x[:, :, None]).squeeze(2)
         return logits.scatter_(1, best, exact)
+
+    def _screen(self, x: torch.Tensor) -> torch.Tensor:
+        """Every logit, roughly. One row goes through oneDNN's int8 GEMV (`_int_mm`), the
+        activations rounded to int8 as well, as llama.cpp does for every product: half the
+        time of the bf16-input kernel. From two rows on `_int_mm` was 1.7x slower than
+        that kernel on gemma3 (measured), so more rows go through it."""
+        if len(x) == 1:
+            step = x.abs().amax(dim=1, keepdim=True) / 127
+            step = torch.where(step > 0, step, torch.ones_like(step))
+            codes = torch.round(x / step).to(torch.int8)
+            return torch._int_mm(codes, self.codes.t()).float().mul_(step).mul_(self.scales)
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.codes, self.scales_bf16).float()
 
 
 def largest(logits: torch.Tensor, k: int) -> torch.Tensor:
