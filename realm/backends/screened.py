@@ -40,18 +40,16 @@ class ScreenedLinear:
         self.candidates = min(CANDIDATES, self.out_features)
         codes, scales = [], []
         for start in range(0, self.out_features, _ROWS_PER_PIECE):
-            weight = tensor.rows(slice(start, start + _ROWS_PER_PIECE))
-            scale = weight.abs().amax(dim=1) / 127
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row
-            codes.append(torch.round(weight / scale[:, None]).to(torch.int8))
+            piece, scale = int8_rows(tensor.rows(slice(start, start + _ROWS_PER_PIECE)))
+            codes.append(piece)
             scales.append(scale)
         self.codes = torch.cat(codes)  # (out, in)
-        self.scales = torch.cat(scales)  # (out,)
+        self.scales = torch.cat(scales)[:, 0]  # (out,)
         self.scales_bf16 = self.scales.to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor, precise: bool = True) -> torch.Tensor:
-        """(T, in) f32 -> (T, out) f32. `precise` is moot: the screen always takes bf16 rows,
-        and the candidates always get float32."""
+        """(T, in) f32 -> (T, out) f32. `precise` is moot: the screen rounds its input
+        anyway, and the candidates always get float32."""
         x = x.float()
         logits = self._screen(x)
         best = largest(logits, self.candidates)  # (T, candidates)
@@ -62,14 +60,20 @@ class ScreenedLinear:
     def _screen(self, x: torch.Tensor) -> torch.Tensor:
         """Every logit, roughly. One row goes through oneDNN's int8 GEMV (`_int_mm`), the
         activations rounded to int8 as well, as llama.cpp does for every product: half the
-        time of the bf16-input kernel. From two rows on `_int_mm` was 1.7x slower than
-        that kernel on gemma3 (measured), so more rows go through it."""
+        time of the bf16-input kernel. From two rows to about eight `_int_mm` was slower
+        than that kernel on every shape measured (gemma3, 2 rows: 8.7 against 4.9 ms), so
+        more rows go through it."""
         if len(x) == 1:
-            step = x.abs().amax(dim=1, keepdim=True) / 127
-            step = torch.where(step > 0, step, torch.ones_like(step))
-            codes = torch.round(x / step).to(torch.int8)
+            codes, step = int8_rows(x)
             return torch._int_mm(codes, self.codes.t()).float().mul_(step).mul_(self.scales)
         return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.codes, self.scales_bf16).float()
+
+
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (T, n) as int8 codes and one scale per row, (T, 1): x ~ codes * scale."""
+    scale = x.abs().amax(dim=1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row
+    return torch.round(x / scale).to(torch.int8), scale
 
 
 def largest(logits: torch.Tensor, k: int) -> torch.Tensor:
