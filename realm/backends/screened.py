@@ -60,9 +60,9 @@ class ScreenedLinear:
     def _screen(self, x: torch.Tensor) -> torch.Tensor:
         """Every logit, roughly. One row goes through oneDNN's int8 GEMV (`_int_mm`), the
         activations rounded to int8 as well, as llama.cpp does for every product: half the
-        time of the bf16-input kernel. From two rows to about eight `_int_mm` was slower
-        than that kernel on every shape measured (gemma3, 2 rows: 8.7 against 4.9 ms), so
-        more rows go through it."""
+        time of the bf16-input kernel. At two and four rows `_int_mm` was slower than that
+        kernel on every shape measured (gemma3, 2 rows: 8.7 against 4.9 ms), at eight about
+        even, so more rows go through it."""
         if len(x) == 1:
             codes, step = int8_rows(x)
             return torch._int_mm(codes, self.codes.t()).float().mul_(step).mul_(self.scales)
