@@ -35,6 +35,17 @@ def _load(model: str, backend: str | None = None):
     return load(model, BackendRegistry(backend).active, progress=sys.stderr.isatty())
 
 
+def _compiled(model):
+    """The model with its decode step compiled now, which on a terminal says so: the first
+    time on a machine that takes about a minute with nothing else to show."""
+    if sys.stderr.isatty():
+        with err.status("compiling the decode step (about a minute the first time on this machine)"):
+            model.warm_up()
+    else:
+        model.warm_up()
+    return model
+
+
 def _default_model() -> str:
     from realm.models.catalogue import DEFAULT_MODEL
 
@@ -71,7 +82,7 @@ def run(
         if no_sandbox:
             if guest is not None:
                 raise _usage("--guest and --no-sandbox exclude each other")
-            loaded = _load(model or _default_model(), backend)
+            loaded = _compiled(_load(model or _default_model(), backend))
             generation = loaded.generate(prompt, max_tokens, params, stop, chat=chat)
             for piece in generation:
                 sys.stdout.write(piece.text)
@@ -106,6 +117,7 @@ def _run_guest(prompt, model, backend, guest, max_tokens, params, stop, chat) ->
     known = catalogue.CATALOGUE.get(model)
     stored = store.store_path(path, name=known.name if known else path.stem,
                               sha256=known.sha256 if known else None)
+    _compiled(stored.model)
     chat_messages = [{"role": "user", "content": prompt}] if chat else None
     request = build_request(stored, prompt=None if chat else prompt, messages=chat_messages,
                             max_tokens=max_tokens, params=params, stop=stop)
@@ -243,7 +255,7 @@ def bench(
     from realm.engine.speed import measure_speed
 
     try:
-        loaded = _load(model or _default_model(), backend)
+        loaded = _compiled(_load(model or _default_model(), backend))
         result = measure_speed(loaded, prompt_tokens, gen_tokens, repeats)
     except RealmError as e:
         _fail(e)

@@ -71,3 +71,26 @@ def test_errors_are_one_clear_line(tmp_path):
 def test_backends_json():
     info = json.loads(realm("backends", "--json").stdout)
     assert info["active"] in ("gpu", "cpu") and any(b["name"] == "cpu" for b in info["available"])
+
+
+def test_run_on_a_terminal_says_it_is_compiling(smollm2_path):
+    """The first `realm run` on a machine compiles for about a minute: a terminal is told."""
+    import os
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdin, stdout and stderr are the terminal
+        os.execv(sys.executable, [sys.executable, "-m", "realm.cli", "run", "--no-sandbox",
+                                  "The capital of France is", "-n", "3", "--temperature", "0"])
+    seen = b""
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        seen += data
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, seen
+    assert b"compiling the decode step" in seen and b" Paris" in seen
