@@ -77,13 +77,20 @@ def test_run_on_a_terminal_says_it_is_compiling(smollm2_path):
     """The first `realm run` on a machine compiles for about a minute: a terminal is told."""
     import os
     import pty
+    import select
+    import signal
+    import time
 
     pid, fd = pty.fork()
     if pid == 0:  # the child: stdin, stdout and stderr are the terminal
         os.execv(sys.executable, [sys.executable, "-m", "realm.cli", "run", "--no-sandbox",
                                   "The capital of France is", "-n", "3", "--temperature", "0"])
-    seen = b""
+    seen, deadline = b"", time.monotonic() + 600
     while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            os.kill(pid, signal.SIGKILL)  # hung: fail below rather than wait forever
+            break
         try:
             data = os.read(fd, 4096)
         except OSError:  # the child closed the terminal
