@@ -215,7 +215,7 @@ class Transformer:
                 tables = F.pad(tables, (0, 1))
             rope = self.rope_tables(positions, x.device)
             hidden = self._decode_graph(x, positions.to(x.device), blocks, offsets, tables, rope, pool.keys, pool.values)
-        self.logits(hidden, chunks, precise=len(x) == 1)
+        self.logits(hidden, chunks)
 
     def decode_layers(
         self,
@@ -285,7 +285,7 @@ class Transformer:
         return self._block_out(layer, x, o)
 
     @torch.inference_mode()
-    def logits(self, x: torch.Tensor, chunks: Sequence[Chunk], precise: bool = True) -> None:
+    def logits(self, x: torch.Tensor, chunks: Sequence[Chunk]) -> None:
         """Final norm and output projection of the rows each chunk wants; sets chunk.logits."""
         rows, offset = [], 0
         for c in chunks:
@@ -293,7 +293,7 @@ class Transformer:
             rows.append(x[offset : offset + n] if c.all_logits else x[offset + n - 1 : offset + n])
             offset += n
         w = self.weights
-        logits = w.output(rms_norm(torch.cat(rows), w.output_norm, self.config.norm_eps), precise)
+        logits = w.output(rms_norm(torch.cat(rows), w.output_norm, self.config.norm_eps))
         offset = 0
         for c, r in zip(chunks, rows):
             c.logits = logits[offset : offset + len(r)]
