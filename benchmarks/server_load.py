@@ -41,9 +41,9 @@ PROMPTS = [
     "Describe a walk through a busy market in the morning.",
     "The history of the bicycle begins in",
     "Write a letter to a friend about your summer holiday.",
-    "Describe the life cycle of a butterfly in detail.",
+    "Describe the life cycle of a butterfly.",
     "The sky is blue because",
-    "Write a poem about the sea and the wind.",
+    "The old lighthouse keeper looked out at the sea and",
 ]
 
 
@@ -192,7 +192,7 @@ def run_phases(name: str, targets, model: str, pids_for, args) -> list[dict]:
         rows.append(row)
         print(f"  {name:9} {clients} clients: {row['tok_s']:6.1f} tok/s, time per output token p50 "
               f"{row['tpot_p50_ms']:6.1f} ms p99 {row['tpot_p99_ms']:6.1f} ms, ttft p50 {row['ttft_p50_ms']:6.0f} ms, "
-              f"RSS {row['rss_mib']:.0f} MiB{extra}", flush=True)
+              f"RSS {row['rss_mib']:.0f} MiB, {row['tokens'] / row['requests']:.1f} tokens a request{extra}", flush=True)
     return rows
 
 
