@@ -37,9 +37,9 @@ def _load(model: str, backend: str | None = None):
 
 def _compiled(model):
     """The model with its decode step compiled now, which on a terminal says so: the first
-    time on a machine that takes about a minute with nothing else to show."""
+    time on a machine that takes minutes with nothing else to show."""
     if sys.stderr.isatty():
-        with err.status("compiling the decode step (about a minute the first time on this machine)"):
+        with err.status("compiling the decode step (about three minutes the first time on this machine)"):
             model.warm_up()
     else:
         model.warm_up()

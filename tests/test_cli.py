@@ -74,7 +74,7 @@ def test_backends_json():
 
 
 def test_run_on_a_terminal_says_it_is_compiling(smollm2_path):
-    """The first `realm run` on a machine compiles for about a minute: a terminal is told."""
+    """The first `realm run` on a machine compiles for minutes: a terminal is told."""
     import os
     import pty
     import select
