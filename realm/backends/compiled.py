@@ -7,9 +7,9 @@ the attention gather, and its C++ wrapper (`cpp_wrapper`) calls those loops and 
 products from C++ too: no Python runs between kernels, and the whole step runs without
 the GIL, which the server's guests and HTTP loop need meanwhile. Against Inductor's Python
 wrapper, a lone smollm2 step went from 5.5-5.8 ms to 4.9-5.6 ms (3 alternating runs,
-medians of 30 steps); a batch of 8 ran the same. One graph with dynamic batch size and length serves every batch
-of two or more; a lone sequence gets a graph of its own (dynamo specialises size 1), whose
-fused kernels may round differently in the last bits.
+medians of 30 steps); a batch of 8 ran the same. One graph with dynamic batch size and
+length serves every batch of two or more; a lone sequence gets a graph of its own (dynamo
+specialises size 1), whose fused kernels may round differently in the last bits.
 
 Costs and safety:
 - The first decode step of a model shape compiles: about three minutes on 2 cores for the
