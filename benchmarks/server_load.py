@@ -35,6 +35,8 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+# Each runs the full max_tokens (greedy, both catalogue models): a prompt answered with EOS at
+# once would leave its client idle and the batch short of one sequence per client.
 PROMPTS = [
     "Once upon a time, in a small village by the sea, there lived",
     "Explain how a steam engine works, step by step.",
