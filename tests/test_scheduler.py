@@ -48,10 +48,10 @@ def test_concurrent_sessions_are_batched_and_match_sequential(smollm2):
 
     def run(step, ids, forced=None, n=8):
         session, tokens = smollm2.new_session(), []
-        logits = [step(session, ids)]
+        logits = [torch.as_tensor(step(session, ids))]
         for i in range(n):
             tokens.append(forced[i] if forced else int(torch.argmax(logits[-1])))
-            logits.append(step(session, [tokens[-1]]))
+            logits.append(torch.as_tensor(step(session, [tokens[-1]])))
         return tokens, torch.stack(logits)
 
     sequential = [run(lambda s, t: s.feed(t)[-1], ids) for ids in encoded]

@@ -16,15 +16,45 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from realm.engine.session import Session
 from realm.errors import InternalError, InvalidArgument
 from realm.models.transformer import Transformer
+
+
+class Handoff:
+    """One step's outcome, passed from the runner to the guest thread waiting for it.
+
+    A bare lock rather than a `concurrent.futures.Future`: its waiter wakes once and takes
+    the GIL once, where a Future's condition variable can wake it into a lock the runner
+    still holds, one more sleep and wake-up for every guest at the end of every round."""
+
+    __slots__ = ("_done", "_value", "_error")
+
+    def __init__(self) -> None:
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._value: np.ndarray | None = None
+        self._error: BaseException | None = None
+
+    def set_result(self, value: np.ndarray) -> None:
+        self._value = value
+        self._done.release()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._error = error
+        self._done.release()
+
+    def result(self) -> np.ndarray:
+        with self._done:
+            if self._error is not None:
+                raise self._error
+            return self._value
 
 
 @dataclass
@@ -34,7 +64,7 @@ class StepRequest:
     session: Session
     tokens: list[int]
     tenant: str
-    future: Future = field(default_factory=Future)
+    outcome: Handoff = field(default_factory=Handoff)
     done: int = 0  # tokens already run (a prompt runs in pieces)
 
     @property
@@ -97,9 +127,9 @@ class BatchScheduler:
         self._thread = threading.Thread(target=self._run, name="realm-model-runner", daemon=True)
         self._thread.start()
 
-    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> torch.Tensor:
+    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> np.ndarray:
         """Run `tokens` for `session` (batched with whatever else is waiting); returns the
-        logits of the last token, (vocab,), on the CPU. Blocks until done."""
+        logits of the last token, (vocab,) float32. Blocks until done."""
         if not tokens:
             raise InvalidArgument("no tokens to run")
         session.check(tokens)
@@ -109,7 +139,7 @@ class BatchScheduler:
                 raise InternalError("the model runner has shut down")
             self._waiting.append(request)
             self._wake.notify()
-        return request.future.result()
+        return request.outcome.result()
 
     @property
     def queue_depth(self) -> int:
@@ -137,7 +167,7 @@ class BatchScheduler:
                         self._wake.wait(left)
                 if self._closed:
                     for r in self._waiting:
-                        r.future.set_exception(InternalError("the model runner has shut down"))
+                        r.outcome.set_exception(InternalError("the model runner has shut down"))
                     return
                 plan = plan_round(self._waiting, self.max_batch_tokens)
             previous = {id(r.session) for r, n in plan if r.remaining == n}
@@ -152,19 +182,21 @@ class BatchScheduler:
                 for r, _ in plan:
                     self._waiting.remove(r)
             for r, _ in plan:
-                r.future.set_exception(exc)
+                r.outcome.set_exception(exc)
             return
-        finished = []
+        finished, last = [], []
         for (r, n), chunk in zip(plan, chunks):
             r.session.commit(chunk)
             r.done += n
             if r.remaining == 0:
-                finished.append((r, chunk.logits[-1].float().cpu()))
+                finished.append(r)
+                last.append(chunk.logits[-1:])
+        rows = torch.cat(last).float().cpu().numpy() if last else None
         with self._wake:
-            for r, _ in finished:
+            for r in finished:
                 self._waiting.remove(r)
             waiting = len(self._waiting)
-        for r, logits in finished:
-            r.future.set_result(logits)
+        for i, r in enumerate(finished):
+            r.outcome.set_result(rows[i])
         if self.observer is not None:
             self.observer(len(chunks), sum(n for _, n in plan), waiting)

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-import torch
+import numpy as np
 
 from realm.engine.session import Session
 
 
 class StepRunner(Protocol):
-    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> torch.Tensor:
+    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> np.ndarray:
         """Run `tokens` through `session` for `tenant`; the logits of the last one, (vocab,)
-        float32 on the CPU. `BatchScheduler` (realm/engine/scheduler.py) has this shape."""
+        float32. NumPy rather than torch: copying them on into guest memory then takes no
+        torch call, and every torch call gives up the GIL, a wait behind every other guest
+        thread to get it back. `BatchScheduler` (realm/engine/scheduler.py) has this shape."""
         ...
 
 
 class DirectStepRunner:
     """Each step runs at once, alone: batch 1, exactly what the host-direct path runs."""
 
-    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> torch.Tensor:
-        return session.feed(tokens)[-1]
+    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> np.ndarray:
+        return session.feed(tokens)[-1].numpy()

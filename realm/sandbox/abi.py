@@ -42,7 +42,7 @@ from realm.errors import (
 )
 from realm.models.quants import dequantize
 from realm.sandbox import state as guest_state
-from realm.sandbox.memory import MAX_TRANSFER, GuestMemory
+from realm.sandbox.memory import MAX_TRANSFER, GuestMemory, caller_context
 from realm.sandbox.state import GuestState
 
 log = logging.getLogger("realm.guest")
@@ -627,7 +627,7 @@ def raw_adapter(fn: HostFunction, memory64: bool) -> Callable[[Any, Any, Any, in
                 vals[0].i32 = internal
                 return 0
             args = [getattr(vals[i], f) for i, f in enumerate(fields)]
-            vals[0].i32 = invoke(fn, st, _Context(wasmtime_ffi.wasmtime_caller_context(caller)), args)
+            vals[0].i32 = invoke(fn, st, _Context(caller_context(caller)), args)
             if st.fault is not None and not st.stopping:
                 st.stopping = True
                 message = f"guest {st.name} {st.fault}".encode()

@@ -4,6 +4,11 @@ Linear memory moves when it grows, so its address and size are read afresh when 
 call begins (a `GuestMemory` never outlives the call that made it). Every pointer and
 length is checked against the current size before a byte is touched; reads and writes are
 single memmoves (the logits of one step, 49152 to 262144 floats, are one copy).
+
+Host calls keep the GIL while they read the memory's address and size and while they copy
+up to `HELD_COPY` bytes. ctypes gives the GIL up around every foreign call; with many
+guests running, each such call waits its turn behind every other thread to get it back,
+which costs far more than the microseconds of work in between.
 """
 
 from __future__ import annotations
@@ -13,19 +18,44 @@ from typing import Any
 
 import numpy as np
 import torch
+from wasmtime import _ffi as wasmtime_ffi
 
 from realm.errors import LimitExceeded, OutOfBounds
 
 MAX_TRANSFER = 64 * 1024 * 1024
 """The most bytes one host call copies in or out of guest memory (REALM_MAX_TRANSFER)."""
 
+HELD_COPY = 1024 * 1024
+"""Copies up to this size keep the GIL (a step's logits do); larger ones let other threads run."""
+
+
+def _holding_gil(library: ctypes.CDLL | None, name: str, restype: Any, argtypes: list[Any]) -> Any:
+    """`name` from `library` (None: the process's own symbols), called without giving up the GIL."""
+    function = getattr(ctypes.PyDLL(library._name if library is not None else None), name)
+    function.restype, function.argtypes = restype, argtypes
+    return function
+
+
+_memory_data = _holding_gil(wasmtime_ffi.dll, "wasmtime_memory_data", ctypes.c_void_p,
+                            [ctypes.POINTER(wasmtime_ffi.wasmtime_context_t), ctypes.POINTER(wasmtime_ffi.wasmtime_memory_t)])
+_memory_data_size = _holding_gil(wasmtime_ffi.dll, "wasmtime_memory_data_size", ctypes.c_size_t,
+                                 [ctypes.POINTER(wasmtime_ffi.wasmtime_context_t), ctypes.POINTER(wasmtime_ffi.wasmtime_memory_t)])
+caller_context = _holding_gil(wasmtime_ffi.dll, "wasmtime_caller_context", ctypes.POINTER(wasmtime_ffi.wasmtime_context_t),
+                              [ctypes.POINTER(wasmtime_ffi.wasmtime_caller_t)])
+_held_memmove = _holding_gil(None, "memmove", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t])
+
+
+def _copy(dst: int, src: Any, nbytes: int) -> None:
+    (_held_memmove if nbytes <= HELD_COPY else ctypes.memmove)(dst, src, nbytes)
+
 
 class GuestMemory:
     __slots__ = ("base", "size")
 
     def __init__(self, memory: Any, store: Any) -> None:
-        self.size: int = memory.data_len(store)
-        self.base: int = ctypes.addressof(memory.data_ptr(store).contents) if self.size else 0
+        context, handle = store._context(), ctypes.byref(memory._memory)
+        self.size: int = _memory_data_size(context, handle)
+        self.base: int = (_memory_data(context, handle) or 0) if self.size else 0
 
     def address(self, ptr: int, nbytes: int, what: str = "buffer") -> int:
         """The host address of guest bytes [ptr, ptr + nbytes); OutOfBounds if outside memory."""
@@ -37,7 +67,7 @@ class GuestMemory:
 
     def read(self, ptr: int, nbytes: int, what: str = "buffer", limit: int = MAX_TRANSFER) -> bytes:
         _cap(nbytes, limit, what)
-        return ctypes.string_at(self.address(ptr, nbytes, what), nbytes) if nbytes else b""
+        return bytes(self.view(ptr, nbytes, what))
 
     def view(self, ptr: int, nbytes: int, what: str = "buffer") -> memoryview:
         """Zero-copy view of guest bytes: valid only until the host call returns."""
@@ -54,14 +84,14 @@ class GuestMemory:
         addr = self.address(ptr, nbytes, what)
         out = np.empty(count, dtype=dtype)
         if nbytes:
-            ctypes.memmove(out.ctypes.data, addr, nbytes)
+            _copy(out.ctypes.data, addr, nbytes)
         return out
 
     def write(self, ptr: int, data: bytes | bytearray | memoryview, what: str = "buffer") -> int:
         n = len(data)
         _cap(n, MAX_TRANSFER, what)
         if n:
-            ctypes.memmove(self.address(ptr, n, what), bytes(data) if isinstance(data, memoryview) else data, n)
+            _copy(self.address(ptr, n, what), bytes(data) if isinstance(data, memoryview) else data, n)
         return n
 
     def write_floats(self, ptr: int, values: torch.Tensor | np.ndarray, what: str = "output") -> int:
@@ -78,7 +108,7 @@ class GuestMemory:
         nbytes = n * 4
         _cap(nbytes, MAX_TRANSFER, what)
         if n:
-            ctypes.memmove(self.address(ptr, nbytes, what), src, nbytes)
+            _copy(self.address(ptr, nbytes, what), src, nbytes)
         return n
 
     def read_floats(self, ptr: int, count: int, what: str = "input") -> torch.Tensor:
@@ -88,7 +118,7 @@ class GuestMemory:
         addr = self.address(ptr, nbytes, what)
         out = torch.empty(count, dtype=torch.float32)
         if nbytes:
-            ctypes.memmove(out.data_ptr(), addr, nbytes)
+            _copy(out.data_ptr(), addr, nbytes)
         return out
 
 def _cap(nbytes: int, limit: int, what: str) -> None:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
+import numpy as np
 import torch
 
 from realm.backends.devices import BackendRegistry
@@ -57,7 +58,7 @@ class SchedulerRouter:
     def add(self, scheduler: BatchScheduler) -> None:
         self._by_transformer[id(scheduler.transformer)] = scheduler
 
-    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> torch.Tensor:
+    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> np.ndarray:
         scheduler = self._by_transformer.get(id(session.transformer))
         if scheduler is None:  # not a served model (tenants are refused those): run alone
             return self._direct.step(session, tokens, tenant)
