@@ -5,7 +5,8 @@
  * request carries, render the chat template (for `messages`), tokenize, then loop: one
  * whole forward step on the host (logits of the last position land in this guest's
  * memory), sample here in WebAssembly, emit the token's text, stop on an end-of-generation
- * token, a stop string or max_tokens. It mirrors the host's own loop
+ * token, a stop string or max_tokens. Token texts and end flags come from the vocabulary,
+ * fetched once (realm_vocab): two host calls a token, realm_emit and realm_forward. It mirrors the host's own loop
  * (realm/engine/generation.py) and sampler (realm/engine/sampling.py):
  *
  *   penalties (repeat over the last n tokens, presence, frequency) -> top-k -> top-p ->
@@ -660,6 +661,32 @@ static int32_t parse_request(const char *json, size_t len, request *r) {
     return 0;
 }
 
+/* --- the vocabulary ------------------------------------------------------------------------------ */
+
+typedef struct {
+    uint32_t n;
+    const uint32_t *offsets; /* token i's bytes: bytes[offsets[i] .. offsets[i + 1]) */
+    const uint8_t *flags;    /* REALM_TOKEN_END */
+    const char *bytes;
+} vocabulary;
+
+static int32_t vocabulary_load(int32_t model, vocabulary *v) {
+    int32_t size = realm_vocab(model, NULL, 0);
+    if (size < 0) return size;
+    uint8_t *table = (uint8_t *)rt_alloc((size_t)size);
+    if (!table) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the vocabulary", NULL);
+    int32_t rc = realm_vocab(model, table, (size_t)size);
+    if (rc < 0) return rc;
+    uint32_t n = 0;
+    if (size >= 4) __builtin_memcpy(&n, table, 4);
+    size_t head = 4 + 4 * ((size_t)n + 1) + n;
+    const uint32_t *offsets = (const uint32_t *)(table + 4);
+    if (size < 4 || head > (size_t)size || offsets[n] > (size_t)size - head)
+        return fail(REALM_E_INTERNAL, "the host's vocabulary table is malformed", NULL);
+    *v = (vocabulary){n, offsets, table + 4 + 4 * ((size_t)n + 1), (const char *)table + head};
+    return 0;
+}
+
 /* --- generate --------------------------------------------------------------------------------- */
 
 int32_t realm_guest_abi(void) { return REALM_ABI_VERSION; }
@@ -717,6 +744,9 @@ static int32_t run(void) {
         return fail_n(REALM_E_CONTEXT_OVERFLOW, "the prompt has ", n_prompt, " tokens; the context holds ", ctx);
     int64_t budget = req.p.max_tokens < (int64_t)(ctx - n_prompt) ? req.p.max_tokens : (int64_t)(ctx - n_prompt);
 
+    vocabulary voc;
+    if ((rc = vocabulary_load(model, &voc)) < 0) return rc;
+
     sampler smp;
     float *logits = (float *)rt_alloc((size_t)vocab * sizeof(float));
     if (!logits || !sampler_init(&smp, &req.p, vocab)) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the sampler", NULL);
@@ -729,7 +759,6 @@ static int32_t run(void) {
 
     text_buf pending = {0};
     utf8_dec decoder = {{0}, 0};
-    char small[256];
     int32_t generated = 0, reason = REALM_FINISH_LENGTH, first = 1;
     size_t n_history = (size_t)n_prompt;
     for (;;) {
@@ -738,24 +767,17 @@ static int32_t run(void) {
             break;
         }
         int32_t token = sample(&smp, logits, history, n_history);
-        rc = realm_token_is_end(model, token);
-        if (rc < 0) return rc;
-        if (rc == 1) {
+        if ((uint32_t)token >= voc.n)
+            return fail_n(REALM_E_INVALID_ARGUMENT, "sampled token ", token, " is outside the vocabulary of ", voc.n);
+        if (voc.flags[token] & REALM_TOKEN_END) {
             reason = REALM_FINISH_STOP;
             break;
         }
         history[n_history++] = token;
         generated++;
 
-        int32_t n = realm_token_bytes(model, token, small, sizeof small);
-        if (n < 0) return n;
-        const char *piece = small;
-        if ((size_t)n > sizeof small) {
-            char *big = (char *)rt_alloc((size_t)n);
-            if (!big) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for a token's text", NULL);
-            if ((rc = realm_token_bytes(model, token, big, (size_t)n)) < 0) return rc;
-            piece = big;
-        }
+        const char *piece = voc.bytes + voc.offsets[token];
+        int32_t n = (int32_t)(voc.offsets[token + 1] - voc.offsets[token]);
         if (first) {
             first = 0;
             if (add_space_prefix && n > 0 && piece[0] == ' ') { piece++; n--; }

@@ -16,6 +16,7 @@ from realm.engine.model_store import ModelStore
 from realm.engine.sampling import SamplingParams
 from realm.errors import ContextOverflow, HashMismatch, InvalidArgument, NotFound, UnknownModel
 from realm.sandbox import abi, toolchain
+from realm.sandbox.memory import HELD_COPY
 from realm.sandbox.runtime import ModuleCache, Runtime, check_module, wasmtime_version
 from sandbox_helpers import GUESTS, greedy_request, host_direct, make_runtime
 
@@ -230,6 +231,34 @@ def _model_info_json(inst, model_id: int) -> bytes:
     size = abi.invoke(fn, inst.state, inst._store, [model_id, 0, 0])
     assert abi.invoke(fn, inst.state, inst._store, [model_id, 1 << 20, size]) == size
     return inst.state.memory.read(inst._store, 1 << 20, (1 << 20) + size)
+
+
+@pytest.mark.parametrize("name", [SMOL, GEMMA])
+def test_realm_vocab_gives_every_tokens_bytes_and_end_flag(runtime, default_guest, name):
+    """The table says for every token what realm_token_bytes and realm_token_is_end say;
+    a capacity one byte short writes nothing. (gemma3's table is past the size that is
+    copied holding the GIL, smollm2's is not: both copy paths.)"""
+    with runtime.instance(default_guest, tenant="vocab") as inst:
+        entry = runtime.models.by_name(name)
+        inst.state.hold(entry)
+        fn, at = abi.BY_NAME["realm_vocab"], 1 << 20
+        size = abi.invoke(fn, inst.state, inst._store, [entry.id, 0, 0])
+        _put_in_guest_memory(inst, bytes(size))
+        assert abi.invoke(fn, inst.state, inst._store, [entry.id, at, size - 1]) == size
+        assert inst.state.memory.read(inst._store, at, at + size) == bytes(size)
+        assert abi.invoke(fn, inst.state, inst._store, [entry.id, at, size]) == size
+        table = inst.state.memory.read(inst._store, at, at + size)
+        is_end = abi.BY_NAME["realm_token_is_end"]
+        ends = {t for t in range(entry.model.tokenizer.vocab_size) if abi.invoke(is_end, inst.state, inst._store, [entry.id, t])}
+    tok = entry.model.tokenizer
+    n = struct.unpack_from("<I", table)[0]
+    offsets = struct.unpack_from(f"<{n + 1}I", table, 4)
+    flags = table[4 + 4 * (n + 1) : 4 + 4 * (n + 1) + n]
+    text = table[4 + 4 * (n + 1) + n :]
+    assert n == tok.vocab_size and offsets[-1] == len(text)
+    assert [text[offsets[i] : offsets[i + 1]] for i in range(n)] == [tok.token_bytes(i) for i in range(n)]
+    assert {i for i in range(n) if flags[i]} == ends and ends and set(flags) == {0, abi.TOKEN_END}
+    assert (SMOL == name) == (size <= HELD_COPY)
 
 
 def _put_in_guest_memory(inst, data: bytes) -> None:

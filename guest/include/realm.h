@@ -1,5 +1,5 @@
 /*
- * realm.h: the Realm guest ABI, version 1.0. docs/ABI.md is the full contract.
+ * realm.h: the Realm guest ABI, version 1.1. docs/ABI.md is the full contract.
  *
  * Every function is imported from module "env" and returns int32_t: >= 0 is a result
  * (a count, a handle, an id), < 0 is one of the REALM_E_* codes below. Pointers are
@@ -19,7 +19,7 @@
 #include <stdint.h>
 
 #define REALM_ABI_MAJOR 1
-#define REALM_ABI_MINOR 0
+#define REALM_ABI_MINOR 1
 #define REALM_ABI_VERSION ((REALM_ABI_MAJOR << 16) | REALM_ABI_MINOR)
 
 /* Error codes (realm/errors.py is the one table on the host). */
@@ -107,6 +107,13 @@ REALM_IMPORT(realm_tokenize) int32_t realm_tokenize(int32_t model, const char *t
 REALM_IMPORT(realm_token_bytes) int32_t realm_token_bytes(int32_t model, int32_t token, char *out, size_t cap);
 /* 1 if the token ends generation (EOS or end of turn), else 0. */
 REALM_IMPORT(realm_token_is_end) int32_t realm_token_is_end(int32_t model, int32_t token);
+/* The whole vocabulary at once (ABI 1.1), for a guest that detokenizes, or looks at every
+ * token's text, without a host call per token. Returns its size; writes it if it fits:
+ *   uint32_t n; uint32_t offsets[n + 1]; uint8_t flags[n]; then the bytes of every token,
+ * token i's being bytes[offsets[i] .. offsets[i + 1]) (as realm_token_bytes gives them) and
+ * flags[i] & REALM_TOKEN_END set if it ends generation (as realm_token_is_end says). */
+#define REALM_TOKEN_END 1
+REALM_IMPORT(realm_vocab) int32_t realm_vocab(int32_t model, uint8_t *out, size_t cap);
 /* messages: JSON array of {role, content}. Writes the rendered prompt, returns its size. */
 REALM_IMPORT(realm_chat_template) int32_t realm_chat_template(int32_t model, const char *messages, size_t len, char *out, size_t cap);
 

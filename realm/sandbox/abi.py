@@ -1,4 +1,4 @@
-"""The Realm guest ABI, version 1.0: every host function, from one table.
+"""The Realm guest ABI, version 1.1: every host function, from one table.
 
 Each entry names an import of module `env`, the kinds of its parameters and its
 implementation. The linkers for wasm32 guests (pointers and sizes are i32) and for wasm64
@@ -20,6 +20,7 @@ import logging
 import math
 import struct
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -48,7 +49,7 @@ from realm.sandbox.state import GuestState
 log = logging.getLogger("realm.guest")
 
 ABI_MAJOR = 1
-ABI_MINOR = 0
+ABI_MINOR = 1
 ABI_VERSION = (ABI_MAJOR << 16) | ABI_MINOR
 
 TOKENIZE_ADD_BOS = 1
@@ -279,6 +280,31 @@ def tokenize(st: GuestState, caller: Any, model_id: int, ptr: int, length: int, 
 def token_bytes(st: GuestState, caller: Any, model_id: int, token: int, out: int, cap: int) -> int:
     data = st.model(model_id).model.tokenizer.token_bytes(token)
     return _write_sized(_mem(st, caller), out, cap, data, "token bytes")
+
+
+TOKEN_END = 1  # a vocabulary flag: the token ends generation
+
+
+def vocab(st: GuestState, caller: Any, model_id: int, out: int, cap: int) -> int:
+    return _write_sized(_mem(st, caller), out, cap, _vocab_table(st.model(model_id).model.tokenizer), "the vocabulary")
+
+
+_vocab_tables: "weakref.WeakKeyDictionary[Any, bytes]" = weakref.WeakKeyDictionary()
+
+
+def _vocab_table(tok: Any) -> bytes:
+    """u32 n, u32 offsets[n + 1], u8 flags[n], then every token's bytes (docs/ABI.md);
+    built once per tokenizer."""
+    table = _vocab_tables.get(tok)
+    if table is None:
+        pieces = [tok.token_bytes(i) for i in range(tok.vocab_size)]
+        offsets = np.zeros(len(pieces) + 1, dtype="<u4")
+        np.cumsum([len(p) for p in pieces], out=offsets[1:])
+        flags = np.zeros(len(pieces), dtype=np.uint8)
+        flags[sorted(tok.eot_ids)] = TOKEN_END
+        table = struct.pack("<I", len(pieces)) + offsets.tobytes() + flags.tobytes() + b"".join(pieces)
+        _vocab_tables[tok] = table
+    return table
 
 
 def token_is_end(st: GuestState, caller: Any, model_id: int, token: int) -> int:
@@ -539,6 +565,7 @@ TABLE: tuple[HostFunction, ...] = (
     HostFunction("realm_tokenize", ("i32", "ptr", "size", "i32", "ptr", "size"), tokenize),
     HostFunction("realm_token_bytes", ("i32", "i32", "ptr", "size"), token_bytes),
     HostFunction("realm_token_is_end", ("i32", "i32"), token_is_end),
+    HostFunction("realm_vocab", ("i32", "ptr", "size"), vocab),
     HostFunction("realm_chat_template", ("i32", "ptr", "size", "ptr", "size"), chat_template),
     HostFunction("realm_session_open", ("i32", "i32"), session_open),
     HostFunction("realm_session_close", ("i32",), session_close),
