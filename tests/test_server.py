@@ -78,7 +78,7 @@ def stop(server: Server) -> None:
     server.thread.join(timeout=30)
 
 
-def wait_ready(server: Server, timeout: float = 300) -> None:
+def wait_ready(server: Server, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
