@@ -6,8 +6,9 @@
  * whole forward step on the host (logits of the last position land in this guest's
  * memory), sample here in WebAssembly, emit the token's text, stop on an end-of-generation
  * token, a stop string or max_tokens. Token texts and end flags come from the vocabulary,
- * fetched once (realm_vocab): two host calls a token, realm_emit and realm_forward. It mirrors the host's own loop
- * (realm/engine/generation.py) and sampler (realm/engine/sampling.py):
+ * fetched once (realm_vocab): two host calls a token, realm_emit and realm_forward. It
+ * mirrors the host's own loop (realm/engine/generation.py) and sampler
+ * (realm/engine/sampling.py):
  *
  *   penalties (repeat over the last n tokens, presence, frequency) -> top-k -> top-p ->
  *   min-p -> temperature -> draw; temperature <= 0 is greedy (argmax, lowest index on ties,
