@@ -8,8 +8,11 @@ Realm, its own process on llama.cpp), each sending decode-heavy requests (a shor
 max_tokens 64, greedy), it reports aggregate completion tokens/s, p50/p99 time per output
 token (the gaps between a stream's tokens, every stream pooled) and time to first token,
 and the servers' resident memory (VmRSS from /proc, peak while the clients run; for
-llama.cpp the sum over its processes). Targets for Realm: tokens/s with 8 clients >= 3 x
-with 1 client; memory with 8 tenants active <= 1.15 x with 1.
+llama.cpp the sum over its processes). The client counts take turns for `--rounds`
+rounds, and the ratios compare medians over the rounds: one count's slow spell of the
+machine (on 2 shared cores, 1-client runs varied by a third) then moves no ratio alone.
+Targets for Realm: tokens/s with 8 clients >= 3 x with 1 client; memory with 8 tenants
+active <= 1.15 x with 1.
 
 llama.cpp is started as `llama_cpp.server` when --llama-python can import it, else as
 benchmarks/llama_cpp_server.py (llama_cpp plus the standard library; `llama_cpp.server`
@@ -176,26 +179,40 @@ def batch_stats(base: str) -> tuple[float, float]:
 
 
 def run_phases(name: str, targets, model: str, pids_for, args) -> list[dict]:
+    """Every client count once per round, the counts taking turns round after round, so
+    that a slow spell of the machine falls on all of them rather than on one."""
     rows = []
     realm = name == "realm"
     asyncio.run(phase(targets, model, 1, 1, 8))  # warm up (first-request costs)
-    for clients in args.clients:
-        before = batch_stats(targets[0][0]) if realm else (0.0, 0.0)
-        with PeakRSS(pids_for(clients)) as peak:
-            row = asyncio.run(phase(targets, model, clients, args.requests, args.max_tokens))
-        row["rss_mib"] = peak.peak / 2**20
-        row["server"] = name
-        extra = ""
-        if realm:
-            after = batch_stats(targets[0][0])
-            steps = after[1] - before[1]
-            row["mean_batch"] = (after[0] - before[0]) / steps if steps else 0.0
-            extra = f", mean batch {row['mean_batch']:.2f}"
-        rows.append(row)
-        print(f"  {name:9} {clients} clients: {row['tok_s']:6.1f} tok/s, time per output token p50 "
-              f"{row['tpot_p50_ms']:6.1f} ms p99 {row['tpot_p99_ms']:6.1f} ms, ttft p50 {row['ttft_p50_ms']:6.0f} ms, "
-              f"RSS {row['rss_mib']:.0f} MiB, {row['tokens'] / row['requests']:.1f} tokens a request{extra}", flush=True)
+    for round_ in range(args.rounds):
+        for clients in args.clients:
+            before = batch_stats(targets[0][0]) if realm else (0.0, 0.0)
+            with PeakRSS(pids_for(clients)) as peak:
+                row = asyncio.run(phase(targets, model, clients, args.requests, args.max_tokens))
+            row.update(rss_mib=peak.peak / 2**20, server=name, round=round_)
+            extra = ""
+            if realm:
+                after = batch_stats(targets[0][0])
+                steps = after[1] - before[1]
+                row["mean_batch"] = (after[0] - before[0]) / steps if steps else 0.0
+                extra = f", mean batch {row['mean_batch']:.2f}"
+            rows.append(row)
+            print(f"  {name:9} {clients} clients: {row['tok_s']:6.1f} tok/s, time per output token p50 "
+                  f"{row['tpot_p50_ms']:6.1f} ms p99 {row['tpot_p99_ms']:6.1f} ms, ttft p50 {row['ttft_p50_ms']:6.0f} ms, "
+                  f"RSS {row['rss_mib']:.0f} MiB, {row['tokens'] / row['requests']:.1f} tokens a request{extra}", flush=True)
     return rows
+
+
+def summarise(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """Per server and client count, over the rounds: the median tokens/s and the peak RSS."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["server"], r["clients"]), []).append(r)
+    return {
+        key: {"tok_s": statistics.median(r["tok_s"] for r in rs), "rss_mib": max(r["rss_mib"] for r in rs),
+              "tok_s_rounds": [r["tok_s"] for r in rs]}
+        for key, rs in groups.items()
+    }
 
 
 # ---------------------------------------------------------------------------- servers
@@ -250,7 +267,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="catalogue name or GGUF path")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--requests", type=int, default=6, help="requests per client, one after another")
+    parser.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
+    parser.add_argument("--rounds", type=int, default=3, help="times each client count runs, taking turns")
     parser.add_argument("--threads", type=int, help="Realm's compute threads (default: the server's own, one per CPU)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--llama-python", default="/tmp/lcpvenv/bin/python",
@@ -288,9 +306,13 @@ def main() -> None:
             finally:
                 stop(procs)
 
-    by = {(r["server"], r["clients"]): r for r in results["rows"]}
+    by = summarise(results["rows"])
     lo, hi = min(args.clients), max(args.clients)
-    print("\nratios")
+    print(f"\nmedians over {args.rounds} rounds (tokens/s) and peak RSS")
+    for (server, clients), m in sorted(by.items()):
+        rounds = ", ".join(f"{t:.1f}" for t in m["tok_s_rounds"])
+        print(f"  {server:9} {clients} clients: {m['tok_s']:6.1f} tok/s (rounds: {rounds}), RSS {m['rss_mib']:.0f} MiB")
+    print("ratios")
     for server in ("realm", "llama.cpp"):
         if (server, lo) in by and (server, hi) in by:
             a, b = by[(server, lo)], by[(server, hi)]
@@ -301,6 +323,7 @@ def main() -> None:
             r, l = by[("realm", clients)], by[("llama.cpp", clients)]
             print(f"  {clients} clients: Realm / llama.cpp tok/s {r['tok_s'] / l['tok_s']:.2f}, "
                   f"RSS {r['rss_mib'] / l['rss_mib']:.2f}")
+    results["medians"] = {f"{s}_{c}": m for (s, c), m in by.items()}
     results["ratios"] = {
         f"{s}_tok_s_{hi}_over_{lo}": by[(s, hi)]["tok_s"] / by[(s, lo)]["tok_s"]
         for s in ("realm", "llama.cpp") if (s, lo) in by and (s, hi) in by

@@ -67,6 +67,14 @@ def test_largest_logits_are_exact_and_the_tail_close(request, reference_dir, nam
         assert error.max() <= 2.0, float(error.max())
 
 
+def test_a_rows_screen_is_the_same_in_any_batch(smollm2):
+    """The screen's integer sums make a sequence's screened logits independent of what
+    else shares its step."""
+    output = smollm2.transformer.weights.output
+    x = torch.randn(9, output.in_features, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(output._screen(x), torch.cat([output._screen(row[None]) for row in x]))
+
+
 @pytest.mark.parametrize("n", [49152, 262144, 1000])
 def test_largest_finds_the_same_entries_as_topk(n: int) -> None:
     logits = torch.randn(5, n)
