@@ -82,8 +82,9 @@ def run(
         if no_sandbox:
             if guest is not None:
                 raise _usage("--guest and --no-sandbox exclude each other")
-            loaded = _compiled(_load(model or _default_model(), backend))
-            generation = loaded.generate(prompt, max_tokens, params, stop, chat=chat)
+            loaded = _load(model or _default_model(), backend)
+            generation = loaded.generate(prompt, max_tokens, params, stop, chat=chat)  # a bad prompt fails before compiling
+            _compiled(loaded)
             for piece in generation:
                 sys.stdout.write(piece.text)
                 sys.stdout.flush()
@@ -117,6 +118,8 @@ def _run_guest(prompt, model, backend, guest, max_tokens, params, stop, chat) ->
     known = catalogue.CATALOGUE.get(model)
     stored = store.store_path(path, name=known.name if known else path.stem,
                               sha256=known.sha256 if known else None)
+    if chat:  # a model that cannot chat fails now, not after minutes of compiling
+        stored.model.encode_prompt(prompt, chat=True)
     _compiled(stored.model)
     chat_messages = [{"role": "user", "content": prompt}] if chat else None
     request = build_request(stored, prompt=None if chat else prompt, messages=chat_messages,

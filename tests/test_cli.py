@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 from conftest import REFERENCE
 
 
-def realm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "realm.cli", *args], capture_output=True, text=True, timeout=600)
+def realm(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "realm.cli", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
     if check:
         assert done.returncode == 0, done.stderr
     return done
@@ -64,8 +66,17 @@ def test_errors_are_one_clear_line(tmp_path):
     assert done.returncode == 1 and "error:" in done.stderr and "Traceback" not in done.stderr
     done = realm("run", "--no-sandbox", "-m", "no-such-model", "hi", check=False)
     assert done.returncode == 1 and "no-such-model" in done.stderr
-    done = realm("run", "--no-sandbox", "-m", "gemma3-270m", "--chat", "hi", check=False)
-    assert done.returncode == 1 and "chat template" in done.stderr
+
+
+def test_a_model_that_cannot_chat_fails_before_compiling(tmp_path):
+    """gemma3's file has a template Realm cannot use: `--chat` says so at once, on both
+    paths, rather than after the minutes a first compile takes (nothing is compiled)."""
+    compiled = tmp_path / "compiled"
+    for path in (["--no-sandbox"], []):
+        done = realm("run", *path, "-m", "gemma3-270m", "--chat", "hi", check=False,
+                     env={"TORCHINDUCTOR_CACHE_DIR": str(compiled)})
+        assert done.returncode == 1 and "chat template" in done.stderr, done.stderr
+        assert not compiled.exists() or not any(compiled.rglob("*.so")), path
 
 
 def test_backends_json():
