@@ -28,7 +28,7 @@ def test_a_vocabulary_smaller_than_the_candidates_is_exact_everywhere(qtype: QT)
     w[3] = 0  # an all-zero row must not divide by a zero scale
     tensor = TensorData("output.weight", qtype, (rows, cols), gguf_quantize(w, qtype))
     linear = ScreenedLinear(tensor)
-    for x in (torch.randn(3, cols), torch.randn(1, cols)):  # the two screens: many rows, one
+    for x in (torch.randn(3, cols), torch.randn(1, cols)):  # a batch and a lone row
         y = linear(x)
         assert y.shape == (len(x), rows) and y.dtype == torch.float32
         torch.testing.assert_close(y.double(), exact_product(x, tensor), rtol=1e-5, atol=1e-5)
