@@ -8,7 +8,8 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import quantize as gguf_quantize
 
-from realm.backends.screened import CANDIDATES, ScreenedLinear, largest
+from realm.backends.screened import CANDIDATES, Int8Matrix, ScreenedLinear, largest
+from realm.engine.model import weight_bytes
 from realm.models.gguf_file import TensorData
 
 
@@ -73,6 +74,23 @@ def test_a_rows_screen_is_the_same_in_any_batch(smollm2):
     output = smollm2.transformer.weights.output
     x = torch.randn(9, output.in_features, generator=torch.Generator().manual_seed(0))
     assert torch.equal(output._screen(x), torch.cat([output._screen(row[None]) for row in x]))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
+def test_the_prepacked_product_gives_the_plain_products_integers() -> None:
+    """The screen's oneDNN layout (unsigned activations, zero point 128) changes the speed,
+    never the sums: equal to `torch._int_mm`'s to the last bit, at every batch size, with
+    codes and activations at both ends of the int8 range."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (1000, 576), dtype=torch.int8, generator=gen)
+    codes[0], codes[1] = 127, -127
+    product, plain = Int8Matrix(codes), Int8Matrix(codes, prepack=False)
+    assert product.packed is not None and plain.packed is None
+    assert weight_bytes(product) >= codes.numel()  # a model's bytes_held counts oneDNN's copy
+    for rows in (1, 2, 8, 17, 64):
+        x = torch.randint(-127, 128, (rows, 576), dtype=torch.int8, generator=gen)
+        x[0] = -127
+        assert torch.equal(product(x), plain(x))
 
 
 @pytest.mark.parametrize("n", [49152, 262144, 1000])

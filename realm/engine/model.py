@@ -176,7 +176,11 @@ def weight_bytes(weights: Any) -> int:
     stack = [weights]
     while stack:
         obj = stack.pop()
-        if isinstance(obj, torch.Tensor):
+        if isinstance(obj, torch.Tensor) and obj.is_mkldnn:  # oneDNN's own layout: no storage to share
+            if id(obj) not in seen_obj:
+                seen_obj.add(id(obj))
+                total += obj.numel() * obj.element_size()
+        elif isinstance(obj, torch.Tensor):
             storage = obj.untyped_storage()
             if storage.data_ptr() not in seen_storage:
                 seen_storage.add(storage.data_ptr())
