@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+from statistics import mean
 
 import torch
 
 from largest_logits import assert_largest_close
-from realm.engine.agreement import batched_step_logits
+from realm.backends.screened import CANDIDATES
+from realm.engine.agreement import step_logits
 from realm.engine.kv_cache import BLOCK, KVPool
 from realm.engine.session import Session
 from realm.models.transformer import GRAPH_PROMPT_TOKENS, Transformer
@@ -21,10 +23,12 @@ def eager_twin(model) -> tuple[Transformer, KVPool]:
 
 
 def test_compiled_decode_is_as_exact_as_the_eager_step(smollm2, smollm2_path):
-    """The same tokens through the compiled step, the eager step and the float32 reference.
-    Fused kernels round differently (and rounding to bf16 amplifies that), so the compiled
-    and eager logits differ by about 0.1; what must hold is that the compiled step is no
-    further from float32 than the eager one is."""
+    """The same tokens through the compiled step, the eager step and the float32 reference,
+    compared on the reference's 32 largest logits, which the screen computes exactly (below
+    them its int8 rounding moves logits by up to about 1 either way, and the largest such
+    move would decide the comparison). Fused kernels round differently, so compiled and
+    eager logits differ by up to about 0.3 in a step; what must hold is that over the steps
+    the compiled step is no further from float32 than the eager one is."""
     from realm.backends.devices import BackendRegistry
     from realm.engine.model import load_model
 
@@ -34,12 +38,16 @@ def test_compiled_decode_is_as_exact_as_the_eager_step(smollm2, smollm2_path):
     for s in (compiled, eager, reference):  # the prompt layer by layer, so only the steps differ
         lf = s.feed(PROMPT, all_logits=True)[-1:]
     feed = [int(lf.argmax())]
+    compiled_off, eager_off, apart = [], [], []
     for _ in range(12):
         lc, le, lf = compiled.feed(feed), eager.feed(feed), reference.feed(feed)
-        from_f32 = float((le - lf).abs().max())
-        assert float((lc - lf).abs().max()) <= 1.5 * from_f32 + 0.05
-        assert float((lc - le).abs().max()) <= from_f32 + 0.05
+        top = lf.topk(CANDIDATES).indices
+        compiled_off.append(float((lc - lf).gather(1, top).abs().max()))
+        eager_off.append(float((le - lf).gather(1, top).abs().max()))
+        apart.append(float((lc - le).gather(1, top).abs().max()))
         feed = [int(lf.argmax())]
+    assert mean(compiled_off) <= 1.25 * mean(eager_off) + 0.02, (compiled_off, eager_off)
+    assert mean(apart) <= mean(eager_off) + 0.05, (apart, eager_off)
 
 
 def test_batched_decode_of_unequal_lengths_equals_each_beside_a_stranger(smollm2):
@@ -68,7 +76,7 @@ def test_a_short_prompt_runs_as_rows_of_the_graph(smollm2):
     time."""
     assert len(PROMPT) <= GRAPH_PROMPT_TOKENS
     whole = smollm2.new_session().feed(PROMPT)
-    assert_largest_close(whole, batched_step_logits(smollm2, PROMPT)[-1:], atol=1e-3)
+    assert_largest_close(whole, step_logits(smollm2, PROMPT, batch=2)[-1:], atol=1e-3)
 
 
 def test_dropped_sessions_give_their_blocks_back_zeroed(smollm2):

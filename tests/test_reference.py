@@ -11,16 +11,19 @@ MODELS = ["smollm2", "gemma3"]
 LLAMA_CPP_PPL = {"smollm2": 15.6997, "gemma3": 15.9336}
 
 
-@pytest.fixture(scope="module", params=[(m, path) for m in MODELS for path in ("prefill", "batched steps")],
+PATHS = {"prefill": None, "steps": 1, "batched steps": 2}
+
+
+@pytest.fixture(scope="module", params=[(m, path) for m in MODELS for path in PATHS],
                 ids=lambda p: f"{p[0]}-{p[1].replace(' ', '-')}")
 def agreements(request):
-    """Each model's logits on every reference prompt, by both paths a prompt's logits take:
-    one prefill pass, and decode steps batched with another sequence (bf16 activations)."""
+    """Each model's logits on every reference prompt, by every path a token's logits take:
+    one prefill pass and decode steps batched with another sequence (both bf16
+    activations), and a lone sequence's decode steps (compensated pairs)."""
     name, path = request.param
     model = request.getfixturevalue(name)
     reference, meta = load_reference(name)
-    batched = path == "batched steps"
-    return f"{name} ({path})", [prompt_agreement(model, reference, i, batched) for i in range(len(meta["prompts"]))]
+    return f"{name} ({path})", [prompt_agreement(model, reference, i, PATHS[path]) for i in range(len(meta["prompts"]))]
 
 
 def test_last_position_top1_is_identical_on_every_prompt(agreements):

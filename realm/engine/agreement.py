@@ -29,18 +29,19 @@ class PromptAgreement:
 
 
 def prompt_agreement(
-    model: Model, reference: np.lib.npyio.NpzFile, index: int, batched_steps: bool = False
+    model: Model, reference: np.lib.npyio.NpzFile, index: int, steps: int | None = None
 ) -> PromptAgreement:
     """Compare one reference prompt: prompt logits, then teacher-forced greedy tokens.
-    `batched_steps`: the logits come from decode steps in a batch (`batched_step_logits`),
-    the path a busy server takes, instead of from one prefill pass."""
+    `steps`: the logits come from decode steps, a token at a time, each step a batch of
+    that many sequences (`step_logits`): 1 is a lone sequence, 2 or more the path a busy
+    server takes. None: from one prefill pass."""
     prompt = reference[f"p{index}_tokens"].astype(np.int64).tolist()
     top_ids = reference[f"p{index}_top_ids"]
     top_logits = reference[f"p{index}_top_logits"]
     greedy = reference[f"p{index}_greedy"].astype(np.int64).tolist()
     tokens = prompt + greedy[:-1]
-    if batched_steps:
-        logits = batched_step_logits(model, tokens).numpy()
+    if steps:
+        logits = step_logits(model, tokens, steps).numpy()
     else:
         logits = model.new_session().feed(tokens, all_logits=True).numpy()
     ours = logits[: len(prompt)]
@@ -58,10 +59,11 @@ def prompt_agreement(
     )
 
 
-def batched_step_logits(model: Model, tokens: Sequence[int]) -> torch.Tensor:
-    """The logits (T, vocab) of `tokens` fed one decode step at a time, each step batched
-    with a second sequence of the same tokens: the model's decode graph for batches."""
-    sessions = [model.new_session(len(tokens)) for _ in range(2)]
+def step_logits(model: Model, tokens: Sequence[int], batch: int = 2) -> torch.Tensor:
+    """The logits (T, vocab) of `tokens` fed one decode step at a time, each step run
+    together with `batch - 1` other sequences of the same tokens: a lone sequence's decode
+    graph for 1, the batch's for more."""
+    sessions = [model.new_session(len(tokens)) for _ in range(batch)]
     rows = []
     for token in tokens:
         chunks = [s.chunk([token]) for s in sessions]

@@ -279,10 +279,11 @@ class Transformer:
         cfg, layer = self.config, self.weights.layers[index]
         rope = self._rope_index(index)
         cos, sin = (tables or self.rope_tables(token_positions(chunks), x.device))[rope]
-        q, k, v = self._qkv(layer, x, self.ropes[rope].neox, cos, sin)
+        precise = len(x) == 1  # several rows (a prompt) take bf16 activations: see backends/linear.py
+        q, k, v = self._qkv(layer, x, self.ropes[rope].neox, cos, sin, precise)
         with chunks[0].kv.pool.lock:
             o = self._attend_chunks(index, q, k, v, chunks, cfg.sliding_window if cfg.is_sliding(index) else 0)
-        return self._block_out(layer, x, o)
+        return self._block_out(layer, x, o, precise)
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor, chunks: Sequence[Chunk]) -> None:
