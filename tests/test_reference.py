@@ -18,8 +18,8 @@ PATHS = {"prefill": None, "steps": 1, "batched steps": 2}
                 ids=lambda p: f"{p[0]}-{p[1].replace(' ', '-')}")
 def agreements(request):
     """Each model's logits on every reference prompt, by every path a token's logits take:
-    one prefill pass and decode steps batched with another sequence (both bf16
-    activations), and a lone sequence's decode steps (compensated pairs)."""
+    one prefill pass, a lone sequence's decode steps (its own compiled graph) and decode
+    steps batched with another sequence."""
     name, path = request.param
     model = request.getfixturevalue(name)
     reference, meta = load_reference(name)
