@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +22,14 @@ def gguf_fields(path: Path) -> dict[str, Any]:
     return metadata_of(path)
 
 
-BUILD_SECONDS: dict[str, float] = {}
-
-
-def _build(name: str, path: Path) -> tuple[Tokenizer, dict[str, Any]]:
-    fields = gguf_fields(path)
-    start = time.perf_counter()
-    tok = Tokenizer.from_gguf_fields(fields)
-    BUILD_SECONDS[name] = time.perf_counter() - start
-    return tok, fields
-
-
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path: Path) -> Tokenizer:
-    return _build("smollm2", smollm2_path)[0]
+    return Tokenizer.from_gguf_fields(gguf_fields(smollm2_path))
 
 
 @pytest.fixture(scope="module")
 def gemma3(gemma3_path: Path) -> Tokenizer:
-    return _build("gemma3", gemma3_path)[0]
+    return Tokenizer.from_gguf_fields(gguf_fields(gemma3_path))
 
 
 @pytest.fixture(params=["smollm2", "gemma3"])
@@ -92,13 +80,6 @@ def test_reference_prompts_with_special_tokens_and_bos(model: tuple[str, Tokeniz
         assert len(ids) == p["n_prompt_tokens"]
         greedy = arrays[f"p{i}_greedy"].tolist()
         assert tok.decode(greedy, skip_special=True) == p["greedy_text"]
-
-
-def test_build_time(smollm2: Tokenizer, gemma3: Tokenizer) -> None:
-    # gemma3 (262144 tokens) takes about 1.3 s on an idle 2-core machine; the target is
-    # < 3 s, the bound leaves room for a busy one
-    assert BUILD_SECONDS["smollm2"] < 2.0, BUILD_SECONDS
-    assert BUILD_SECONDS["gemma3"] < 4.0, BUILD_SECONDS
 
 
 # -- BOS / EOS / special tokens -----------------------------------------------------------------

@@ -92,7 +92,7 @@ def _k_parts(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _from_f32(b: np.ndarray) -> np.ndarray:
-    # A copy, so the tensor never aliases GGUFReader's read-only file mapping.
+    # A copy, so the tensor never aliases the model file's read-only mapping.
     return b.view(np.float32).copy()
 
 
@@ -192,8 +192,8 @@ def _check_type(qtype: QT, supported: frozenset[QT]) -> None:
 def dequantize(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Tensor:
     """Decode one GGUF tensor to float32.
 
-    raw: the tensor's data as `gguf.GGUFReader` gives it (bytes per row for quantized types,
-    possibly typed arrays for F32/F16/BF16). shape: the logical row-major shape, i.e. the
+    raw: the tensor's bytes (any array whose bytes are the tensor's, e.g. a `TensorData.raw`
+    of bytes per row, or a typed float array). shape: the logical row-major shape, i.e. the
     GGUF dimensions reversed. Raises ModelFormatError for an unsupported type or a byte size
     that does not match the shape.
     """
