@@ -8,6 +8,7 @@ from statistics import mean
 import torch
 
 from largest_logits import assert_largest_close
+from realm.backends.compiled import compile_decode
 from realm.backends.screened import CANDIDATES
 from realm.engine.agreement import step_logits
 from realm.engine.kv_cache import BLOCK, KVPool
@@ -48,6 +49,28 @@ def test_compiled_decode_is_as_exact_as_the_eager_step(smollm2, smollm2_path):
         feed = [int(lf.argmax())]
     assert mean(compiled_off) <= 1.25 * mean(eager_off) + 0.02, (compiled_off, eager_off)
     assert mean(apart) <= mean(eager_off) + 0.05, (apart, eager_off)
+
+
+class _RowsTwiceOrThrice:
+    """A decode step that computes differently for one row than for several, as the
+    transformer's products do (a lone row goes in as a compensated pair)."""
+
+    def step(self, x, positions, blocks, offsets, tables, rope, keys, values):  # noqa: ANN001
+        return x * 2 if len(x) == 1 else x * 3
+
+
+def test_a_batch_graph_never_serves_a_lone_row():
+    """The compiled step keeps the guards on its inputs' sizes, though none on the model: a
+    graph built for a batch must not run a lone row (it once did, so lone sequences got
+    the batch's bf16 rounding instead of the pair)."""
+    step = compile_decode(_RowsTwiceOrThrice().step)
+
+    def run(rows: int) -> float:
+        x, idx = torch.ones(rows, 4), torch.zeros(rows, dtype=torch.int64)
+        tables = torch.zeros(rows, 2, dtype=torch.int64)
+        return float(step(x, idx, idx, idx, tables, [], [torch.zeros(2, 4)], [torch.zeros(2, 4)])[0, 0])
+
+    assert [run(1), run(2), run(1), run(5), run(1)] == [2.0, 3.0, 2.0, 3.0, 2.0]
 
 
 def test_batched_decode_of_unequal_lengths_equals_each_beside_a_stranger(smollm2):

@@ -9,15 +9,16 @@ the GIL, which the server's guests and HTTP loop need meanwhile. Against Inducto
 wrapper, a lone smollm2 step went from 5.5-5.8 ms to 4.9-5.6 ms (3 alternating runs,
 medians of 30 steps); a batch of 8 ran the same. One graph with dynamic batch size and
 length serves every batch of two or more; a lone sequence gets a graph of its own (dynamo
-specialises size 1), whose fused kernels may round differently in the last bits.
+specialises size 1), which carries its activations as compensated pairs (backends/linear.py).
 
 Costs and safety:
 - The first decode step of a model shape compiles: about three minutes on 2 cores for the
   two graphs, twice what the Python wrapper took, once per machine. Inductor caches the
   result on disk, under `$REALM_HOME/compiled` unless TORCHINDUCTOR_CACHE_DIR says
   otherwise; a cached graph loads in seconds.
-- The graph keeps only the guards on its inputs, none on the model: guarding every weight
-  of every layer cost ~0.8 ms a step. Each model compiles over its own copy of the step's
+- The graph keeps the guards on its inputs and their sizes, none on the model: guarding
+  every weight of every layer cost ~0.8 ms a step. (The size guards must stay: without
+  them a lone sequence ran through the batch graph, which rounds its activations.) Each model compiles over its own copy of the step's
   code (`_own_code`), so its graphs are its own, and a model never changes after loading.
 - If compiling fails (no C++ compiler, say) the step runs eagerly, with one warning.
   REALM_COMPILE=0 turns compiling off.
@@ -45,8 +46,9 @@ def compile_enabled() -> bool:
 
 
 def _keep_guard(entry: Any) -> bool:
-    """Guards on the step's inputs; none on the model (`self`: weights, config)."""
-    return re.split(r"[.\[]", entry.name, maxsplit=1)[0] in _DECODE_INPUTS
+    """Guards on the step's inputs and the unnamed ones (the shape environment's, which keep
+    a lone sequence off the batch graph, and global state); none on the model (`self`)."""
+    return re.split(r"[.\[]", entry.name, maxsplit=1)[0] in (*_DECODE_INPUTS, "")
 
 
 def _own_code(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -10,8 +10,8 @@ planes stacked along the input (`quants.int4_planes`): no code is re-quantized, 
 kernel holds each group's scale and zero in bf16 (a relative 2**-9 per group; within the
 reference bounds, measured).
 
-Several rows at once, a batch of steps or a prompt, ask for less (`precise=False`: one
-bf16 row per activation row). The int4 kernel works in blocks of 4 rows, so the pair
+Several rows at once, a batch of steps or a prompt, go in as one bf16 row per activation
+row. The int4 kernel works in blocks of 4 rows, so the pair
 costs nothing for one sequence but doubles the kernel's passes from 3 rows on (a batch of
 8 steps of smollm2: 21.5 ms a step with the pair, 15.4 without; a 512-token prefill:
 1709 against 1013 ms, gemma3 1115 against 653). Through batched steps and prefills, on
@@ -44,10 +44,10 @@ GROUP = 32
 DENSE_MIN_ROWS = 4
 
 
-def _bf16_product(kernel, x: torch.Tensor, precise: bool) -> torch.Tensor:
-    """kernel(x) for a kernel of bf16 rows: x carried as hi + lo rows when `precise`, else
-    rounded to bf16 (see the module docstring)."""
-    if not precise:
+def _bf16_product(kernel, x: torch.Tensor) -> torch.Tensor:
+    """kernel(x) for a kernel of bf16 rows: a lone row carried as hi + lo rows, several
+    rows rounded to bf16 (see the module docstring)."""
+    if len(x) > 1:
         return kernel(x.to(torch.bfloat16)).float()
     hi = x.to(torch.bfloat16)
     y = kernel(torch.cat((hi, (x - hi).to(torch.bfloat16))))
@@ -62,9 +62,9 @@ class DenseLinear:
         self.out_features, self.in_features = weight.shape
         self.weight = weight.to(dtype).contiguous()  # (out, in)
 
-    def __call__(self, x: torch.Tensor, precise: bool = True) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype == torch.bfloat16:
-            return _bf16_product(self._product, x, precise)
+            return _bf16_product(self._product, x)
         return self._product(x.to(self.weight.dtype)).float()
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,12 +102,12 @@ class Int4Linear:
         sz = torch.stack((groups.scale, groups.zero), dim=-1).transpose(0, 1).contiguous()
         self.scales_zeros = sz.to(torch.bfloat16)
 
-    def __call__(self, x: torch.Tensor, precise: bool = True) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and len(x) >= DENSE_MIN_ROWS and not torch.compiler.is_compiling():
-            return self.dense(x, precise)
+            return self.dense(x)
         if self.n_planes > 1:
             x = x.repeat(1, self.n_planes)
-        return _bf16_product(self._kernel, x, precise)
+        return _bf16_product(self._kernel, x)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)

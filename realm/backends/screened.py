@@ -51,9 +51,9 @@ class ScreenedLinear:
         self.codes = Int8Matrix(torch.cat(codes))  # (out, in)
         self.scales = torch.cat(scales)[:, 0]  # (out,)
 
-    def __call__(self, x: torch.Tensor, precise: bool = True) -> torch.Tensor:
-        """(T, in) f32 -> (T, out) f32. `precise` is moot: the screen rounds its input
-        anyway, and the candidates always get float32."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, in) f32 -> (T, out) f32: the screen rounds its input to int8, the candidates
+        get it in float32."""
         x = x.float()
         logits = self._screen(x)
         best = largest(logits, self.candidates)  # (T, candidates)

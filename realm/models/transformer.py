@@ -25,9 +25,8 @@ class Linear(Protocol):
     in_features: int
     out_features: int
 
-    def __call__(self, x: torch.Tensor, precise: bool = True) -> torch.Tensor:
-        """(T, in) f32 -> (T, out) f32; `precise=False` lets the backend round the input to
-        its kernel's precision (bf16 on the CPU) where that buys speed."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, in) f32 -> (T, out) f32."""
         ...
 
 
@@ -234,13 +233,12 @@ class Transformer:
         the zero block and masked past its position; the last hidden states (B, dim)."""
         cfg = self.config
         b, group = x.shape[0], cfg.n_heads // cfg.n_kv_heads
-        precise = b == 1  # a batch takes bf16 activations: see backends/linear.py
         key_pos = torch.arange(tables.shape[1] * keys[0].shape[2], device=x.device)[None, :]
         visible = key_pos <= positions[:, None]
         in_window = key_pos > positions[:, None] - cfg.sliding_window if cfg.sliding_window else visible
         for i, layer in enumerate(self.weights.layers):
             r = self._rope_index(i)
-            q, k, v = self._qkv(layer, x, self.ropes[r].neox, *rope[r], precise)
+            q, k, v = self._qkv(layer, x, self.ropes[r].neox, *rope[r])
             keys[i][blocks, :, offsets] = k
             values[i][blocks, :, offsets] = v
             mask = visible & in_window if cfg.is_sliding(i) else visible
@@ -249,7 +247,7 @@ class Transformer:
             scores = q.reshape(b, cfg.n_kv_heads, group, cfg.head_dim) @ seq_k.transpose(2, 3)
             scores = (scores * cfg.attn_scale).masked_fill(~mask[:, None, None, :], float("-inf"))
             o = torch.softmax(scores, dim=-1) @ seq_v  # (B, Hkv, G, D)
-            x = self._block_out(layer, x, o.reshape(b, -1), precise)
+            x = self._block_out(layer, x, o.reshape(b, -1))
         return x
 
     def rope_tables(self, positions: torch.Tensor, device: torch.device) -> RopeTables:
@@ -279,11 +277,10 @@ class Transformer:
         cfg, layer = self.config, self.weights.layers[index]
         rope = self._rope_index(index)
         cos, sin = (tables or self.rope_tables(token_positions(chunks), x.device))[rope]
-        precise = len(x) == 1  # several rows (a prompt) take bf16 activations: see backends/linear.py
-        q, k, v = self._qkv(layer, x, self.ropes[rope].neox, cos, sin, precise)
+        q, k, v = self._qkv(layer, x, self.ropes[rope].neox, cos, sin)
         with chunks[0].kv.pool.lock:
             o = self._attend_chunks(index, q, k, v, chunks, cfg.sliding_window if cfg.is_sliding(index) else 0)
-        return self._block_out(layer, x, o, precise)
+        return self._block_out(layer, x, o)
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor, chunks: Sequence[Chunk]) -> None:
@@ -301,14 +298,13 @@ class Transformer:
             offset += len(r)
 
     def _qkv(
-        self, layer: LayerWeights, x: torch.Tensor, neox: bool, cos: torch.Tensor, sin: torch.Tensor,
-        precise: bool = True,
+        self, layer: LayerWeights, x: torch.Tensor, neox: bool, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attention's inputs: q (T, H, D), k and v (T, Hkv, D), normed and rotated."""
         cfg = self.config
         h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
         n_q, n_kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        q, k, v = layer.qkv(h, precise).split((n_q, n_kv, n_kv), dim=-1)
+        q, k, v = layer.qkv(h).split((n_q, n_kv, n_kv), dim=-1)
         q = q.unflatten(-1, (cfg.n_heads, cfg.head_dim))
         k = k.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
         v = v.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
@@ -317,16 +313,16 @@ class Transformer:
             k = rms_norm(k, layer.k_norm, cfg.norm_eps)
         return rotate(q, cos, sin, neox), rotate(k, cos, sin, neox), v
 
-    def _block_out(self, layer: LayerWeights, x: torch.Tensor, o: torch.Tensor, precise: bool = True) -> torch.Tensor:
+    def _block_out(self, layer: LayerWeights, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """The rest of the block after attention: output projection, residuals, FFN."""
         cfg = self.config
-        h = layer.attn_out(o, precise)
+        h = layer.attn_out(o)
         if layer.post_attn_norm is not None:
             h = rms_norm(h, layer.post_attn_norm, cfg.norm_eps)
         x = x + h
-        gate, up = layer.gate_up(rms_norm(x, layer.ffn_norm, cfg.norm_eps), precise).chunk(2, dim=-1)
+        gate, up = layer.gate_up(rms_norm(x, layer.ffn_norm, cfg.norm_eps)).chunk(2, dim=-1)
         gate = F.silu(gate) if cfg.activation == "silu" else F.gelu(gate, approximate="tanh")
-        h = layer.down(gate * up, precise)
+        h = layer.down(gate * up)
         if layer.post_ffn_norm is not None:
             h = rms_norm(h, layer.post_ffn_norm, cfg.norm_eps)
         return x + h
