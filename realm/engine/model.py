@@ -24,7 +24,7 @@ from realm.files import sha256_file
 from realm.models import catalogue
 from realm.models.chat_template import ChatTemplate, chat_template_from_fields
 from realm.models.config import ModelConfig, config_from_gguf
-from realm.models.gguf_file import GGUFFile, TensorData, trim_heap
+from realm.models.gguf_file import GGUFFile, TensorData, transient_heap
 from realm.models.loader import load_weights
 from realm.models.tokenizer import Tokenizer
 from realm.models.transformer import Transformer
@@ -137,19 +137,19 @@ def load_model(path: str | Path, backend: Backend, name: str | None = None, sha2
     """Open a GGUF and pack its weights for `backend`; every defect is a ModelFormatError."""
     started = time.perf_counter()
     path = Path(path)
-    gguf = GGUFFile(path)
-    config = config_from_gguf(gguf)
-    tokenizer = Tokenizer.from_gguf_fields(gguf.metadata)
-    template, template_error = None, None
-    try:
-        template = chat_template_from_fields(gguf.metadata, tokenizer)
-    except InvalidArgument as e:  # a broken template only breaks chat, not completion
-        template_error = f"its chat template does not compile: {e}"
-    weights = load_weights(
-        gguf, config, backend.pack_linear, backend.pack_output, backend.make_embedding, backend.make_vector
-    )
-    gguf.drop_resident_pages()
-    trim_heap()
+    with transient_heap():
+        gguf = GGUFFile(path)
+        config = config_from_gguf(gguf)
+        tokenizer = Tokenizer.from_gguf_fields(gguf.metadata)
+        template, template_error = None, None
+        try:
+            template = chat_template_from_fields(gguf.metadata, tokenizer)
+        except InvalidArgument as e:  # a broken template only breaks chat, not completion
+            template_error = f"its chat template does not compile: {e}"
+        weights = load_weights(
+            gguf, config, backend.pack_linear, backend.pack_output, backend.make_embedding, backend.make_vector
+        )
+        gguf.drop_resident_pages()
     return Model(
         name=name or path.stem,
         path=path,

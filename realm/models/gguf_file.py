@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import contextlib
 import functools
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -260,9 +261,31 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc keeps it after large transient
-    allocations, such as decoding a model's tensors). A no-op where there is no glibc."""
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_FLOOR, _MMAP_CEILING = 128 * 1024, 32 * 1024 * 1024  # glibc's defaults on 64-bit
+
+
+@contextlib.contextmanager
+def transient_heap() -> Iterator[None]:
+    """Heap settings for loading a model, whose large allocations are transient (each
+    tensor's dequantized copy, up to tens of MB). Inside, every allocation from 128 KiB up
+    gets pages of its own, given back when freed; glibc's dynamic rule would instead raise
+    its threshold after the first such free and serve the rest from a heap they leave
+    fragmented. After, the threshold, and the one for giving the heap's top back, are where
+    that rule takes them anyway (serving allocates such sizes every step, and fresh pages
+    would cost page faults each time), and the freed heap is given back. Measured on a
+    server's loading thread, smollm2 loaded and warmed up: 651 -> 571 MiB resident (gemma3
+    1055 -> 1015), for loads 10-20% longer. The settings are the process's: a load while
+    serving briefly gives other threads' large allocations pages of their own too. A no-op
+    without glibc."""
     libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
+    if libc is None or not hasattr(libc, "mallopt"):
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_FLOOR)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_CEILING)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_CEILING)
         libc.malloc_trim(0)
