@@ -18,8 +18,9 @@ Costs and safety:
   otherwise; a cached graph loads in seconds.
 - The graph keeps the guards on its inputs and their sizes, none on the model: guarding
   every weight of every layer cost ~0.8 ms a step. (The size guards must stay: without
-  them a lone sequence ran through the batch graph, which rounds its activations.) Each model compiles over its own copy of the step's
-  code (`_own_code`), so its graphs are its own, and a model never changes after loading.
+  them a lone sequence ran through the batch graph, which rounds its activations.) Each
+  model compiles over its own copy of the step's code (`_own_code`), so its graphs are its
+  own, and a model never changes after loading.
 - If compiling fails (no C++ compiler, say) the step runs eagerly, with one warning.
   REALM_COMPILE=0 turns compiling off.
 """

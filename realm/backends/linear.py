@@ -11,10 +11,10 @@ kernel holds each group's scale and zero in bf16 (a relative 2**-9 per group; wi
 reference bounds, measured).
 
 Several rows at once, a batch of steps or a prompt, go in as one bf16 row per activation
-row. The int4 kernel works in blocks of 4 rows, so the pair
-costs nothing for one sequence but doubles the kernel's passes from 3 rows on (a batch of
-8 steps of smollm2: 21.5 ms a step with the pair, 15.4 without; a 512-token prefill:
-1709 against 1013 ms, gemma3 1115 against 653). Through batched steps and prefills, on
+row. The int4 kernel works in blocks of 4 rows, so the pair costs nothing for one sequence
+but doubles the kernel's passes from 3 rows on (a batch of 8 steps of smollm2: 21.5 ms a
+step with the pair, 15.4 without; a 512-token prefill: 1709 against 1013 ms, gemma3 1115
+against 653). Through batched steps and prefills, on
 every reference prompt of both models, the rounded rows stay within the reference bounds
 (tests/test_reference.py), as close as the pairs were: llama.cpp itself rounds every
 activation to 8 bits.

@@ -10,10 +10,11 @@ where it is, never a crash or a half-loaded model.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
-import contextlib
 import functools
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,13 +59,15 @@ class _Reader:
         self.pos = start + n
         return start
 
+    def take(self, n: int) -> memoryview:
+        start = self.skip(n)
+        return self.data[start : start + n]
+
     def scalar(self, code: str) -> Any:
         return struct.unpack_from("<" + code, self.data, self.skip(struct.calcsize(code)))[0]
 
     def string(self) -> str:
-        n = self.scalar("Q")
-        start = self.skip(n)
-        return str(self.data[start : start + n], "utf-8", "replace")
+        return str(self.take(self.scalar("Q")), "utf-8", "replace")
 
     def value(self, kind: int) -> Any:
         kind = _value_type(kind)
@@ -77,16 +80,13 @@ class _Reader:
     def array(self) -> list[Any]:
         kind, count = _value_type(self.scalar("I")), self.scalar("Q")
         if kind == GGUFValueType.STRING:
-            if count * 8 > len(self.data) - self.pos:
+            if count * 8 > len(self.data) - self.pos:  # each string takes 8 bytes or more
                 raise _Truncated
             return [self.string() for _ in range(count)]
         if kind == GGUFValueType.ARRAY:
             return [self.array() for _ in range(count)]
         dtype = np.dtype("<" + _SCALARS[kind])
-        if count * dtype.itemsize > len(self.data) - self.pos:
-            raise _Truncated
-        start = self.skip(count * dtype.itemsize)
-        return np.frombuffer(self.data, dtype, count, start).tolist()
+        return np.frombuffer(self.take(count * dtype.itemsize), dtype).tolist()
 
 
 def _value_type(kind: int) -> GGUFValueType:
@@ -158,7 +158,7 @@ class GGUFFile:
 
     def _header(self, reader: _Reader) -> tuple[int, int]:
         """The tensor and key counts, after the magic and the version."""
-        magic = bytes(reader.data[reader.skip(4) : 4])
+        magic = bytes(reader.take(4))
         if magic != _MAGIC:
             raise ValueError(f"it starts with {magic!r}, not {_MAGIC!r}")
         version = reader.scalar("I")
@@ -206,7 +206,7 @@ class GGUFFile:
             raise ValueError(f"its data offset {offset} is not a multiple of the alignment {alignment}")
         row_bytes = dims[0] // block * block_bytes
         shape = tuple(reversed(dims))  # GGUF lists the innermost dimension first
-        n_bytes = row_bytes * int(np.prod(shape[:-1], dtype=object))
+        n_bytes = row_bytes * math.prod(shape[:-1])
         start = data_start + offset
         if start + n_bytes > self.size_bytes:
             raise ValueError(f"its {n_bytes} bytes at {start} lie past the end of the file ({self.size_bytes} bytes)")
