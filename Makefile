@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test bench
+.PHONY: setup test test-fast bench
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,10 @@ setup:
 
 test:
 	$(BIN)/python -m pytest -q
+
+# everything that needs no compiled decode step and no minutes of work
+test-fast:
+	$(BIN)/python -m pytest -q -m "not compiled and not slow"
 
 bench:
 	$(BIN)/python benchmarks/host_speed.py

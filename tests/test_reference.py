@@ -14,14 +14,22 @@ LLAMA_CPP_PPL = {"smollm2": 15.6997, "gemma3": 15.9336}
 PATHS = {"prefill": None, "steps": 1, "batched steps": 2}
 
 
-@pytest.fixture(scope="module", params=[(m, path) for m in MODELS for path in PATHS],
-                ids=lambda p: f"{p[0]}-{p[1].replace(' ', '-')}")
+def _path_params() -> list:
+    """Every model by every path; the decode steps run through the compiled step (the one
+    users get), the eager step's own agreement is bounded by tests/test_decode_graph.py."""
+    return [
+        pytest.param((m, path), marks=[] if PATHS[path] is None else [pytest.mark.compiled])
+        for m in MODELS for path in PATHS
+    ]
+
+
+@pytest.fixture(scope="module", params=_path_params(), ids=lambda p: f"{p[0]}-{p[1].replace(' ', '-')}")
 def agreements(request):
     """Each model's logits on every reference prompt, by every path a token's logits take:
     one prefill pass, a lone sequence's decode steps (its own compiled graph) and decode
     steps batched with another sequence."""
     name, path = request.param
-    model = request.getfixturevalue(name)
+    model = request.getfixturevalue(name if PATHS[path] is None else f"{name}_compiled")
     reference, meta = load_reference(name)
     return f"{name} ({path})", [prompt_agreement(model, reference, i, PATHS[path]) for i in range(len(meta["prompts"]))]
 

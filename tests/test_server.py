@@ -429,8 +429,13 @@ def test_unknown_endpoint_is_404_in_the_error_shape(server):
 
 
 def test_health_and_metrics(server):
+    """What /metrics counts, after requests of this test's own (it must pass alone)."""
     r = httpx.get(server.base + "/health")
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["models"] == [MODEL]
+    assert r.json()["decode_steps"][MODEL] in ("compiled", "eager", "building")
+    chat(server.client("alpha"), max_tokens=2)
+    with pytest.raises(openai.PermissionDeniedError):
+        chat(server.client("delta"))
     text = server.metrics()
     for name in ("realm_requests_total", "realm_prompt_tokens_total", "realm_completion_tokens_total",
                  "realm_time_to_first_token_seconds_bucket", "realm_time_per_output_token_seconds_bucket",

@@ -1,98 +1,331 @@
-"""The decode step as one compiled graph (torch.compile with Inductor) on the CPU.
+"""The decode step compiled ahead of time (torch.export + AOTInductor), loaded as a library.
 
 Eagerly, a decode step spends more time dispatching its ~60 small PyTorch operations per
-layer than running them: on smollm2 about 4.7 ms of a 9 ms token went to operations other
-than the int4 products. Inductor fuses them into a few C++ loops around the products and
-the attention gather, and its C++ wrapper (`cpp_wrapper`) calls those loops and the
-products from C++ too: no Python runs between kernels, and the whole step runs without
-the GIL, which the server's guests and HTTP loop need meanwhile. Against Inductor's Python
-wrapper, a lone smollm2 step went from 5.5-5.8 ms to 4.9-5.6 ms (3 alternating runs,
-medians of 30 steps); a batch of 8 ran the same. One graph with dynamic batch size and
-length serves every batch of two or more; a lone sequence gets a graph of its own (dynamo
-specialises size 1), which carries its activations as compensated pairs (backends/linear.py).
+layer than running them. Inductor fuses them into a few C++ loops around the matrix
+products, and AOTInductor writes the whole step, wrapper included, as one shared library:
+no Python runs between kernels and the GIL is free while it runs, which the server's
+guests and HTTP loop need meanwhile.
 
-Costs and safety:
-- The first decode step of a model shape compiles: about three minutes on 2 cores for the
-  two graphs, twice what the Python wrapper took, once per machine. Inductor caches the
-  result on disk, under `$REALM_HOME/compiled` unless TORCHINDUCTOR_CACHE_DIR says
-  otherwise; a cached graph loads in seconds.
-- The graph keeps the guards on its inputs and their sizes, none on the model: guarding
-  every weight of every layer cost ~0.8 ms a step. (The size guards must stay: without
-  them a lone sequence ran through the batch graph, which rounds its activations.) Each
-  model compiles over its own copy of the step's code (`_own_code`), so its graphs are its
-  own, and a model never changes after loading.
-- If compiling fails (no C++ compiler, say) the step runs eagerly, with one warning.
-  REALM_COMPILE=0 turns compiling off.
+Built once, ahead of time, never in a user's way (`realm compile`, `realm pull --compile`,
+or a background process that a first run starts): loading the library takes milliseconds,
+where `torch.compile` re-traced the step in every process (~20 s) and compiled it for
+minutes on first use. A model runs its eager step until its artifacts are there.
+
+What is compiled is a run of `layers_per_graph` layers with their weights as inputs, not
+constants, so one small graph serves every run of layers of the model (five calls a step
+for smollm2's 30 layers, three for gemma3's 18): a sixth of the tracing and C++ that the
+whole unrolled step took (a graph builds in about 30 s on 2 cores instead of 100). Two
+graphs per model: one for a lone sequence, whose activations go in as compensated pairs
+(backends/linear.py), and one for any batch of two rows or more, rounded to bf16.
+
+Artifacts live in `$REALM_HOME/compiled/<key>/`, the key hashing everything that makes
+them invalid: the artifact format, torch's version, the CPU's features, the model's SHA-256
+and the source of the code that is compiled. A manifest written last lists each file's
+SHA-256; a missing, truncated or altered file is a warning and a rebuild, never a crash.
+REALM_COMPILE=off runs the eager step only; =cached uses artifacts but never builds them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import os
-import re
-import types
-from typing import Any, Callable
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 
-from realm.models import catalogue
+from realm.backends import linear
+from realm.models import catalogue, config, quants, transformer
+from realm.models.transformer import LayerWeights, RopeTables, Transformer
 
 log = logging.getLogger(__name__)
 
-_DECODE_INPUTS = ("x", "positions", "blocks", "offsets", "tables", "rope", "keys", "values")
+FORMAT = 1
+"""Bumped whenever the layout of an artifact directory changes."""
+MIN_LAYERS_PER_GRAPH = 6
+"""Fewer layers a graph means faster builds but more calls a step (each ~20 us and a trip
+through the GIL); six keeps a step at three to five calls for the models we run."""
+GRAPHS = {"lone": 1, "batch": 2}
+"""Graph name -> the rows of the example it is traced with (a batch graph takes 2 and up)."""
+_MODES = {"auto": "auto", "1": "auto", "on": "auto", "cached": "cached", "0": "off", "off": "off", "false": "off", "no": "off"}
+_SOURCES = (transformer, linear, quants, config)  # the code a graph is made of, besides this module
 
 
-def compile_enabled() -> bool:
-    return os.environ.get("REALM_COMPILE", "1") not in ("0", "false", "no", "off")
+def compile_mode() -> str:
+    """REALM_COMPILE: `auto` (default: use the artifacts, build missing ones in the
+    background), `cached` (use them, never build) or `off` (the eager step only)."""
+    raw = os.environ.get("REALM_COMPILE", "auto").strip().lower()
+    return _MODES.get(raw, "auto")
 
 
-def _keep_guard(entry: Any) -> bool:
-    """Guards on the step's inputs and the unnamed ones (the shape environment's, which keep
-    a lone sequence off the batch graph, and global state); none on the model (`self`)."""
-    return re.split(r"[.\[]", entry.name, maxsplit=1)[0] in (*_DECODE_INPUTS, "")
+def layers_per_graph(cfg: config.ModelConfig) -> int:
+    """The fewest layers (at least MIN_LAYERS_PER_GRAPH) that divide the model into equal
+    runs with the same pattern of sliding-window layers, so one graph serves them all."""
+    n = cfg.n_layers
+    for size in range(min(MIN_LAYERS_PER_GRAPH, n), n + 1):
+        if n % size == 0 and all(cfg.is_sliding(i) == cfg.is_sliding(i % size) for i in range(n)):
+            return size
+    return n
 
 
-def _own_code(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """The bound method `step` over a copy of its code: dynamo keeps compiled graphs per
-    code object, so each model gets graphs of its own, and with no guards on the model
-    none can ever run another model's graph."""
-    fn = step.__func__  # type: ignore[attr-defined]
-    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    return types.MethodType(copy, step.__self__)  # type: ignore[attr-defined]
+# --------------------------------------------------------------------------- artifact keys
 
 
-def _mark_dynamic(x, positions, blocks, offsets, tables, rope, keys, values) -> None:  # noqa: ANN001
-    """The sizes that change from step to step: batch, blocks attended, blocks in the pool.
-    Everything else (every weight) stays static, which keeps compiling to minutes."""
-    for t in (x, positions, blocks, offsets, tables, *(t for pair in rope for t in pair)):
-        torch._dynamo.maybe_mark_dynamic(t, 0)
-    torch._dynamo.maybe_mark_dynamic(tables, 1)
+def _cpu_features() -> str:
+    """What the generated code may rely on: the ISA PyTorch picked and the CPU's flags."""
+    flags = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                break
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {flags}"
+
+
+def _code_version() -> str:
+    digest = hashlib.sha256()
+    for module in (*_SOURCES, __import__(__name__, fromlist=["_"])):
+        digest.update(Path(module.__file__).read_bytes())  # type: ignore[arg-type]
+    return digest.hexdigest()
+
+
+def artifact_key(model_sha256: str) -> str:
+    parts = {
+        "format": FORMAT,
+        "torch": torch.__version__,
+        "cpu": _cpu_features(),
+        "code": _code_version(),
+        "model": model_sha256,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def artifact_dir(model_sha256: str) -> Path:
+    return catalogue.realm_home() / "compiled" / artifact_key(model_sha256)
+
+
+def has_artifacts(model_sha256: str) -> bool:
+    """Whether a complete build for this model, machine and code is on disk (not checked
+    byte for byte: `load` does that)."""
+    return (artifact_dir(model_sha256) / "manifest.json").is_file()
+
+
+# --------------------------------------------------------------------------- the layers as a pytree
+
+# The layers go into the exported graph as inputs: torch.export flattens them to tensors
+# through these registrations, and a call hands the same tensors over in the same order.
+
+
+def _int4_flatten(lin: linear.Int4Linear) -> tuple[list[torch.Tensor], tuple[int, int, int]]:
+    return [lin.packed, lin.scales_zeros], (lin.n_planes, lin.out_features, lin.in_features)
+
+
+def _int4_unflatten(tensors: Sequence[torch.Tensor], context: tuple[int, int, int]) -> linear.Int4Linear:
+    lin = linear.Int4Linear.__new__(linear.Int4Linear)
+    lin.packed, lin.scales_zeros = tensors
+    lin.n_planes, lin.out_features, lin.in_features = context
+    lin.dense = None  # the graph always reads the planes
+    return lin
+
+
+def _dense_flatten(lin: linear.DenseLinear) -> tuple[list[torch.Tensor], None]:
+    return [lin.weight], None
+
+
+def _dense_unflatten(tensors: Sequence[torch.Tensor], _: None) -> linear.DenseLinear:
+    lin = linear.DenseLinear.__new__(linear.DenseLinear)
+    (lin.weight,) = tensors
+    lin.out_features, lin.in_features = lin.weight.shape
+    return lin
+
+
+def _with_keys(flatten: Callable, names: Sequence[str]) -> Callable:
+    def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, torch.Tensor]], Any]:
+        tensors, context = flatten(obj)
+        return [(pytree.GetAttrKey(n), t) for n, t in zip(names, tensors)], context
+
+    return flatten_with_keys
+
+
+pytree.register_pytree_node(
+    linear.Int4Linear, _int4_flatten, _int4_unflatten, serialized_type_name="realm.Int4Linear",
+    flatten_with_keys_fn=_with_keys(_int4_flatten, ("packed", "scales_zeros")),
+)
+pytree.register_pytree_node(
+    linear.DenseLinear, _dense_flatten, _dense_unflatten, serialized_type_name="realm.DenseLinear",
+    flatten_with_keys_fn=_with_keys(_dense_flatten, ("weight",)),
+)
+torch.export.register_dataclass(LayerWeights, serialized_type_name="realm.LayerWeights")
+
+
+# --------------------------------------------------------------------------- running
+
+
+class CompiledDecode:
+    """`Transformer.decode_layers` for given layers, as calls of the compiled graphs: the
+    step's x goes through each run of layers in turn."""
+
+    def __init__(self, runners: dict[str, Any], layers: Sequence[LayerWeights], per_graph: int) -> None:
+        self._lone, self._batch = runners["lone"].run, runners["batch"].run
+        self._per_graph = per_graph
+        self._weights = [pytree.tree_leaves(list(layers[i : i + per_graph])) for i in range(0, len(layers), per_graph)]
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        blocks: torch.Tensor,
+        offsets: torch.Tensor,
+        tables: torch.Tensor,
+        rope: RopeTables,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        run = self._lone if x.shape[0] == 1 else self._batch
+        shared = [t.contiguous() for t in (positions, blocks, offsets, tables, *(t for pair in rope for t in pair))]
+        n = self._per_graph
+        for g, weights in enumerate(self._weights):
+            x = run([*weights, x.contiguous(), *shared, *keys[g * n : (g + 1) * n], *values[g * n : (g + 1) * n]])[0]
+        return x
+
+
+def load(directory: Path, layers: Sequence[LayerWeights], per_graph: int) -> CompiledDecode | None:
+    """The compiled step from `directory`, or None (with a warning, and the directory
+    removed so that it is built again) if any file is missing, altered or unloadable."""
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+        runners = {}
+        for name in GRAPHS:
+            path = directory / f"{name}.pt2"
+            with open(path, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != manifest["files"][f"{name}.pt2"]:
+                    raise ValueError(f"{path.name} does not match its manifest (truncated or altered)")
+            runners[name] = _load_package(path)
+            expected = len(pytree.tree_leaves(list(layers[:per_graph])))
+            if manifest["weights_per_graph"] != expected or manifest["layers_per_graph"] != per_graph:
+                raise ValueError("it was built for other weights")
+        return CompiledDecode(runners, layers, per_graph)
+    except Exception as e:  # any defect of a cached file: rebuild rather than fail
+        log.warning("ignoring the compiled decode step in %s (%s); it will be built again", directory, e)
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+
+
+def _load_package(path: Path) -> Any:
+    """AOTInductor's loader itself: `torch._inductor.package.load_package` wraps the same
+    object but importing it costs about 2 s, more than the rest of a warm start."""
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+
+
+# --------------------------------------------------------------------------- building
+
+
+class _Step(torch.nn.Module):
+    """What torch.export traces: the decode layers as a function of their weights."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        layers: list[LayerWeights],
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        blocks: torch.Tensor,
+        offsets: torch.Tensor,
+        tables: torch.Tensor,
+        rope: RopeTables,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        return self.model.decode_layers(layers, x, positions, blocks, offsets, tables, rope, keys, values)
+
+
+def _example(model: Transformer, rows: int, per_graph: int, block_size: int) -> tuple:
+    """Inputs of the shapes a step sees (values do not matter): `rows` tokens over a
+    pool of 4 blocks, each row's table 2 blocks long."""
+    cfg = model.config
+    positions = torch.zeros(rows, dtype=torch.long)
+    pool = [torch.zeros(4, cfg.n_kv_heads, block_size, cfg.head_dim) for _ in range(2 * per_graph)]
+    return (
+        torch.zeros(rows, cfg.dim),
+        positions,
+        torch.ones(rows, dtype=torch.long),
+        torch.zeros(rows, dtype=torch.long),
+        torch.ones(rows, 2, dtype=torch.long),
+        model.rope_tables(positions, torch.device("cpu")),
+        pool[:per_graph],
+        pool[per_graph:],
+    )
+
+
+def _dynamic_shapes(example: tuple, rows: int) -> Any:
+    """Which sizes vary from call to call: rows (batch graph only), the blocks a row's
+    table holds, the blocks in the pool. Every weight's shape is fixed."""
+    from torch.export import Dim, ShapesCollection
+
+    b = Dim("rows", min=2, max=transformer.GRAPH_CELLS) if rows > 1 else None
+    n, pool = Dim("table", min=2, max=1 << 20), Dim("pool", min=2, max=1 << 24)
+    x, positions, blocks, offsets, tables, rope, keys, values = example
+    shapes = ShapesCollection()
+    for t in (x, positions, blocks, offsets, *(t for pair in rope for t in pair)):
+        shapes[t] = {0: b} if b else {}
+    shapes[tables] = {0: b, 1: n} if b else {1: n}
     for t in (*keys, *values):
-        torch._dynamo.maybe_mark_dynamic(t, 0)
+        shapes[t] = {0: pool}
+    return shapes
 
 
-def compile_decode(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """`step` compiled; on a compile failure, `step` itself from then on."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(catalogue.realm_home() / "compiled"))
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    # Round to bf16 where the code says so, even inside a fused kernel: the compensated
-    # products (backends/linear.py) take lo = x - bf16(x), which is 0 if bf16(x) stays f32.
-    torch._inductor.config.emulate_precision_casts = True
-    options = {"guard_filter_fn": lambda entries: [_keep_guard(e) for e in entries], "cpp_wrapper": True}
-    compiled = torch.compile(_own_code(step), options=options)
-    broken = False
+def build(
+    model: Transformer, model_sha256: str, block_size: int, on_stage: Callable[[str], None] = lambda _: None
+) -> Path:
+    """Export and compile both graphs for `model` into its artifact directory. Built in a
+    scratch directory and renamed into place, manifest last, so no reader sees half a build."""
+    import torch._inductor
 
-    def run(*args: Any) -> torch.Tensor:
-        nonlocal broken
-        if broken:
-            return step(*args)
-        try:
-            _mark_dynamic(*args)
-            return compiled(*args)
-        except Exception as exc:
-            out = step(*args)  # the input's own fault raises here, and compiling stays on
-            broken = True
-            log.warning("compiling the decode step failed, running it eagerly: %s", exc)
-            return out
+    directory = artifact_dir(model_sha256)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    per_graph = layers_per_graph(model.config)
+    layers = list(model.weights.layers[:per_graph])
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=".build-") as scratch:
+        files = {}
+        for name, rows in GRAPHS.items():
+            example = _example(model, rows, per_graph, block_size)
+            on_stage(f"tracing the {name} graph")
+            program = torch.export.export(
+                _Step(model), (layers, *example), dynamic_shapes=_dynamic_shapes(example, rows), strict=False
+            )
+            on_stage(f"compiling the {name} graph")
+            path = Path(scratch) / f"{name}.pt2"
+            # Round to bf16 where the code says so, even inside a fused kernel: the compensated
+            # products (backends/linear.py) take lo = x - bf16(x), which is 0 if bf16(x) stays f32.
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(path), inductor_configs={"emulate_precision_casts": True}
+            )
+            with open(path, "rb") as f:
+                files[path.name] = hashlib.file_digest(f, "sha256").hexdigest()
+        manifest = {
+            "format": FORMAT,
+            "model_sha256": model_sha256,
+            "torch": torch.__version__,
+            "layers_per_graph": per_graph,
+            "weights_per_graph": len(pytree.tree_leaves(layers)),
+            "build_seconds": round(time.perf_counter() - started, 1),
+            "files": files,
+        }
+        (Path(scratch) / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(scratch, directory)
+        os.mkdir(scratch)  # for TemporaryDirectory's cleanup
+    return directory
 
-    return run

@@ -11,12 +11,11 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from realm.backends import linear
-from realm.backends.compiled import compile_decode, compile_enabled
 from realm.backends.embedding import RawEmbedding
 from realm.backends.screened import ScreenedLinear
 from realm.errors import BackendUnavailable, InvalidArgument
@@ -52,11 +51,6 @@ class Backend:
         if self.kind == BackendKind.CPU:
             return ScreenedLinear(tensor)
         return linear.pack_dense([tensor], self.device, torch.float32)
-
-    def decode_compiler(self) -> Callable | None:
-        """What compiles the decode step here: Inductor on the CPU, nothing elsewhere (the
-        naive backend is the float32 reference; the GPU path is launch-bound, not tested)."""
-        return compile_decode if self.kind == BackendKind.CPU and compile_enabled() else None
 
     def make_embedding(self, tensor: TensorData) -> Embedding:
         return RawEmbedding(tensor, self.device)

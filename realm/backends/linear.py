@@ -47,11 +47,11 @@ DENSE_MIN_ROWS = 4
 def _bf16_product(kernel, x: torch.Tensor) -> torch.Tensor:
     """kernel(x) for a kernel of bf16 rows: a lone row carried as hi + lo rows, several
     rows rounded to bf16 (see the module docstring)."""
-    if len(x) > 1:
+    if x.shape[0] > 1:
         return kernel(x.to(torch.bfloat16)).float()
     hi = x.to(torch.bfloat16)
     y = kernel(torch.cat((hi, (x - hi).to(torch.bfloat16))))
-    return y[len(x) :].float().add_(y[: len(x)])
+    return y[x.shape[0] :].float().add_(y[: x.shape[0]])
 
 
 class DenseLinear:
@@ -103,7 +103,7 @@ class Int4Linear:
         self.scales_zeros = sz.to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and len(x) >= DENSE_MIN_ROWS and not torch.compiler.is_compiling():
+        if self.dense is not None and x.shape[0] >= DENSE_MIN_ROWS and not torch.compiler.is_compiling():
             return self.dense(x)
         if self.n_planes > 1:
             x = x.repeat(1, self.n_planes)

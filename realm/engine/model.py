@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from realm.backends.devices import Backend
+from realm.engine import compiled_step
 from realm.engine.generation import Generation
 from realm.engine.kv_cache import KVPool
 from realm.engine.sampling import SamplingParams
@@ -55,14 +56,12 @@ class Model:
             )
         return Session(self.transformer, n, self.kv_pool)
 
-    def warm_up(self) -> None:
-        """Decode steps of one and of two sequences, so that their compiled graphs are built
-        (or read from the cache) now rather than in the first request."""
-        first, second = self.new_session(4), self.new_session(4)
-        first.feed([0])
-        second.feed([0])
-        chunks = [first.chunk([0]), second.chunk([0])]
-        self.transformer.forward(chunks)
+    @property
+    def decode_step(self) -> str:
+        """What decodes this model: `compiled`, `building` (eager while a build runs) or `eager`."""
+        if self.transformer.compiled:
+            return "compiled"
+        return "building" if compiled_step.status(self.sha256) == "building" else "eager"
 
     def encode_prompt(self, text: str, chat: bool = False) -> list[int]:
         """Prompt text -> tokens the way llama.cpp does: BOS by the model's rule, special
@@ -125,16 +124,24 @@ class Model:
         }
 
 
-def load(name_or_path: str, backend: Backend, progress: bool = True) -> Model:
+def load(name_or_path: str, backend: Backend, progress: bool = True, compile_mode: str | None = None) -> Model:
     """A catalogue name (fetched on first use) or a path to a GGUF file, loaded on `backend`."""
     path = catalogue.resolve(name_or_path, progress=progress)
     entry = catalogue.CATALOGUE.get(name_or_path)
     return load_model(path, backend, name=entry.name if entry else None,
-                      sha256=entry.sha256 if entry else None)
+                      sha256=entry.sha256 if entry else None, compile_mode=compile_mode)
 
 
-def load_model(path: str | Path, backend: Backend, name: str | None = None, sha256: str | None = None) -> Model:
-    """Open a GGUF and pack its weights for `backend`; every defect is a ModelFormatError."""
+def load_model(
+    path: str | Path,
+    backend: Backend,
+    name: str | None = None,
+    sha256: str | None = None,
+    compile_mode: str | None = None,
+) -> Model:
+    """Open a GGUF and pack its weights for `backend`; every defect is a ModelFormatError.
+    The decode step is the compiled one if it is built, else eager (see
+    engine/compiled_step.py; `compile_mode` overrides REALM_COMPILE)."""
     started = time.perf_counter()
     path = Path(path)
     with transient_heap():
@@ -150,7 +157,7 @@ def load_model(path: str | Path, backend: Backend, name: str | None = None, sha2
             gguf, config, backend.pack_linear, backend.pack_output, backend.make_embedding, backend.make_vector
         )
         gguf.drop_resident_pages()
-    return Model(
+    model = Model(
         name=name or path.stem,
         path=path,
         sha256=sha256 or sha256_file(path),
@@ -159,12 +166,14 @@ def load_model(path: str | Path, backend: Backend, name: str | None = None, sha2
         tokenizer=tokenizer,
         chat_template=template,
         chat_template_error=template_error,
-        transformer=Transformer(config, weights, backend.decode_compiler()),
+        transformer=Transformer(config, weights),
         kv_pool=KVPool(config, backend.device),
         backend=backend,
         load_seconds=time.perf_counter() - started,
         rss_after_load=rss_bytes(),
     )
+    compiled_step.attach(model, compile_mode)
+    return model
 
 
 def weight_bytes(weights: Any) -> int:

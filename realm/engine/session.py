@@ -21,6 +21,9 @@ class Session:
         self.vocab_size = transformer.config.vocab_size
         self.tokens: list[int] = []
         self.kv = KVCache(pool, context_length)
+        # The decode step this sequence started with, kept to its end: a model switched to its
+        # compiled step meanwhile (engine/compiled_step.py) changes no sequence midway.
+        self.graph = transformer.decode_graph
 
     def check(self, tokens: Sequence[int]) -> None:
         """Refuse tokens outside the vocabulary or past the context before any work is done."""
@@ -36,7 +39,7 @@ class Session:
     def chunk(self, tokens: Sequence[int], all_logits: bool = False) -> Chunk:
         """The next forward step for this session, for a caller that batches sessions."""
         self.check(tokens)
-        return Chunk(list(tokens), len(self.tokens), self.kv, all_logits)
+        return Chunk(list(tokens), len(self.tokens), self.kv, all_logits, self.graph)
 
     def commit(self, chunk: Chunk) -> None:
         """Record that `chunk` has run."""

@@ -88,6 +88,11 @@ class Weights:
     output: Linear  # dim -> vocab
 
 
+DecodeGraph = Callable[..., torch.Tensor]
+"""`decode_layers` with the layers bound: (x, positions, blocks, offsets, tables, rope, keys,
+values) -> the last hidden states."""
+
+
 @dataclass
 class Chunk:
     """New tokens of one sequence, starting at position `start` of its KV cache."""
@@ -96,6 +101,7 @@ class Chunk:
     start: int
     kv: KVStore
     all_logits: bool = False  # logits for every token (perplexity), else only the last
+    graph: DecodeGraph | None = field(default=None, repr=False)  # the decode step it keeps to
     logits: torch.Tensor | None = field(default=None, repr=False)  # filled by forward()
 
 
@@ -151,25 +157,32 @@ so this bounds that copy (50 MB a layer for smollm2) when prompts join."""
 
 RopeTables = list[tuple[torch.Tensor, torch.Tensor]]
 """cos and sin of a step's token positions for each RoPE of the model: global, then local."""
-DecodeGraph = Callable[..., torch.Tensor]
 
 
 class Transformer:
     """Config + weights + RoPE tables: everything immutable about a loaded model.
 
-    `compile_decode` wraps the decode step (`decode_layers`) in a compiler, such as
-    `realm.backends.compiled.compile_decode`; the step is the same function either way."""
+    `decode_graph` runs the decode step: `decode_layers` over the model's layers op by op
+    until a compiled graph of the same function replaces it (`use_decode_graph`;
+    realm/backends/compiled.py), which may happen between any two steps."""
 
-    def __init__(
-        self, config: ModelConfig, weights: Weights, compile_decode: Callable[[DecodeGraph], DecodeGraph] | None = None
-    ) -> None:
+    def __init__(self, config: ModelConfig, weights: Weights) -> None:
         self.config = config
         self.weights = weights
         cfg = config
         self.ropes = [Rope(cfg.head_dim, cfg.rope_base, cfg.rope_neox, cfg.rope_scale)]
         if cfg.sliding_window:
             self.ropes.append(Rope(cfg.head_dim, cfg.rope_base_local, cfg.rope_neox))
-        self._decode_graph = compile_decode(self.decode_layers) if compile_decode else self.decode_layers
+        self.decode_graph: DecodeGraph = self._eager_decode
+        self.compiled = False
+
+    def use_decode_graph(self, graph: DecodeGraph | None) -> None:
+        """Decode through `graph` from the next step on (None: back to the eager step)."""
+        self.decode_graph = graph or self._eager_decode
+        self.compiled = graph is not None
+
+    def _eager_decode(self, *inputs: Any) -> torch.Tensor:
+        return self.decode_layers(self.weights.layers, *inputs)
 
     @torch.inference_mode()
     def forward(self, chunks: Sequence[Chunk]) -> None:
@@ -185,8 +198,11 @@ class Transformer:
                 rows, keys = rows + n, max(keys, end)
             else:
                 layered.append(c)
-        if graph:
-            self.decode(graph)
+        by_graph: dict[DecodeGraph, list[Chunk]] = {}
+        for c in graph:
+            by_graph.setdefault(c.graph or self.decode_graph, []).append(c)
+        for step, group in by_graph.items():
+            self.decode(group, step)
         if layered:
             with layered[0].kv.pool.lock:
                 x = self.embed(layered)
@@ -196,11 +212,12 @@ class Transformer:
                 self.logits(x, layered)
 
     @torch.inference_mode()
-    def decode(self, chunks: Sequence[Chunk]) -> None:
+    def decode(self, chunks: Sequence[Chunk], step: DecodeGraph | None = None) -> None:
         """Every token of the chunks as a row of one call of the decode graph, at its own
         position over its sequence's blocks: a sequence's keys are gathered from the pool
         through its block table, padded to the longest and masked past the row's position,
-        so the graph is the same whatever the rows and lengths. Sets each chunk's last logits."""
+        so the graph is the same whatever the rows and lengths. Sets each chunk's last logits.
+        `step` is the decode step to run (default: the model's current one)."""
         pool = chunks[0].kv.pool
         with pool.lock:
             for c in chunks:
@@ -213,11 +230,12 @@ class Transformer:
             if tables.shape[1] == 1:  # a table of one block would be a graph of its own
                 tables = F.pad(tables, (0, 1))
             rope = self.rope_tables(positions, x.device)
-            hidden = self._decode_graph(x, positions.to(x.device), blocks, offsets, tables, rope, pool.keys, pool.values)
+            hidden = (step or self.decode_graph)(x, positions.to(x.device), blocks, offsets, tables, rope, pool.keys, pool.values)
         self.logits(hidden, chunks)
 
     def decode_layers(
         self,
+        layers: Sequence[LayerWeights],
         x: torch.Tensor,
         positions: torch.Tensor,
         blocks: torch.Tensor,
@@ -227,16 +245,17 @@ class Transformer:
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
     ) -> torch.Tensor:
-        """The decode step as a pure function of tensors (what gets compiled): x (B, dim) at
-        `positions` (B,); writes each layer's new keys and values at `blocks`, `offsets` (B,)
-        of the pool, then attends over the blocks of each row's table (B, N), padded with
-        the zero block and masked past its position; the last hidden states (B, dim)."""
+        """The decode step as a pure function of tensors (what gets compiled): `layers` (the
+        model's, or a run of them with the same pattern of sliding layers) over x (B, dim)
+        at `positions` (B,); writes each layer's new keys and values at `blocks`, `offsets`
+        (B,) of the pool, then attends over the blocks of each row's table (B, N), padded
+        with the zero block and masked past its position; the last hidden states (B, dim)."""
         cfg = self.config
         b, group = x.shape[0], cfg.n_heads // cfg.n_kv_heads
         key_pos = torch.arange(tables.shape[1] * keys[0].shape[2], device=x.device)[None, :]
         visible = key_pos <= positions[:, None]
         in_window = key_pos > positions[:, None] - cfg.sliding_window if cfg.sliding_window else visible
-        for i, layer in enumerate(self.weights.layers):
+        for i, layer in enumerate(layers):
             r = self._rope_index(i)
             q, k, v = self._qkv(layer, x, self.ropes[r].neox, *rope[r])
             keys[i][blocks, :, offsets] = k

@@ -428,7 +428,8 @@ def create_app(settings: ServerSettings | None = None, *, host: Host | None = No
     @app.get("/health")
     async def health() -> dict:
         host.check_ready()
-        return {"status": "ok", "models": list(host.models), "tenants": len(host.tenants)}
+        return {"status": "ok", "models": list(host.models), "tenants": len(host.tenants),
+                "decode_steps": {name: entry.model.decode_step for name, entry in host.models.items()}}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -143,7 +143,6 @@ class Host:
                     )
                 path = catalogue.resolve(m.name, progress=self.progress)
                 entry = store.store_path(path, name=m.name, sha256=known.sha256)
-            entry.model.warm_up()  # compile the decode step before /health says ready
             self.models[m.name] = entry
             self.loaded_at[m.name] = int(time.time())
             self.router.add(BatchScheduler(entry.model.transformer, s.max_batch_tokens, self.metrics.observer(m.name),
