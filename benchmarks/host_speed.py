@@ -40,6 +40,7 @@ def main() -> None:
     results = []
     for name in args.models:
         path = pull(name, progress=False)
+        subprocess.run([sys.executable, "-m", "realm.cli", "compile", name], check=True)  # measure the compiled step
         realm_runs, llama_runs = [], []
         for _ in range(args.rounds):
             realm_runs.append(run_json([

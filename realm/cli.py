@@ -37,23 +37,16 @@ def _load(model: str, backend: str | None = None, compile_mode: str | None = Non
 
 def _build_compiled(model) -> None:
     """Build `model`'s compiled decode step now, showing each stage as it goes."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from realm.backends.compiled import GRAPHS
     from realm.engine import compiled_step
 
     if not compiled_step.can_compile(model):
         raise _usage(f"the {model.backend.name} backend runs no compiled decode step")
-    stages = iter(range(2 * len(GRAPHS)))  # tracing, then compiling, each graph
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=err, disable=not sys.stderr.isatty()) as bar:
-        task = bar.add_task(f"{model.name}: compiling the decode step", total=2 * len(GRAPHS))
-
-        def stage(what: str) -> None:
-            bar.update(task, description=f"{model.name}: {what}", completed=next(stages))
-
-        directory = compiled_step.build(model, stage)
-        bar.update(task, completed=2 * len(GRAPHS))
+        task = bar.add_task(f"{model.name}: compiling the decode step", total=None)
+        directory = compiled_step.build(model, lambda what: bar.update(task, description=f"{model.name}: {what}"))
     err.print(f"{model.name}: compiled decode step in {directory}")
 
 

@@ -52,7 +52,7 @@ def test_artifacts_load_and_decode_like_the_built_ones(home_with_artifacts, smol
 def test_a_damaged_artifact_is_a_warning_and_a_rebuild_not_a_crash(
     damage, home_with_artifacts, smollm2_path, cpu_backend, caplog
 ):
-    lone = home_with_artifacts / "lone.pt2"
+    lone = next(home_with_artifacts.glob("lone-*.pt2"))
     data = lone.read_bytes()
     if damage == "truncated":
         lone.write_bytes(data[: len(data) // 2])
@@ -73,7 +73,7 @@ def test_artifacts_for_other_weights_are_refused(home_with_artifacts, smollm2_co
     layers = smollm2_compiled.transformer.weights.layers
     per = compiled.layers_per_graph(smollm2_compiled.config)
     assert compiled.load(home_with_artifacts, layers, per) is not None
-    manifest["weights_per_graph"] += 1
+    manifest["runs"][0] = "0" * 16
     (home_with_artifacts / "manifest.json").write_text(json.dumps(manifest))
     assert compiled.load(home_with_artifacts, layers, per) is None
 
@@ -88,11 +88,15 @@ def test_status_tells_compiled_building_and_none(home_with_artifacts, smollm2_co
     assert compiled_step.status(sha) == "none"
 
 
-def test_layers_per_graph_keeps_the_sliding_pattern(smollm2, gemma3):
+def test_runs_keep_the_sliding_pattern_and_each_kind_of_run_gets_its_own_graph(smollm2, gemma3):
     assert compiled.layers_per_graph(smollm2.config) == 6  # 30 layers, none sliding
     per = compiled.layers_per_graph(gemma3.config)  # 18 layers, every 6th global
     assert gemma3.config.n_layers % per == 0
     assert all(gemma3.config.is_sliding(i) == gemma3.config.is_sliding(i % per) for i in range(gemma3.config.n_layers))
+    smollm2_runs = compiled.runs_of(smollm2.transformer.weights.layers, 6)
+    assert len({compiled.weights_signature(r) for r in smollm2_runs}) == 1  # Q4_1 throughout
+    gemma3_runs = compiled.runs_of(gemma3.transformer.weights.layers, per)
+    assert len({compiled.weights_signature(r) for r in gemma3_runs}) == 3  # Q4_K_M: layers of two kinds
 
 
 def test_compile_mode_reads_realm_compile(monkeypatch):

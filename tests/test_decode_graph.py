@@ -11,7 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from largest_logits import assert_largest_close
-from realm.backends.compiled import CompiledDecode, layers_per_graph
+from realm.backends.compiled import CompiledDecode, layers_per_graph, runs_of
 from realm.backends.screened import CANDIDATES
 from realm.engine.agreement import step_logits
 from realm.engine.kv_cache import BLOCK
@@ -51,8 +51,8 @@ class _Runner:
     """Stands in for a loaded graph: records which graph ran and the inputs it was given,
     and hands x back."""
 
-    def __init__(self, name: str, calls: list) -> None:
-        self.name, self.calls = name, calls
+    def __init__(self, name: str, calls: list, x_at: int) -> None:
+        self.name, self.calls, self.x_at = name, calls, x_at
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         self.calls.append((self.name, inputs))
@@ -61,25 +61,24 @@ class _Runner:
 
 def test_a_lone_row_runs_the_lone_graph_and_every_run_of_layers_gets_its_own_weights(smollm2):
     """The dispatch around the loaded graphs: one row goes to the graph whose activations
-    are carried as pairs, several to the batch graph, and the step calls its graph once per
+    are carried as pairs, several to the batch graph, and the step calls a graph once per
     run of layers with that run's weights and that run's keys and values."""
     layers = smollm2.transformer.weights.layers
     per = layers_per_graph(smollm2.config)
+    runs = runs_of(layers, per)
     calls: list = []
-    runners = {"lone": _Runner("lone", calls), "batch": _Runner("batch", calls)}
-    n_weights = len(pytree.tree_leaves(list(layers[:per])))
-    for r in runners.values():
-        r.x_at = n_weights
-    step = CompiledDecode(runners, layers, per)
+    n_weights = len(pytree.tree_leaves(runs[0]))
+    graphs = [(_Runner(f"lone {i}", calls, n_weights), _Runner(f"batch {i}", calls, n_weights)) for i in range(len(runs))]
+    step = CompiledDecode(graphs, runs)
     keys = [torch.full((1,), float(i)) for i in range(len(layers))]
     values = [-k for k in keys]
-    for rows in (1, 3):
+    for rows, kind in ((1, "lone"), (3, "batch")):
         calls.clear()
         x, idx = torch.zeros(rows, 4), torch.zeros(rows, dtype=torch.long)
         step(x, idx, idx, idx, torch.zeros(rows, 2, dtype=torch.long), [], keys, values)
-        assert [name for name, _ in calls] == ["lone" if rows == 1 else "batch"] * (len(layers) // per)
+        assert [name for name, _ in calls] == [f"{kind} {i}" for i in range(len(runs))]
         for g, (_, inputs) in enumerate(calls):
-            assert inputs[0] is pytree.tree_leaves(list(layers[g * per : (g + 1) * per]))[0]
+            assert inputs[0] is pytree.tree_leaves(runs[g])[0]
             assert [float(k) for k in inputs[-2 * per : -per]] == list(range(g * per, (g + 1) * per))
 
 

@@ -210,16 +210,19 @@ def test_every_quantized_type_splits_into_exact_int4_planes(qtype: QT) -> None:
 
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q6_K], ids=lambda q: q.name)
 def test_planes_through_the_int4_kernel(qtype: QT) -> None:
-    """The planes side by side, fed the input repeated, give x @ W.T in one kernel call
-    (to bf16 precision: the kernel holds scales and zeros as bf16)."""
+    """The planes side by side, fed the input repeated, give x @ W.T in one kernel call, to
+    bf16 precision: the kernel holds each group's scale and zero in bf16 (a relative 2**-9
+    each), and over 40 random inputs the largest error came to 0.63 % of the largest
+    output, lone row or several. (An unseeded input once made this a coin toss at 0.5 %.)"""
     from realm.backends.linear import Int4Linear
 
     raw = random_blocks(qtype, seed=4)
     w = dequantize(raw, qtype, (ROWS, COLS))
-    x = torch.randn(3, COLS)
-    ref = x @ w.T
-    error = (Int4Linear(int4_planes(raw, qtype, (ROWS, COLS)))(x) - ref).abs().max()
-    assert error <= 5e-3 * ref.abs().max()
+    linear = Int4Linear(int4_planes(raw, qtype, (ROWS, COLS)))
+    for rows in (1, 3):
+        x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(rows))
+        ref = x @ w.T
+        assert (linear(x) - ref).abs().max() <= 1e-2 * ref.abs().max(), rows
 
 
 def test_int4_linear_with_rows_not_a_multiple_of_sixteen() -> None:

@@ -44,17 +44,17 @@ import torch.utils._pytree as pytree
 
 from realm.backends import linear
 from realm.models import catalogue, config, quants, transformer
-from realm.models.transformer import LayerWeights, RopeTables, Transformer
+from realm.models.transformer import LayerWeights, Transformer
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 """Bumped whenever the layout of an artifact directory changes."""
 MIN_LAYERS_PER_GRAPH = 6
 """Fewer layers a graph means faster builds but more calls a step (each ~20 us and a trip
 through the GIL); six keeps a step at three to five calls for the models we run."""
 GRAPHS = {"lone": 1, "batch": 2}
-"""Graph name -> the rows of the example it is traced with (a batch graph takes 2 and up)."""
+"""Graph kind -> the rows of the example it is traced with (a batch graph takes 2 and up)."""
 _MODES = {"auto": "auto", "1": "auto", "on": "auto", "cached": "cached", "0": "off", "off": "off", "false": "off", "no": "off"}
 _SOURCES = (transformer, linear, quants, config)  # the code a graph is made of, besides this module
 
@@ -169,50 +169,60 @@ torch.export.register_dataclass(LayerWeights, serialized_type_name="realm.LayerW
 # --------------------------------------------------------------------------- running
 
 
+def runs_of(layers: Sequence[LayerWeights], per_graph: int) -> list[list[LayerWeights]]:
+    return [list(layers[i : i + per_graph]) for i in range(0, len(layers), per_graph)]
+
+
+def weights_signature(run: Sequence[LayerWeights]) -> str:
+    """What a graph assumes of a run's weights: their structure, shapes and dtypes. Runs of
+    one model can differ (gemma3's Q4_K_M file mixes two kinds of layer), and each distinct
+    signature gets graphs of its own."""
+    leaves, spec = pytree.tree_flatten(list(run))
+    shapes = [(list(t.shape), str(t.dtype)) for t in leaves]
+    return hashlib.sha256(json.dumps([str(spec), shapes]).encode()).hexdigest()[:16]
+
+
 class CompiledDecode:
-    """`Transformer.decode_layers` for given layers, as calls of the compiled graphs: the
-    step's x goes through each run of layers in turn."""
+    """`Transformer.decode_layers` as calls of compiled graphs, one per run of layers, the
+    step's x going through each run in turn; `graphs[i]` is run i's (lone, batch) pair."""
 
-    def __init__(self, runners: dict[str, Any], layers: Sequence[LayerWeights], per_graph: int) -> None:
-        self._lone, self._batch = runners["lone"].run, runners["batch"].run
-        self._per_graph = per_graph
-        self._weights = [pytree.tree_leaves(list(layers[i : i + per_graph])) for i in range(0, len(layers), per_graph)]
+    def __init__(self, graphs: Sequence[tuple[Any, Any]], runs: Sequence[Sequence[LayerWeights]]) -> None:
+        self._per_graph = len(runs[0])
+        self._runs = [(lone.run, batch.run, pytree.tree_leaves(list(run))) for (lone, batch), run in zip(graphs, runs)]
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        blocks: torch.Tensor,
-        offsets: torch.Tensor,
-        tables: torch.Tensor,
-        rope: RopeTables,
-        keys: list[torch.Tensor],
-        values: list[torch.Tensor],
-    ) -> torch.Tensor:
-        run = self._lone if x.shape[0] == 1 else self._batch
+    def __call__(self, x: torch.Tensor, *inputs: Any) -> torch.Tensor:
+        """x and the other inputs of `Transformer.decode_layers` after the layers."""
+        positions, blocks, offsets, tables, rope, keys, values = inputs
+        lone = x.shape[0] == 1
         shared = [t.contiguous() for t in (positions, blocks, offsets, tables, *(t for pair in rope for t in pair))]
         n = self._per_graph
-        for g, weights in enumerate(self._weights):
+        for g, (run_lone, run_batch, weights) in enumerate(self._runs):
+            run = run_lone if lone else run_batch
             x = run([*weights, x.contiguous(), *shared, *keys[g * n : (g + 1) * n], *values[g * n : (g + 1) * n]])[0]
         return x
 
 
 def load(directory: Path, layers: Sequence[LayerWeights], per_graph: int) -> CompiledDecode | None:
     """The compiled step from `directory`, or None (with a warning, and the directory
-    removed so that it is built again) if any file is missing, altered or unloadable."""
+    removed so that it is built again) if any file is missing, altered or unloadable, or
+    was built for weights of other shapes."""
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
-        runners = {}
-        for name in GRAPHS:
-            path = directory / f"{name}.pt2"
-            with open(path, "rb") as f:
-                if hashlib.file_digest(f, "sha256").hexdigest() != manifest["files"][f"{name}.pt2"]:
-                    raise ValueError(f"{path.name} does not match its manifest (truncated or altered)")
-            runners[name] = _load_package(path)
-            expected = len(pytree.tree_leaves(list(layers[:per_graph])))
-            if manifest["weights_per_graph"] != expected or manifest["layers_per_graph"] != per_graph:
-                raise ValueError("it was built for other weights")
-        return CompiledDecode(runners, layers, per_graph)
+        runs = runs_of(layers, per_graph)
+        signatures = [weights_signature(r) for r in runs]
+        if manifest["layers_per_graph"] != per_graph or manifest["runs"] != signatures:
+            raise ValueError("it was built for weights of other shapes")
+        graphs = {}
+        for sig in dict.fromkeys(signatures):
+            pair = []
+            for kind in GRAPHS:
+                path = directory / f"{kind}-{sig}.pt2"
+                with open(path, "rb") as f:
+                    if hashlib.file_digest(f, "sha256").hexdigest() != manifest["files"][path.name]:
+                        raise ValueError(f"{path.name} does not match its manifest (truncated or altered)")
+                pair.append(_load_package(path))
+            graphs[sig] = tuple(pair)
+        return CompiledDecode([graphs[s] for s in signatures], runs)
     except Exception as e:  # any defect of a cached file: rebuild rather than fail
         log.warning("ignoring the compiled decode step in %s (%s); it will be built again", directory, e)
         shutil.rmtree(directory, ignore_errors=True)
@@ -235,19 +245,8 @@ class _Step(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(
-        self,
-        layers: list[LayerWeights],
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        blocks: torch.Tensor,
-        offsets: torch.Tensor,
-        tables: torch.Tensor,
-        rope: RopeTables,
-        keys: list[torch.Tensor],
-        values: list[torch.Tensor],
-    ) -> torch.Tensor:
-        return self.model.decode_layers(layers, x, positions, blocks, offsets, tables, rope, keys, values)
+    def forward(self, layers: list[LayerWeights], *inputs: Any) -> torch.Tensor:
+        return self.model.decode_layers(layers, *inputs)
 
 
 def _example(model: Transformer, rows: int, per_graph: int, block_size: int) -> tuple:
@@ -285,41 +284,54 @@ def _dynamic_shapes(example: tuple, rows: int) -> Any:
     return shapes
 
 
-def build(
-    model: Transformer, model_sha256: str, block_size: int, on_stage: Callable[[str], None] = lambda _: None
-) -> Path:
-    """Export and compile both graphs for `model` into its artifact directory. Built in a
-    scratch directory and renamed into place, manifest last, so no reader sees half a build."""
+def graph_jobs(model: Transformer) -> list[tuple[str, str]]:
+    """The graphs a model needs, as (weights signature, kind): each distinct run of layers
+    in a lone and a batch version. They build independently (`build_graph`)."""
+    runs = runs_of(model.weights.layers, layers_per_graph(model.config))
+    return [(sig, kind) for sig in dict.fromkeys(weights_signature(r) for r in runs) for kind in GRAPHS]
+
+
+def build_graph(model: Transformer, job: tuple[str, str], block_size: int, scratch: Path) -> tuple[str, str]:
+    """Export and compile one graph of `graph_jobs` into `scratch`: its file name and SHA-256."""
     import torch._inductor
 
+    sig, kind = job
+    per_graph = layers_per_graph(model.config)
+    run = next(r for r in runs_of(model.weights.layers, per_graph) if weights_signature(r) == sig)
+    example = _example(model, GRAPHS[kind], per_graph, block_size)
+    program = torch.export.export(
+        _Step(model), (run, *example), dynamic_shapes=_dynamic_shapes(example, GRAPHS[kind]), strict=False
+    )
+    path = scratch / f"{kind}-{sig}.pt2"
+    # Round to bf16 where the code says so, even inside a fused kernel: the compensated
+    # products (backends/linear.py) take lo = x - bf16(x), which is 0 if bf16(x) stays f32.
+    torch._inductor.aoti_compile_and_package(
+        program, package_path=str(path), inductor_configs={"emulate_precision_casts": True}
+    )
+    with open(path, "rb") as f:
+        return path.name, hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def build(
+    model: Transformer,
+    model_sha256: str,
+    build_graphs: Callable[[list[tuple[str, str]], Path], dict[str, str]],
+) -> Path:
+    """Build every graph of `model` with `build_graphs(jobs, scratch)` (which returns the
+    files it wrote, name -> SHA-256) and publish them as the model's artifact directory:
+    built in a scratch directory and renamed into place, so no reader sees half a build."""
     directory = artifact_dir(model_sha256)
     directory.parent.mkdir(parents=True, exist_ok=True)
     per_graph = layers_per_graph(model.config)
-    layers = list(model.weights.layers[:per_graph])
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=directory.parent, prefix=".build-") as scratch:
-        files = {}
-        for name, rows in GRAPHS.items():
-            example = _example(model, rows, per_graph, block_size)
-            on_stage(f"tracing the {name} graph")
-            program = torch.export.export(
-                _Step(model), (layers, *example), dynamic_shapes=_dynamic_shapes(example, rows), strict=False
-            )
-            on_stage(f"compiling the {name} graph")
-            path = Path(scratch) / f"{name}.pt2"
-            # Round to bf16 where the code says so, even inside a fused kernel: the compensated
-            # products (backends/linear.py) take lo = x - bf16(x), which is 0 if bf16(x) stays f32.
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=str(path), inductor_configs={"emulate_precision_casts": True}
-            )
-            with open(path, "rb") as f:
-                files[path.name] = hashlib.file_digest(f, "sha256").hexdigest()
+        files = build_graphs(graph_jobs(model), Path(scratch))
         manifest = {
             "format": FORMAT,
             "model_sha256": model_sha256,
             "torch": torch.__version__,
             "layers_per_graph": per_graph,
-            "weights_per_graph": len(pytree.tree_leaves(layers)),
+            "runs": [weights_signature(r) for r in runs_of(model.weights.layers, per_graph)],
             "build_seconds": round(time.perf_counter() - started, 1),
             "files": files,
         }
@@ -328,4 +340,3 @@ def build(
         os.replace(scratch, directory)
         os.mkdir(scratch)  # for TemporaryDirectory's cleanup
     return directory
-
