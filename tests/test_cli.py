@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REFERENCE
 
 
@@ -24,6 +26,7 @@ def test_tokenize_matches_llama_cpp(smollm2_path):
     assert json.loads(out.stdout) == case["ids"]
 
 
+@pytest.mark.slow  # a CLI process loading a model; the same logic is tested in-process elsewhere
 def test_tokenize_bos_and_special_flags(gemma3_path):
     plain = json.loads(realm("tokenize", "-m", "gemma3-270m", "<start_of_turn>hi").stdout)
     flagged = json.loads(realm("tokenize", "-m", "gemma3-270m", "--bos", "--special", "<start_of_turn>hi").stdout)
@@ -35,12 +38,14 @@ def test_run_streams_a_greedy_continuation(smollm2_path):
     assert out.stdout.startswith(" Paris")
 
 
+@pytest.mark.slow  # a CLI process loading a model; the same logic is tested in-process elsewhere
 def test_perplexity_json(smollm2_path):
     result = json.loads(realm("perplexity", "-m", "smollm2-135m", str(REFERENCE / "ppl_text.txt"), "--json").stdout)
     assert result["tokens"] == 302 and result["scored"] == 301
     assert abs(result["ppl"] / 15.6997 - 1) < 0.02
 
 
+@pytest.mark.slow  # a CLI process loading a model; the same logic is tested in-process elsewhere
 def test_bench_json(smollm2_path):
     result = json.loads(realm("bench", "-m", "smollm2-135m", "--prompt-tokens", "16", "--gen-tokens", "4",
                               "--repeats", "1", "--json").stdout)
@@ -68,6 +73,7 @@ def test_errors_are_one_clear_line(tmp_path):
     assert done.returncode == 1 and "no-such-model" in done.stderr
 
 
+@pytest.mark.slow  # a CLI process loading a model; the same logic is tested in-process elsewhere
 def test_a_model_that_cannot_chat_fails_at_once(gemma3_path):
     """gemma3's file has a template Realm cannot use: `--chat` says so, on both paths."""
     for path in (["--no-sandbox"], []):

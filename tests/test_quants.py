@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -15,6 +14,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from realm.errors import ModelFormatError
+from realm.models.gguf_file import GGUFFile
 from realm.models.quants import (
     INT4_EXACT,
     INT4_PLANES,
@@ -156,19 +156,21 @@ REAL = [
 ]
 
 @functools.cache
-def reader(path: Path) -> gguf.GGUFReader:
-    """Opened once per session: parsing gemma3's 262k-token vocabulary takes seconds."""
-    return gguf.GGUFReader(path)
+def reader(path: Path) -> GGUFFile:
+    """Realm's own reader (tests/test_gguf_file.py checks it against the gguf package's,
+    which takes 10 s over gemma3's vocabulary); the decoding below is still the package's."""
+    return GGUFFile(path)
 
 
 def first_tensor(path: Path, qtype: QT) -> tuple[np.ndarray, tuple[int, ...]]:
     """Up to MAX_ROWS rows of the model's first tensor of this type, with their logical shape."""
     if not path.exists():
         pytest.skip(f"{path} not present")
-    t = next(t for t in reader(path).tensors if t.tensor_type == qtype)
-    shape = tuple(int(n) for n in reversed(t.shape))
-    data = t.data[:MAX_ROWS]
-    return data, (data.shape[0], *shape[1:])
+    t = next(t for t in reader(path).tensors.values() if t.qtype == qtype)
+    data = np.asarray(t.raw)[:MAX_ROWS]
+    if qtype == QT.F32:  # the package decodes plain floats from their own dtype, not bytes
+        data = data.view(np.float32)
+    return data, (data.shape[0], *t.shape[1:])
 
 
 @pytest.mark.parametrize(("model", "qtype"), REAL, ids=lambda v: getattr(v, "name", v))

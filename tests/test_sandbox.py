@@ -284,6 +284,7 @@ def _memory64_config() -> wasmtime.Config:
 
 
 
+@pytest.mark.slow  # a CLI process; the guest path itself is tested in-process above
 def test_realm_run_goes_through_the_default_guest(smollm2):
     """`realm run` (a subprocess, as a user runs it) streams the host-direct greedy text."""
     import subprocess
