@@ -12,11 +12,12 @@ where `torch.compile` re-traced the step in every process (~20 s) and compiled i
 minutes on first use. A model runs its eager step until its artifacts are there.
 
 What is compiled is a run of `layers_per_graph` layers with their weights as inputs, not
-constants, so one small graph serves every run of layers of the model (five calls a step
-for smollm2's 30 layers, three for gemma3's 18): a sixth of the tracing and C++ that the
-whole unrolled step took (a graph builds in about 30 s on 2 cores instead of 100). Two
-graphs per model: one for a lone sequence, whose activations go in as compensated pairs
-(backends/linear.py), and one for any batch of two rows or more, rounded to bf16.
+constants, so one small graph serves every run of layers whose weights have the same
+shapes (five calls a step for smollm2's 30 layers, three for gemma3's 18): a fifth of the
+tracing and C++ that the whole unrolled step took (a graph builds in about 25 s on one
+core instead of 100). Each kind of run gets two graphs: one for a lone sequence, whose
+activations go in as compensated pairs (backends/linear.py), and one for any batch of two
+rows or more, rounded to bf16. smollm2 has one kind of run, gemma3's Q4_K_M file three.
 
 Artifacts live in `$REALM_HOME/compiled/<key>/`, the key hashing everything that makes
 them invalid: the artifact format, torch's version, the CPU's features, the model's SHA-256
@@ -28,6 +29,7 @@ REALM_COMPILE=off runs the eager step only; =cached uses artifacts but never bui
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -90,6 +92,7 @@ def _cpu_features() -> str:
     return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {flags}"
 
 
+@functools.cache
 def _code_version() -> str:
     digest = hashlib.sha256()
     for module in (*_SOURCES, __import__(__name__, fromlist=["_"])):

@@ -3,10 +3,11 @@ by a background process while the eager step serves, and picked up when it is re
 
 A user never waits on a compile they did not ask for: a model without artifacts starts at
 once on the eager step. In `auto` mode (REALM_COMPILE, see backends/compiled.py) loading
-such a model starts this module as a process at idle priority, which outlives a short
-`realm run`; a server watches it and switches its model to the
-compiled step between two decode steps when it ends. One build runs per model at a time
-(a lock file beside the artifacts); a second process waits for it instead of building too.
+such a model starts a build in a process at idle priority, which outlives a short `realm
+run`; a server watches it and switches its model to the compiled step between two decode
+steps when it ends (sequences already running keep the step they began with). One build
+runs per model at a time (a lock file beside the artifacts); a second process waits for
+it instead of building too.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ import torch
 from realm.backends import compiled
 from realm.backends.devices import BackendKind
 from realm.engine.kv_cache import BLOCK
+from realm.errors import InternalError
 
 if TYPE_CHECKING:
     from realm.engine.model import Model
 
 log = logging.getLogger(__name__)
-
 
 
 def can_compile(model: Model) -> bool:
@@ -62,7 +63,7 @@ def build(model: Model, on_stage: Callable[[str], None] = lambda _: None) -> Pat
         if not _use_artifacts(model):
             directory = compiled.build(model.transformer, model.sha256, _graph_builder(model, on_stage))
             if not _use_artifacts(model):
-                raise RuntimeError(f"the compiled decode step built in {directory} does not load")
+                raise InternalError(f"the compiled decode step built in {directory} does not load")
     return compiled.artifact_dir(model.sha256)
 
 
