@@ -81,6 +81,7 @@ def layers_per_graph(cfg: config.ModelConfig) -> int:
 # --------------------------------------------------------------------------- artifact keys
 
 
+@functools.cache
 def _cpu_features() -> str:
     """What the generated code may rely on: the ISA PyTorch picked and the CPU's flags."""
     flags = ""

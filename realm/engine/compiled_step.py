@@ -208,11 +208,7 @@ def main(argv: list[str]) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     path, sha256 = argv
-    with _build_lock(sha256):
-        if compiled.has_artifacts(sha256):
-            return 0
+    if not compiled.has_artifacts(sha256):  # else another process built them: skip loading the model
         model = load_model(path, BackendRegistry("cpu").active, sha256=sha256, compile_mode="off")
-        directory = compiled.build(model.transformer, sha256, _graph_builder(model, lambda what: log.info("%s", what)))
-    log.info("built %s", directory)
+        log.info("built %s", build(model, lambda what: log.info("%s", what)))
     return 0
-

@@ -174,12 +174,14 @@ class Transformer:
         if cfg.sliding_window:
             self.ropes.append(Rope(cfg.head_dim, cfg.rope_base_local, cfg.rope_neox))
         self.decode_graph: DecodeGraph = self._eager_decode
-        self.compiled = False
 
     def use_decode_graph(self, graph: DecodeGraph | None) -> None:
         """Decode through `graph` from the next step on (None: back to the eager step)."""
         self.decode_graph = graph or self._eager_decode
-        self.compiled = graph is not None
+
+    @property
+    def compiled(self) -> bool:
+        return self.decode_graph != self._eager_decode
 
     def _eager_decode(self, *inputs: Any) -> torch.Tensor:
         return self.decode_layers(self.weights.layers, *inputs)
