@@ -202,13 +202,18 @@ class BackgroundBuild:
 
 
 def main(argv: list[str]) -> int:
-    """The background build of the model at GGUF with this SHA-256 (argv)."""
+    """The background build of the model at GGUF with this SHA-256 (argv). It takes the lock
+    before it loads the model, so that `status` says `building` from its first seconds (and
+    so does not call `build`, which would take the lock a second time)."""
     from realm.backends.devices import BackendRegistry
     from realm.engine.model import load_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     path, sha256 = argv
-    if not compiled.has_artifacts(sha256):  # else another process built them: skip loading the model
+    with _build_lock(sha256):
+        if compiled.has_artifacts(sha256):
+            return 0
         model = load_model(path, BackendRegistry("cpu").active, sha256=sha256, compile_mode="off")
-        log.info("built %s", build(model, lambda what: log.info("%s", what)))
+        directory = compiled.build(model.transformer, sha256, _graph_builder(model, lambda what: log.info("%s", what)))
+    log.info("built %s", directory)
     return 0
