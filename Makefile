@@ -9,6 +9,7 @@ setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/python -m realm.backends.native
 	$(BIN)/realm guest build --all
 
 test:

@@ -1,22 +1,22 @@
-"""Realm's HTTP server under load, against llama.cpp serving the same model with one
-process per tenant (the isolation a user would otherwise buy), in the same run.
+"""Realm's HTTP server under load, against llama.cpp's own `llama-server` serving the
+same model, in the same run.
 
-    .venv/bin/python benchmarks/server_load.py [--llama-python /tmp/lcpvenv/bin/python]
+    .venv/bin/python benchmarks/server_load.py [--model smollm2-135m] [--llama-bin DIR]
 
 For 1, 4 and 8 concurrent streaming clients (client i is tenant i: its own API key on
-Realm, its own process on llama.cpp), each sending decode-heavy requests (a short prompt,
-max_tokens 64, greedy), it reports aggregate completion tokens/s, p50/p99 time per output
-token (the gaps between a stream's tokens, every stream pooled) and time to first token,
-and the servers' resident memory (VmRSS from /proc, peak while the clients run; for
-llama.cpp the sum over its processes). The client counts take turns for `--rounds`
-rounds, and the ratios compare medians over the rounds: one count's slow spell of the
-machine (on 2 shared cores, 1-client runs varied by a third) then moves no ratio alone.
-Targets for Realm: tokens/s with 8 clients >= 3 x with 1 client; memory with 8 tenants
-active <= 1.15 x with 1.
+Realm), each sending decode-heavy requests (a short prompt, max_tokens 64, greedy), it
+reports aggregate completion tokens/s, p50/p99 time per output token (the gaps between a
+stream's tokens, every stream pooled), p50 time to first token, and the servers'
+resident memory (VmRSS from /proc, peak while the clients run). The client counts take
+turns for `--rounds` rounds, and every figure is the median over the rounds: one count's
+slow spell of the machine (on 2 shared cores, 1-client runs varied by a third) then moves
+no ratio alone.
 
-llama.cpp is started as `llama_cpp.server` when --llama-python can import it, else as
-benchmarks/llama_cpp_server.py (llama_cpp plus the standard library; `llama_cpp.server`
-needs extras: fastapi, uvicorn, sse-starlette, starlette-context, pydantic-settings).
+The anchor is one `llama-server -np N` (N parallel slots: continuous batching in one
+process; N the most clients). The second table is llama.cpp with one `llama-server`
+process per tenant (the isolation a user would otherwise buy). First, `realm bench`
+measures the engine alone at batch 1, so that the per-token cost of the guest, the
+scheduler and the HTTP path over it shows as one ratio.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,8 +35,8 @@ from pathlib import Path
 
 import httpx
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+from anchor import REPO, cpu_model, free_port, llama_bin, rss, start_llama_server, stop, wait_healthy
+
 # Each runs the full max_tokens (greedy, both catalogue models): a prompt answered with EOS at
 # once would leave its client idle and the batch short of one sequence per client.
 PROMPTS = [
@@ -50,25 +49,7 @@ PROMPTS = [
     "The sky is blue because",
     "The old lighthouse keeper looked out at the sea and",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
+FIGURES = ("tok_s", "tpot_p50_ms", "tpot_p99_ms", "ttft_p50_ms")
 
 
 class PeakRSS:
@@ -91,24 +72,6 @@ class PeakRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def wait_healthy(urls: list[str], procs: list[subprocess.Popen], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    pending = list(urls)
-    while pending:
-        for p in procs:
-            if p.poll() is not None:
-                raise SystemExit(f"a server exited with status {p.returncode} while starting: {p.args}")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"servers not healthy after {timeout} s: {pending}")
-        try:
-            if httpx.get(pending[0] + "/health", timeout=2).status_code == 200:
-                pending.pop(0)
-                continue
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
 
 
 # ---------------------------------------------------------------------------- clients
@@ -197,21 +160,21 @@ def run_phases(name: str, targets, model: str, pids_for, args) -> list[dict]:
                 row["mean_batch"] = (after[0] - before[0]) / steps if steps else 0.0
                 extra = f", mean batch {row['mean_batch']:.2f}"
             rows.append(row)
-            print(f"  {name:9} {clients} clients: {row['tok_s']:6.1f} tok/s, time per output token p50 "
+            print(f"  {name:17} {clients} clients: {row['tok_s']:6.1f} tok/s, time per output token p50 "
                   f"{row['tpot_p50_ms']:6.1f} ms p99 {row['tpot_p99_ms']:6.1f} ms, ttft p50 {row['ttft_p50_ms']:6.0f} ms, "
                   f"RSS {row['rss_mib']:.0f} MiB, {row['tokens'] / row['requests']:.1f} tokens a request{extra}", flush=True)
     return rows
 
 
 def summarise(rows: list[dict]) -> dict[tuple[str, int], dict]:
-    """Per server and client count: the median tokens/s over the rounds, and the first
-    round's peak RSS (later rounds start with whatever the earlier ones left resident, so
-    only the first 1-client figure is memory with one tenant)."""
+    """Per server and client count: the median of every figure over the rounds, and the
+    first round's peak RSS (later rounds start with whatever the earlier ones left
+    resident, so only the first 1-client figure is memory with one tenant)."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["server"], r["clients"]), []).append(r)
     return {
-        key: {"tok_s": statistics.median(r["tok_s"] for r in rs), "rss_mib": rs[0]["rss_mib"],
+        key: {**{f: statistics.median(r[f] for r in rs) for f in FIGURES}, "rss_mib": rs[0]["rss_mib"],
               "tok_s_rounds": [r["tok_s"] for r in rs]}
         for key, rs in groups.items()
     }
@@ -239,30 +202,30 @@ def start_realm(model_path: Path, tenants: int, threads: int | None, workdir: Pa
     return proc, [(base, k) for k in keys]
 
 
-def start_llama(python: str, model_path: Path, tenants: int, threads: int, n_ctx: int, workdir: Path):
-    has_server = subprocess.run([python, "-c", "import llama_cpp.server.app"], capture_output=True).returncode == 0
+def realm_bench(model: str, threads: int | None) -> dict:
+    """The engine alone at batch 1 (`realm bench`, compiled step), in a process of its own."""
+    cmd = [sys.executable, "-m", "realm.cli", "bench", "--model", model, "--json", "--backend", "cpu",
+           "--prompt-tokens", "16", "--gen-tokens", "64", "--repeats", "3"]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def serve_llama(bin_dir: Path, model_path: Path, processes: int, slots: int, args, work: Path, name: str) -> list[dict]:
     procs, targets = [], []
-    for i in range(tenants):
-        port = free_port()
-        if has_server:
-            cmd = [python, "-m", "llama_cpp.server", "--model", str(model_path), "--port", str(port),
-                   "--n_threads", str(threads), "--n_ctx", str(n_ctx)]
-        else:
-            cmd = [python, str(HERE / "llama_cpp_server.py"), "--model", str(model_path), "--port", str(port),
-                   "--n_threads", str(threads), "--n_ctx", str(n_ctx)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(workdir / f"llama{i}.log").open("w")))
-        targets.append((f"http://127.0.0.1:{port}", None))
-    return procs, targets, ("llama_cpp.server" if has_server else "benchmarks/llama_cpp_server.py")
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    for i in range(processes):
+        proc, base = start_llama_server(bin_dir, model_path, slots, args.llama_ctx, args.llama_threads,
+                                        work / f"{name}{i}.log")
+        procs.append(proc)
+        targets.append((base, None))
+    try:
+        wait_healthy([t[0] for t in targets], procs, 600)
+        if processes == 1:
+            targets = targets * max(args.clients)
+            return run_phases(name, targets, "model", lambda n: [procs[0].pid], args)
+        return run_phases(name, targets, "model", lambda n: [p.pid for p in procs[:n]], args)
+    finally:
+        stop(procs)
 
 
 def main() -> None:
@@ -273,10 +236,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="times each client count runs, taking turns")
     parser.add_argument("--threads", type=int, help="Realm's compute threads (default: the server's own, one per CPU)")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--llama-python", default="/tmp/lcpvenv/bin/python",
-                        help="a Python with llama_cpp (llama-cpp-python); '' skips llama.cpp")
-    parser.add_argument("--llama-threads", type=int, default=2, help="--n_threads of each llama.cpp process")
-    parser.add_argument("--llama-ctx", type=int, default=2048, help="--n_ctx of each llama.cpp process")
+    parser.add_argument("--llama-bin", help="folder with llama-server (default: ../shared/tools/llama-cpp-build's)")
+    parser.add_argument("--no-llama", action="store_true", help="Realm alone")
+    parser.add_argument("--per-tenant", action="store_true",
+                        help="also llama.cpp with one llama-server process per tenant (the second table)")
+    parser.add_argument("--llama-threads", type=int, default=2, help="-t of each llama-server")
+    parser.add_argument("--llama-ctx", type=int, default=1024, help="context of each llama-server slot")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     tenants = max(args.clients)
@@ -285,7 +250,13 @@ def main() -> None:
     from realm.models.catalogue import resolve
 
     model_path = resolve(args.model, progress=False)
-    results: dict = {"model": args.model, "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "rows": []}
+    subprocess.run([sys.executable, "-m", "realm.cli", "compile", args.model], check=True, cwd=REPO)
+    results: dict = {"model": args.model, "cpu": cpu_model(), "max_tokens": args.max_tokens, "rows": []}
+    print(cpu_model(), flush=True)
+    engine = realm_bench(args.model, args.threads)
+    results["realm_bench_decode_tok_s"] = engine["decode_tok_s"]
+    print(f"realm bench (engine alone, batch 1): decode {engine['decode_tok_s']:.1f} tok/s "
+          f"({1000 / engine['decode_tok_s']:.1f} ms a token, {engine['decode_step']} step)", flush=True)
     with tempfile.TemporaryDirectory(prefix="realm-bench-") as tmp:
         work = Path(tmp)
         print(f"Realm: one server, {tenants} tenants, model {args.model}", flush=True)
@@ -295,41 +266,44 @@ def main() -> None:
             results["rows"] += run_phases("realm", targets, "bench", lambda n: [proc.pid], args)
         finally:
             stop([proc])
-        if args.llama_python:
-            procs, ltargets, kind = start_llama(args.llama_python, model_path, tenants, args.llama_threads,
-                                                args.llama_ctx, work)
-            print(f"llama.cpp: {tenants} processes ({kind}, n_threads {args.llama_threads}, n_ctx {args.llama_ctx})",
-                  flush=True)
-            results["llama_cpp_server"] = kind
-            try:
-                wait_healthy([t[0] for t in ltargets], procs, 600)
-                results["rows"] += run_phases("llama.cpp", ltargets, "model",
-                                              lambda n: [p.pid for p in procs[:n]], args)
-            finally:
-                stop(procs)
+        if not args.no_llama:
+            bin_dir = llama_bin(args.llama_bin)
+            print(f"llama.cpp: one llama-server -np {tenants} (-t {args.llama_threads})", flush=True)
+            results["rows"] += serve_llama(bin_dir, model_path, 1, tenants, args, work, f"llama-server-np{tenants}")
+            if args.per_tenant:
+                print(f"llama.cpp: {tenants} llama-server processes (-np 1 -t {args.llama_threads} each)", flush=True)
+                results["rows"] += serve_llama(bin_dir, model_path, tenants, 1, args, work, "llama-per-tenant")
 
     by = summarise(results["rows"])
     lo, hi = min(args.clients), max(args.clients)
-    print(f"\nmedians over {args.rounds} rounds (tokens/s), first round's peak RSS")
+    print(f"\n{cpu_model()}; medians over {args.rounds} rounds, first round's peak RSS")
     for (server, clients), m in sorted(by.items()):
         rounds = ", ".join(f"{t:.1f}" for t in m["tok_s_rounds"])
-        print(f"  {server:9} {clients} clients: {m['tok_s']:6.1f} tok/s (rounds: {rounds}), RSS {m['rss_mib']:.0f} MiB")
+        print(f"  {server:17} {clients} clients: {m['tok_s']:6.1f} tok/s (rounds: {rounds}), TPOT p50 "
+              f"{m['tpot_p50_ms']:.1f} ms p99 {m['tpot_p99_ms']:.1f} ms, TTFT p50 {m['ttft_p50_ms']:.0f} ms, "
+              f"RSS {m['rss_mib']:.0f} MiB")
     print("ratios")
-    for server in ("realm", "llama.cpp"):
+    if ("realm", 1) in by:
+        overhead = by[("realm", 1)]["tpot_p50_ms"] / (1000 / engine["decode_tok_s"]) - 1
+        results["path_overhead"] = overhead
+        print(f"  realm, 1 client: time per token over realm bench's: {overhead:+.0%}")
+    servers = sorted({s for s, _ in by})
+    for server in servers:
         if (server, lo) in by and (server, hi) in by:
             a, b = by[(server, lo)], by[(server, hi)]
-            print(f"  {server:9} tok/s {hi} clients / {lo}: {b['tok_s'] / a['tok_s']:.2f}   "
+            print(f"  {server:17} tok/s {hi} clients / {lo}: {b['tok_s'] / a['tok_s']:.2f}   "
                   f"RSS {hi} tenants / {lo}: {b['rss_mib'] / a['rss_mib']:.2f}")
-    for clients in args.clients:
-        if ("realm", clients) in by and ("llama.cpp", clients) in by:
-            r, l = by[("realm", clients)], by[("llama.cpp", clients)]
-            print(f"  {clients} clients: Realm / llama.cpp tok/s {r['tok_s'] / l['tok_s']:.2f}, "
-                  f"RSS {r['rss_mib'] / l['rss_mib']:.2f}")
+    results["ratios"] = {}
+    for other in (s for s in servers if s != "realm"):
+        for clients in args.clients:
+            if ("realm", clients) in by and (other, clients) in by:
+                r, o = by[("realm", clients)], by[(other, clients)]
+                ratio = {f: r[f] / o[f] for f in FIGURES} | {"rss_mib": r["rss_mib"] / o["rss_mib"]}
+                results["ratios"][f"realm_over_{other}_{clients}"] = ratio
+                print(f"  {clients} clients, Realm / {other}: tok/s {ratio['tok_s']:.2f}, TPOT p50 "
+                      f"{ratio['tpot_p50_ms']:.2f} p99 {ratio['tpot_p99_ms']:.2f}, TTFT p50 {ratio['ttft_p50_ms']:.2f}, "
+                      f"RSS {ratio['rss_mib']:.2f}")
     results["medians"] = {f"{s}_{c}": m for (s, c), m in by.items()}
-    results["ratios"] = {
-        f"{s}_tok_s_{hi}_over_{lo}": by[(s, hi)]["tok_s"] / by[(s, lo)]["tok_s"]
-        for s in ("realm", "llama.cpp") if (s, lo) in by and (s, hi) in by
-    }
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from realm.backends import linear
+from realm.backends import linear, native
 from realm.models import catalogue, config, quants, transformer
 from realm.models.transformer import LayerWeights, Transformer
 
@@ -107,6 +107,7 @@ def artifact_key(model_sha256: str) -> str:
         "torch": torch.__version__,
         "cpu": _cpu_features(),
         "code": _code_version(),
+        "kernel": native.identity(),
         "model": model_sha256,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -140,6 +141,18 @@ def _int4_unflatten(tensors: Sequence[torch.Tensor], context: tuple[int, int, in
     return lin
 
 
+def _native_flatten(lin: linear.NativeInt4Linear) -> tuple[list[torch.Tensor], tuple[int, int]]:
+    return [lin.codes, lin.scales, lin.mins], (lin.out_features, lin.in_features)
+
+
+def _native_unflatten(tensors: Sequence[torch.Tensor], context: tuple[int, int]) -> linear.NativeInt4Linear:
+    lin = linear.NativeInt4Linear.__new__(linear.NativeInt4Linear)
+    lin.codes, lin.scales, lin.mins = tensors
+    lin.out_features, lin.in_features = context
+    lin.dense = None  # the graph always reads the codes
+    return lin
+
+
 def _dense_flatten(lin: linear.DenseLinear) -> tuple[list[torch.Tensor], None]:
     return [lin.weight], None
 
@@ -162,6 +175,10 @@ def _with_keys(flatten: Callable, names: Sequence[str]) -> Callable:
 pytree.register_pytree_node(
     linear.Int4Linear, _int4_flatten, _int4_unflatten, serialized_type_name="realm.Int4Linear",
     flatten_with_keys_fn=_with_keys(_int4_flatten, ("packed", "scales_zeros")),
+)
+pytree.register_pytree_node(
+    linear.NativeInt4Linear, _native_flatten, _native_unflatten, serialized_type_name="realm.NativeInt4Linear",
+    flatten_with_keys_fn=_with_keys(_native_flatten, ("codes", "scales", "mins")),
 )
 pytree.register_pytree_node(
     linear.DenseLinear, _dense_flatten, _dense_unflatten, serialized_type_name="realm.DenseLinear",

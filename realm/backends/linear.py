@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
+from realm.backends import native
 from realm.models.gguf_file import TensorData
 from realm.models.quants import INT4_PLANES, Int4Groups, dequantize, int4_planes
 
@@ -114,6 +115,27 @@ class Int4Linear:
         return y[:, : self.out_features] if y.shape[1] != self.out_features else y
 
 
+class NativeInt4Linear:
+    """Realm's own int4 kernel (`native.py`): activations rounded to 8 bits per block of 32,
+    as llama.cpp rounds them, against the codes in integer dot products; w = d * code + m
+    with d and m in float16 (exact for Q4_0 / Q4_1, a relative 2**-11 for Q4_K's products
+    of scales). Planes are stacked along the input as in `Int4Linear`; `dense`, the bf16
+    copy of a weight of several planes, takes products of many rows."""
+
+    def __init__(self, planes: Sequence[Int4Groups], dense: DenseLinear | None = None) -> None:
+        self.dense = dense
+        codes = torch.cat([p.codes for p in planes], dim=1)
+        scale = torch.cat([p.scale for p in planes], dim=1)
+        mins = torch.cat([p.zero for p in planes], dim=1) - 8 * scale
+        self.out_features, self.in_features = codes.shape[0], codes.shape[1] // len(planes)
+        self.codes, self.scales, self.mins = native.group_layout(codes, scale, mins, bits=4)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and x.shape[0] >= DENSE_MIN_ROWS and not torch.compiler.is_compiling():
+            return self.dense(x)
+        return torch.ops.realm.int4_gemm(x.float(), self.codes, self.scales, self.mins, self.out_features)
+
+
 def _stack_planes(tensors: Sequence[TensorData]) -> list[Int4Groups]:
     """The tensors' int4 planes stacked along the output rows; a tensor with fewer planes
     than the others gets all-zero planes (code 8, scale 0, zero 0)."""
@@ -147,7 +169,7 @@ def pack_for_cpu(tensors: Sequence[TensorData]) -> Int4Linear | DenseLinear:
         dense = None
         if len(planes) > 1:
             dense = DenseLinear(dequantize_stacked(tensors), torch.bfloat16)
-        return Int4Linear(planes, dense)
+        return NativeInt4Linear(planes, dense) if native.load() else Int4Linear(planes, dense)
     weight = dequantize_stacked(tensors)
     if qtypes <= {QT.F16, QT.BF16}:
         return DenseLinear(weight, torch.bfloat16)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from realm.backends import native
 from realm.models.gguf_file import TensorData
 
 CANDIDATES = 32
@@ -43,6 +44,11 @@ class ScreenedLinear:
         self.tensor = tensor
         self.out_features, self.in_features = tensor.shape
         self.candidates = min(CANDIDATES, self.out_features)
+        self.blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.codes: Int8Matrix | None = None
+        if native.load() and self.in_features % 32 == 0:
+            self.blocks = _int8_blocks(tensor)
+            return
         codes, scales = [], []
         for start in range(0, self.out_features, _ROWS_PER_PIECE):
             piece, scale = int8_rows(tensor.rows(slice(start, start + _ROWS_PER_PIECE)))
@@ -67,9 +73,28 @@ class ScreenedLinear:
         any number of rows: on smollm2, `_int_mm` took 1.4 ms for 1 row and 3.2 ms for 8,
         where PyTorch's bf16-input int8 kernel (`_weight_int8pack_mm`) took 2.1 and 5.8 ms
         (gemma3, 8 rows: 17 against 34 ms). Its sums are exact integers, so a row's screen
-        is the same whatever else is in the batch."""
+        is the same whatever else is in the batch. With Realm's own kernel (`native.py`) the
+        codes have a scale per block of 32 rather than per row (closer), and the screen
+        takes a fifth of the time: 0.26 against 1.4 ms for smollm2's row."""
+        if self.blocks is not None:
+            return torch.ops.realm.int8_gemm(x, *self.blocks, self.out_features)
         codes, step = int8_rows(x)
         return self.codes(codes).mul_(step).mul_(self.scales)
+
+
+def _int8_blocks(tensor: TensorData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The matrix in int8 codes with a float16 scale per block of 32, in the native
+    kernel's layout (codes stored plus 128, so the block's min is -128 scales)."""
+    codes, scales = [], []
+    for start in range(0, tensor.shape[0], _ROWS_PER_PIECE):
+        w = tensor.rows(slice(start, start + _ROWS_PER_PIECE))
+        w = w.view(len(w), -1, 32)
+        scale = (w.abs().amax(dim=2) / 127).half().float()
+        step = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes.append((torch.round(w / step[:, :, None]).clamp_(-127, 127) + 128).to(torch.uint8).flatten(1))
+        scales.append(scale)
+    scale = torch.cat(scales)
+    return native.group_layout(torch.cat(codes), scale, -128 * scale, bits=8)
 
 
 class Int8Matrix:

@@ -49,6 +49,7 @@ def measure_speed(model: Model, prompt_tokens: int = 128, gen_tokens: int = 64, 
         "decode_step": model.decode_step,
         "threads": torch.get_num_threads(),
         "rss_after_load": model.rss_after_load,
+        "rss_after_run": rss_bytes(),
         "file_bytes": model.gguf.size_bytes,
         "bytes_held": model.bytes_held,
     }

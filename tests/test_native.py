@@ -1,0 +1,113 @@
+"""Realm's own CPU kernels (realm/backends/quantized_gemm.cpp) against the arithmetic they
+claim: activations rounded to int8 per block of 32, exact integer sums, float16 scales.
+
+Every instruction-set body is checked on this machine: the library picks one when it
+loads, so the AVX2 and plain C++ bodies run in child processes with REALM_KERNEL_ISA."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from realm.backends import native
+from realm.backends.linear import Int4Linear, NativeInt4Linear, pack_for_cpu
+from realm.models.quants import dequantize, int4_planes
+from test_quants import COLS, ROWS, random_blocks
+
+pytestmark = pytest.mark.skipif(not native.load(), reason="the native kernel is not built (make setup builds it)")
+
+SHAPES = [(96, 64, 1, 1), (100, 576, 1, 3), (64, 640, 2, 8), (17, 96, 1, 5), (36, 160, 4, 2), (8, 544, 2, 9)]
+"""(rows of W, inputs, planes, rows of x): groups of 16 and not, odd block counts, tiles of 4 and not."""
+
+
+def rounded_product(x: torch.Tensor, w: torch.Tensor, planes: int) -> torch.Tensor:
+    """x rounded to int8 per block of 32 as the kernel rounds it, repeated per plane, @ w.T in float64."""
+    t, k = x.shape
+    blocks = x.view(t, k // 32, 32)
+    step = blocks.abs().amax(dim=2, keepdim=True) / 127
+    q = torch.round(blocks / torch.where(step > 0, step, torch.ones_like(step))) * step
+    return q.view(t, k).repeat(1, planes).double() @ w.double().T
+
+
+def check_kernels(seed: int = 0) -> float:
+    """The largest error of either kernel over SHAPES, relative to the largest output."""
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for n, k, planes, t in SHAPES:
+        x = torch.randn(t, k, generator=g)
+        codes = torch.randint(0, 16, (n, k * planes), generator=g)
+        scale = (torch.rand(n, k * planes // 32, generator=g) * 0.02).half().float()
+        mins = (-torch.rand(n, k * planes // 32, generator=g) * 0.1).half().float()
+        w = (codes.float().view(n, -1, 32) * scale[:, :, None] + mins[:, :, None]).view(n, -1)
+        y = torch.ops.realm.int4_gemm(x, *native.group_layout(codes, scale, mins, bits=4), n)
+        want = rounded_product(x, w, planes)
+        worst = max(worst, float((y.double() - want).abs().max() / want.abs().max()))
+        signed = torch.randint(-127, 128, (n, k), generator=g)
+        w8 = (signed.float().view(n, -1, 32) * scale[:, : k // 32, None]).view(n, k)
+        y8 = torch.ops.realm.int8_gemm(x, *native.group_layout(signed + 128, scale[:, : k // 32],
+                                                               -128 * scale[:, : k // 32], bits=8), n)
+        want8 = rounded_product(x, w8, 1)
+        worst = max(worst, float((y8.double() - want8).abs().max() / want8.abs().max()))
+    return worst
+
+
+def test_the_kernels_compute_the_rounded_product() -> None:
+    """Only float32 accumulation separates the kernel from the float64 product of the same
+    rounded numbers."""
+    assert check_kernels() <= 1e-5
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_every_instruction_set_body_computes_the_same(isa: str) -> None:
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch; "
+            "from realm.backends import native; native.load(); import test_native as t; "
+            "print(torch.ops.realm.isa(), t.check_kernels())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "REALM_KERNEL_ISA": isa}, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    name, worst = done.stdout.split()
+    assert name == isa and float(worst) <= 1e-5
+
+
+def test_a_rows_product_is_the_same_in_any_batch() -> None:
+    """Each row is rounded and summed alone: batching never changes a sequence's numbers."""
+    g = torch.Generator().manual_seed(1)
+    codes, scale = torch.randint(0, 16, (48, 256), generator=g), torch.rand(48, 8, generator=g) * 0.01
+    packed = native.group_layout(codes, scale, -8 * scale, bits=4)
+    x = torch.randn(7, 256, generator=g)
+    whole = torch.ops.realm.int4_gemm(x, *packed, 48)
+    assert torch.equal(whole, torch.cat([torch.ops.realm.int4_gemm(row[None], *packed, 48) for row in x]))
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_K, QT.Q8_0, QT.Q6_K], ids=lambda q: q.name)
+def test_the_native_linear_against_the_dequantized_weight(qtype: QT) -> None:
+    """A real format through its planes: within 1.5 % of the largest output of x @ W.T (the
+    error of rounding x to 8 bits, as llama.cpp does), as close as PyTorch's bf16 kernel."""
+    raw = random_blocks(qtype, seed=5)
+    w = dequantize(raw, qtype, (ROWS, COLS))
+    planes = int4_planes(raw, qtype, (ROWS, COLS))
+    lin, theirs = NativeInt4Linear(planes), Int4Linear(planes)
+    for rows in (1, 3):
+        x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(rows))
+        ref = x @ w.T
+        assert (lin(x) - ref).abs().max() <= 1.5e-2 * ref.abs().max(), rows
+        assert (theirs(x) - ref).abs().max() <= 1.5e-2 * ref.abs().max(), rows
+
+
+def test_the_cpu_backend_packs_for_the_native_kernel_unless_told_not_to() -> None:
+    from realm.models.gguf_file import TensorData
+
+    raw = random_blocks(QT.Q4_0, seed=6)
+    tensor = TensorData(name="w", qtype=QT.Q4_0, shape=(ROWS, COLS), raw=raw)
+    assert isinstance(pack_for_cpu([tensor]), NativeInt4Linear)
+    code = ("from realm.backends import native, linear; "
+            "print(native.load(), native.isa())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "REALM_KERNELS": "pytorch"}, check=True)
+    assert done.stdout.split() == ["False", "pytorch"]
