@@ -50,8 +50,8 @@ def check_kernels(seed: int = 0) -> float:
         worst = max(worst, float((y.double() - want).abs().max() / want.abs().max()))
         signed = torch.randint(-127, 128, (n, k), generator=g)
         w8 = (signed.float().view(n, -1, 32) * scale[:, : k // 32, None]).view(n, k)
-        y8 = torch.ops.realm.int8_gemm(x, *native.group_layout(signed + 128, scale[:, : k // 32],
-                                                               -128 * scale[:, : k // 32], bits=8), n)
+        codes8, scales8, _ = native.group_layout(signed + 128, scale[:, : k // 32], bits=8)
+        y8 = torch.ops.realm.int8_gemm(x, codes8, scales8, n)
         want8 = rounded_product(x, w8, 1)
         worst = max(worst, float((y8.double() - want8).abs().max() / want8.abs().max()))
     return worst

@@ -128,7 +128,7 @@ class NativeInt4Linear:
         scale = torch.cat([p.scale for p in planes], dim=1)
         mins = torch.cat([p.zero for p in planes], dim=1) - 8 * scale
         self.out_features, self.in_features = codes.shape[0], codes.shape[1] // len(planes)
-        self.codes, self.scales, self.mins = native.group_layout(codes, scale, mins, bits=4)
+        self.codes, self.scales, self.mins = native.group_layout(codes, scale, mins, bits=4)  # type: ignore[assignment]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] >= DENSE_MIN_ROWS and not torch.compiler.is_compiling():

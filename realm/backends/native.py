@@ -95,21 +95,22 @@ def load() -> bool:
         return False
     torch.ops.load_library(str(path))
 
-    for op in ("realm::int4_gemm", "realm::int8_gemm"):
-        torch.library.register_fake(op, _product_shape)
+    torch.library.register_fake("realm::int4_gemm", _int4_shape)
 
     return True
 
 
 def group_layout(
-    codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bits: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None = None, bits: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(codes (N, K) unsigned, scale and mins (N, K / 32) float) in the kernels' layout
     (see the .cpp): codes (N / 16, K / 32 * 16 * 32 * bits / 8) uint8, scales and mins
-    (N / 16, K / 32 * 16) float16. Rows are padded with zeros to a whole group."""
+    (N / 16, K / 32 * 16) float16. Rows are padded with zeros to a whole group. 8-bit
+    codes have no mins (the kernel knows them)."""
     pad = -codes.shape[0] % GROUP
     if pad:
-        codes, scale, mins = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (codes, scale, mins))
+        codes, scale = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (codes, scale))
+        mins = None if mins is None else torch.nn.functional.pad(mins, (0, 0, 0, pad))
     groups, blocks = codes.shape[0] // GROUP, codes.shape[1] // 32
     # (group, row, block, half of the block, slice, byte) -> (group, block, [half,] slice, row, byte)
     q = codes.to(torch.uint8).view(groups, GROUP, blocks, 2, 4, 4)
@@ -117,12 +118,15 @@ def group_layout(
         packed = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)
     else:
         packed = q.permute(0, 2, 3, 4, 1, 5)
-    per_block = [t.view(groups, GROUP, blocks).transpose(1, 2).reshape(groups, -1) for t in (scale, mins)]
-    return (packed.reshape(groups, -1).contiguous(), *(t.to(torch.float16).contiguous() for t in per_block))
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:
+        return t.view(groups, GROUP, blocks).transpose(1, 2).reshape(groups, -1).to(torch.float16).contiguous()
+
+    return packed.reshape(groups, -1).contiguous(), per_block(scale), None if mins is None else per_block(mins)
 
 
-def _product_shape(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                   out_features: int) -> torch.Tensor:
+def _int4_shape(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                out_features: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], out_features))
 
 

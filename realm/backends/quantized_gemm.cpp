@@ -3,7 +3,7 @@
 // integer sum.
 //
 // W: w = d * q + m per row and block of 32 inputs, q unsigned (0..15, or 0..255: a signed
-// int8 code plus 128, with m = -128 d), d and m in float16. x, per block: x ~ dx * xq, xq
+// int8 code plus 128, with m = -128 d, not stored), d and m in float16. x, per block: x ~ dx * xq, xq
 // int8, and sx = dx * sum(xq). So for row n:
 //   y[n] = sum_b d[n,b] * dx[b] * (q[n,b] . xq[b])  +  sum_b m[n,b] * sx[b].
 // A weight held as P int4 planes (realm/models/quants.py) is P * K inputs long, its plane
@@ -13,7 +13,7 @@
 // and no sum is ever reduced across lanes. Group g, block b, 4 bits: 256 bytes in 4 slices
 // of 64; slice u, row r, byte i holds q[r][4u + i] in its low nibble and q[r][16 + 4u + i]
 // in its high one. 8 bits: 512 bytes in 8 slices, slice u < 4 holding q[r][4u + i] and
-// slice 4 + u holding q[r][16 + 4u + i]. Then the 16 rows' d and m per block (float16).
+// slice 4 + u holding q[r][16 + 4u + i]. The 16 rows' d (and m) per block are arrays apart.
 // A slice against x's bytes 4u..4u+3 broadcast to every row is one vpdpbusd: 64 products.
 //
 // Three bodies, chosen when the library loads from the CPU's features: AVX512-VNNI, AVX2
@@ -93,7 +93,8 @@ void group_scalar(const Weights& w, const Activations& a, int64_t t0, int tiles,
             }
           }
         acc += static_cast<float>(w.d[b * GROUP + r]) * a.d[xb] * static_cast<float>(dot) +
-               static_cast<float>(w.m[b * GROUP + r]) * a.s[xb];
+               (BITS == 8 ? -128.f * static_cast<float>(w.d[b * GROUP + r]) : static_cast<float>(w.m[b * GROUP + r])) *
+                   a.s[xb];
       }
       out[t * GROUP + r] = acc;
     }
@@ -139,7 +140,8 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2_tiles(const Weights& w,
         }
       }
       const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b * GROUP + h * 8)));
-      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b * GROUP + h * 8)));
+      const __m256 m = BITS == 8 ? _mm256_mul_ps(d, _mm256_set1_ps(-128.f))
+                                 : _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b * GROUP + h * 8)));
       for (int t = 0; t < NT; ++t) {
         const int64_t row = (t0 + t) * kb + xb;
         const int8_t* xq = a.q + row * BLOCK;
@@ -182,7 +184,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma"))) void group_avx51
       }
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.d + b * GROUP)));
-    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.m + b * GROUP)));
+    const __m512 m = BITS == 8 ? _mm512_mul_ps(d, _mm512_set1_ps(-128.f))
+                               : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.m + b * GROUP)));
     for (int t = 0; t < NT; ++t) {
       const int64_t row = (t0 + t) * kb + xb;
       const int8_t* xq = a.q + row * BLOCK;
@@ -248,15 +251,15 @@ at::Tensor gemm(int bits, const at::Tensor& x, const at::Tensor& codes, const at
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gemm: x must be (T, K) float32");
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
               "gemm: codes must be (N / 16, blocks * 256) uint8");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf && scales.is_contiguous() &&
-                  mins.is_contiguous(), "gemm: scales and mins must be contiguous float16");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "gemm: scales must be contiguous float16");
+  TORCH_CHECK(bits == 8 || (mins.scalar_type() == at::kHalf && mins.is_contiguous() && mins.numel() == scales.numel()),
+              "gemm: mins must be contiguous float16, as many as the scales");
   const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.size(0), k = xc.size(1), groups = codes.size(0);
   const int64_t blocks = codes.size(1) / block_bytes;
   TORCH_CHECK(k % BLOCK == 0 && blocks > 0 && blocks % (k / BLOCK) == 0 &&
                   codes.size(1) == blocks * block_bytes, "gemm: W's inputs must be P whole copies of x's");
-  TORCH_CHECK(scales.numel() == groups * blocks * GROUP && mins.numel() == scales.numel(),
-              "gemm: scales and mins must be (N / 16, blocks * 16)");
+  TORCH_CHECK(scales.numel() == groups * blocks * GROUP, "gemm: scales must be (N / 16, blocks * 16)");
   TORCH_CHECK(out_features <= groups * GROUP, "gemm: more outputs than rows");
   at::Tensor q = at::empty({rows, k}, xc.options().dtype(at::kChar));
   at::Tensor d = at::empty({rows, k / BLOCK}, xc.options());
@@ -267,7 +270,7 @@ at::Tensor gemm(int bits, const at::Tensor& x, const at::Tensor& codes, const at
   float* out = y.data_ptr<float>();
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const at::Half* dw = scales.data_ptr<at::Half>();
-  const at::Half* mw = mins.data_ptr<at::Half>();
+  const at::Half* mw = bits == 4 ? mins.data_ptr<at::Half>() : nullptr;
   const GroupKernel kernel = bits == 4 ? KERNEL.int4 : KERNEL.int8;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     float tile[TILE * GROUP];
@@ -289,9 +292,8 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   return gemm(4, x, codes, scales, mins, out_features);
 }
 
-at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
-                     int64_t out_features) {
-  return gemm(8, x, codes, scales, mins, out_features);
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t out_features) {
+  return gemm(8, x, codes, scales, at::Tensor(), out_features);
 }
 
 std::string isa() { return KERNEL.name; }
@@ -300,7 +302,7 @@ std::string isa() { return KERNEL.name; }
 
 TORCH_LIBRARY(realm, m) {
   m.def("int4_gemm(Tensor x, Tensor codes, Tensor scales, Tensor mins, int out_features) -> Tensor");
-  m.def("int8_gemm(Tensor x, Tensor codes, Tensor scales, Tensor mins, int out_features) -> Tensor");
+  m.def("int8_gemm(Tensor x, Tensor codes, Tensor scales, int out_features) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 

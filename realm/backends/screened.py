@@ -44,7 +44,7 @@ class ScreenedLinear:
         self.tensor = tensor
         self.out_features, self.in_features = tensor.shape
         self.candidates = min(CANDIDATES, self.out_features)
-        self.blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.blocks: tuple[torch.Tensor, torch.Tensor] | None = None
         self.codes: Int8Matrix | None = None
         if native.load() and self.in_features % 32 == 0:
             self.blocks = _int8_blocks(tensor)
@@ -82,9 +82,10 @@ class ScreenedLinear:
         return self.codes(codes).mul_(step).mul_(self.scales)
 
 
-def _int8_blocks(tensor: TensorData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _int8_blocks(tensor: TensorData) -> tuple[torch.Tensor, torch.Tensor]:
     """The matrix in int8 codes with a float16 scale per block of 32, in the native
-    kernel's layout (codes stored plus 128, so the block's min is -128 scales)."""
+    kernel's layout: codes stored plus 128 (the kernel knows the block's min is -128
+    scales) and scales."""
     codes, scales = [], []
     for start in range(0, tensor.shape[0], _ROWS_PER_PIECE):
         w = tensor.rows(slice(start, start + _ROWS_PER_PIECE))
@@ -93,8 +94,8 @@ def _int8_blocks(tensor: TensorData) -> tuple[torch.Tensor, torch.Tensor, torch.
         step = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes.append((torch.round(w / step[:, :, None]).clamp_(-127, 127) + 128).to(torch.uint8).flatten(1))
         scales.append(scale)
-    scale = torch.cat(scales)
-    return native.group_layout(torch.cat(codes), scale, -128 * scale, bits=8)
+    packed, block_scales, _ = native.group_layout(torch.cat(codes), torch.cat(scales), bits=8)
+    return packed, block_scales
 
 
 class Int8Matrix:
