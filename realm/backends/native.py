@@ -10,8 +10,8 @@ eight (see the .cpp for the layout). Which instructions run is chosen when the l
 loads, from the CPU's features (AVX512-VNNI, AVX2, or plain C++), and reported by `isa()`.
 
 `make setup` builds the library (`python -m realm.backends.native`, ~15 s) into
-`$REALM_HOME/native/<key>/`, the key hashing the source, torch's version and the
-compiler's. Where it is missing or cannot be built (no C++ compiler), the CPU backend
+`realm/backends/_build/<key>/` (or `$REALM_HOME/native/<key>/` where the package is
+read-only), the key hashing the source, torch's version and the compiler's. Where it is missing or cannot be built (no C++ compiler), the CPU backend
 runs PyTorch's kernels instead, with a warning: slower, never wrong. REALM_KERNELS=pytorch
 asks for PyTorch's kernels; REALM_KERNEL_ISA=avx2 or =scalar caps the instructions used.
 """
@@ -54,15 +54,35 @@ def _key() -> str:
     return digest.hexdigest()[:24]
 
 
-def library_path() -> Path:
-    return realm_home() / "native" / _key() / LIBRARY
+def _places() -> list[Path]:
+    """Where the library may be, in order: beside this source (where `make setup` puts it,
+    shared by every REALM_HOME), then $REALM_HOME/native for a read-only install."""
+    return [SOURCE.parent / "_build" / _key() / LIBRARY, realm_home() / "native" / _key() / LIBRARY]
+
+
+def library_path() -> Path | None:
+    """The built library, if there is one."""
+    return next((place for place in _places() if place.is_file()), None)
+
+
+def _build_target() -> Path:
+    """The first place a build can write to."""
+    for place in _places():
+        try:
+            place.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(place.parent, os.W_OK):
+            return place
+    raise InternalError(f"nowhere to build Realm's CPU kernel: {', '.join(str(p.parent) for p in _places())}")
 
 
 def build(force: bool = False) -> Path:
     """Compile the kernel into `library_path()` (written whole, then renamed into place)."""
-    target = library_path()
-    if target.is_file() and not force:
-        return target
+    built = library_path()
+    if built is not None and not force:
+        return built
+    target = built or _build_target()
     compiler = _compiler()
     if compiler is None:
         raise InternalError("no C++ compiler (c++ or g++) to build Realm's CPU kernel; set CXX")
@@ -89,9 +109,9 @@ def load() -> bool:
     if os.environ.get("REALM_KERNELS", "").strip().lower() == "pytorch":
         return False
     path = library_path()
-    if not path.is_file():
-        log.warning("Realm's CPU kernel is not built (%s): using PyTorch's int4 kernel, which is slower. "
-                    "Build it with `python -m realm.backends.native` (make setup does).", path)
+    if path is None:
+        log.warning("Realm's CPU kernels are not built: using PyTorch's, which are slower. "
+                    "Build them with `python -m realm.backends.native` (make setup does).")
         return False
     torch.ops.load_library(str(path))
 
