@@ -16,7 +16,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from realm.backends import native
-from realm.backends.linear import Int4Linear, NativeInt4Linear, pack_for_cpu
+from realm.backends.linear import Int4Linear, NativeInt4Linear, NativeInt8Linear, pack_for_cpu
 from realm.models.quants import dequantize, int4_planes
 from test_quants import COLS, ROWS, random_blocks
 
@@ -48,12 +48,14 @@ def check_kernels(seed: int = 0) -> float:
         y = torch.ops.realm.int4_gemm(x, *native.group_layout(codes, scale, mins, bits=4), n)
         want = rounded_product(x, w, planes)
         worst = max(worst, float((y.double() - want).abs().max() / want.abs().max()))
-        signed = torch.randint(-127, 128, (n, k), generator=g)
-        w8 = (signed.float().view(n, -1, 32) * scale[:, : k // 32, None]).view(n, k)
-        codes8, scales8, _ = native.group_layout(signed + 128, scale[:, : k // 32], bits=8)
-        y8 = torch.ops.realm.int8_gemm(x, codes8, scales8, n)
-        want8 = rounded_product(x, w8, 1)
-        worst = max(worst, float((y8.double() - want8).abs().max() / want8.abs().max()))
+        signed = torch.randint(-128, 128, (n, k), generator=g)
+        for per_block in (1, 2):  # a scale per 32 weights, or per 16
+            scale8 = (torch.rand(n, k // 32 * per_block, generator=g) * 0.02).half().float()
+            w8 = (signed.float().view(n, -1, 32 // per_block) * scale8[:, :, None]).view(n, k)
+            codes8, scales8, _ = native.group_layout(signed + 128, scale8, bits=8)
+            y8 = torch.ops.realm.int8_gemm(x, codes8, scales8, per_block, n)
+            want8 = rounded_product(x, w8, 1)
+            worst = max(worst, float((y8.double() - want8).abs().max() / want8.abs().max()))
     return worst
 
 
@@ -98,6 +100,24 @@ def test_the_native_linear_against_the_dequantized_weight(qtype: QT) -> None:
         ref = x @ w.T
         assert (lin(x) - ref).abs().max() <= 1.5e-2 * ref.abs().max(), rows
         assert (theirs(x) - ref).abs().max() <= 1.5e-2 * ref.abs().max(), rows
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q5_0, QT.Q6_K], ids=lambda q: q.name)
+def test_signed_codes_through_the_int8_kernel(qtype: QT) -> None:
+    """Q8_0, Q5_0 and Q6_K as their own codes: within the error of rounding x to 8 bits,
+    one scale per 32 weights where the format repeats it, two (per 16) for Q6_K."""
+    from realm.models.gguf_file import TensorData
+
+    raw = random_blocks(qtype, seed=7)
+    w = dequantize(raw, qtype, (ROWS, COLS))
+    tensor = TensorData(name="w", qtype=qtype, shape=(ROWS, COLS), raw=raw)
+    lin = pack_for_cpu([tensor, tensor])  # stacked, as q/k/v are
+    assert isinstance(lin, NativeInt8Linear) and lin.scales_per_block == (2 if qtype == QT.Q6_K else 1)
+    lin.dense = None  # the codes, whatever the rows
+    for rows in (1, 5):
+        x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(rows))
+        ref = torch.cat([x @ w.T] * 2, dim=1)
+        assert (lin(x) - ref).abs().max() <= 1.5e-2 * ref.abs().max(), rows
 
 
 def test_the_cpu_backend_packs_for_the_native_kernel_unless_told_not_to() -> None:

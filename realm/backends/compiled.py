@@ -153,6 +153,18 @@ def _native_unflatten(tensors: Sequence[torch.Tensor], context: tuple[int, int])
     return lin
 
 
+def _int8_flatten(lin: linear.NativeInt8Linear) -> tuple[list[torch.Tensor], tuple[int, int, int]]:
+    return [lin.codes, lin.scales], (lin.scales_per_block, lin.out_features, lin.in_features)
+
+
+def _int8_unflatten(tensors: Sequence[torch.Tensor], context: tuple[int, int, int]) -> linear.NativeInt8Linear:
+    lin = linear.NativeInt8Linear.__new__(linear.NativeInt8Linear)
+    lin.codes, lin.scales = tensors
+    lin.scales_per_block, lin.out_features, lin.in_features = context
+    lin.dense = None  # the graph always reads the codes
+    return lin
+
+
 def _dense_flatten(lin: linear.DenseLinear) -> tuple[list[torch.Tensor], None]:
     return [lin.weight], None
 
@@ -179,6 +191,10 @@ pytree.register_pytree_node(
 pytree.register_pytree_node(
     linear.NativeInt4Linear, _native_flatten, _native_unflatten, serialized_type_name="realm.NativeInt4Linear",
     flatten_with_keys_fn=_with_keys(_native_flatten, ("codes", "scales", "mins")),
+)
+pytree.register_pytree_node(
+    linear.NativeInt8Linear, _int8_flatten, _int8_unflatten, serialized_type_name="realm.NativeInt8Linear",
+    flatten_with_keys_fn=_with_keys(_int8_flatten, ("codes", "scales")),
 )
 pytree.register_pytree_node(
     linear.DenseLinear, _dense_flatten, _dense_unflatten, serialized_type_name="realm.DenseLinear",

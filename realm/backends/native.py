@@ -116,6 +116,7 @@ def load() -> bool:
     torch.ops.load_library(str(path))
 
     torch.library.register_fake("realm::int4_gemm", _int4_shape)
+    torch.library.register_fake("realm::int8_gemm", _int8_shape)
 
     return True
 
@@ -123,10 +124,11 @@ def load() -> bool:
 def group_layout(
     codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None = None, bits: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(codes (N, K) unsigned, scale and mins (N, K / 32) float) in the kernels' layout
-    (see the .cpp): codes (N / 16, K / 32 * 16 * 32 * bits / 8) uint8, scales and mins
-    (N / 16, K / 32 * 16) float16. Rows are padded with zeros to a whole group. 8-bit
-    codes have no mins (the kernel knows them)."""
+    """(codes (N, K) unsigned, scale (N, K / 32 * S) and mins (N, K / 32) float) in the
+    kernels' layout (see the .cpp): codes (N / 16, K / 32 * 16 * 32 * bits / 8) uint8,
+    scales (N / 16, K / 32 * S * 16) and mins (N / 16, K / 32 * 16) float16, S being the
+    scales a block (1, or 2 for 8-bit codes scaled per 16). Rows are padded with zeros to
+    a whole group. 8-bit codes have no mins (the kernel knows them)."""
     pad = -codes.shape[0] % GROUP
     if pad:
         codes, scale = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (codes, scale))
@@ -139,13 +141,19 @@ def group_layout(
     else:
         packed = q.permute(0, 2, 3, 4, 1, 5)
 
-    def per_block(t: torch.Tensor) -> torch.Tensor:
-        return t.view(groups, GROUP, blocks).transpose(1, 2).reshape(groups, -1).to(torch.float16).contiguous()
+    def per_block(t: torch.Tensor) -> torch.Tensor:  # (group, row, block, S) -> (group, block, S, row)
+        t = t.reshape(groups, GROUP, blocks, -1).permute(0, 2, 3, 1)
+        return t.reshape(groups, -1).to(torch.float16).contiguous()
 
     return packed.reshape(groups, -1).contiguous(), per_block(scale), None if mins is None else per_block(mins)
 
 
 def _int4_shape(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                out_features: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _int8_shape(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, scales_per_block: int,
                 out_features: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], out_features))
 

@@ -2,19 +2,23 @@
 // activations rounded to 8 bits per block of 32 inputs, each block's product an exact
 // integer sum.
 //
-// W: w = d * q + m per row and block of 32 inputs, q unsigned (0..15, or 0..255: a signed
-// int8 code plus 128, with m = -128 d, not stored), d and m in float16. x, per block: x ~ dx * xq, xq
-// int8, and sx = dx * sum(xq). So for row n:
-//   y[n] = sum_b d[n,b] * dx[b] * (q[n,b] . xq[b])  +  sum_b m[n,b] * sx[b].
+// x, per block of 32: x ~ dx * xq, xq int8; sx = dx * sum(xq), and the integer sums of
+// each half (16 inputs) of xq. W per row and block of 32 inputs:
+//   4 bits: w = d * q + m, q in 0..15, d and m float16:
+//     y[n] += d * dx * (q . xq) + m * sx
+//   8 bits: w = d * (u - 128), u in 0..255 (a signed code plus 128), d float16, one per
+//   block or one per half-block (Q6_K's scales change every 16 weights):
+//     y[n] += d_h * dx * ((u . xq)_h - 128 * sum_h(xq))     for each half h
 // A weight held as P int4 planes (realm/models/quants.py) is P * K inputs long, its plane
 // p reading x's blocks again.
 //
 // Layout: rows in groups of 16, so that one 512-bit register holds 16 rows' partial sums
 // and no sum is ever reduced across lanes. Group g, block b, 4 bits: 256 bytes in 4 slices
 // of 64; slice u, row r, byte i holds q[r][4u + i] in its low nibble and q[r][16 + 4u + i]
-// in its high one. 8 bits: 512 bytes in 8 slices, slice u < 4 holding q[r][4u + i] and
-// slice 4 + u holding q[r][16 + 4u + i]. The 16 rows' d (and m) per block are arrays apart.
-// A slice against x's bytes 4u..4u+3 broadcast to every row is one vpdpbusd: 64 products.
+// in its high one. 8 bits: 512 bytes in 8 slices, slice u < 4 holding u[r][4u + i] and
+// slice 4 + u holding u[r][16 + 4u + i]. Scales (and mins) are arrays apart, per block
+// the 16 rows' (per half-block: the first half's 16, then the second's). A slice against
+// x's bytes 4u..4u+3 broadcast to every row is one vpdpbusd: 64 products.
 //
 // Three bodies, chosen when the library loads from the CPU's features: AVX512-VNNI, AVX2
 // (vpmaddubsw + vpmaddwd) and plain C++. Groups are split across PyTorch's intra-op
@@ -37,24 +41,24 @@ namespace {
 
 constexpr int BLOCK = 32;  // inputs per block
 constexpr int GROUP = 16;  // rows per group
-constexpr int GROUP_BLOCK_BYTES = GROUP * BLOCK / 2;
-constexpr int TILE = 4;  // rows of x per pass over a group
+constexpr int TILE = 4;    // rows of x per pass over a group
 
 struct Activations {  // x rounded per block
   const int8_t* q;    // (T, K) codes
   const float* d;     // (T, K / 32) dx
   const float* s;     // (T, K / 32) dx * sum(codes)
+  const int32_t* h;   // (T, K / 16) sum(codes) per half-block
   int64_t k_blocks;
 };
 
 struct Weights {  // one group of rows
-  const uint8_t* codes;  // (blocks, 256)
-  const at::Half* d;     // (blocks, 16)
-  const at::Half* m;     // (blocks, 16)
+  const uint8_t* codes;  // (blocks, 256 or 512)
+  const at::Half* d;     // (blocks, SCALES, 16)
+  const at::Half* m;     // (blocks, 16), 4 bits only
   int64_t blocks;        // planes * k_blocks
 };
 
-void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* d, float* s) {
+void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* d, float* s, int32_t* h) {
   const int64_t nb = k / BLOCK;
   for (int64_t t = 0; t < rows; ++t)
     for (int64_t b = 0; b < nb; ++b) {
@@ -63,17 +67,21 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* d,
       for (int i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
       const float dx = amax / 127.f, inv = dx > 0.f ? 1.f / dx : 0.f;
       int8_t* qb = q + t * k + b * BLOCK;
-      int sum = 0;
-      for (int i = 0; i < BLOCK; ++i) sum += qb[i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
+      int half[2] = {0, 0};
+      for (int i = 0; i < BLOCK; ++i) half[i / 16] += qb[i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
       d[t * nb + b] = dx;
-      s[t * nb + b] = dx * static_cast<float>(sum);
+      s[t * nb + b] = dx * static_cast<float>(half[0] + half[1]);
+      h[(t * nb + b) * 2] = half[0];
+      h[(t * nb + b) * 2 + 1] = half[1];
     }
 }
+
+constexpr int block_bytes(int bits) { return GROUP * BLOCK * bits / 8; }
 
 // One group of W against `tiles` (<= TILE) rows of x from t0: out[t * GROUP + r].
 using GroupKernel = void (*)(const Weights& w, const Activations& a, int64_t t0, int tiles, float* out);
 
-template <int BITS>
+template <int BITS, int SCALES>
 void group_scalar(const Weights& w, const Activations& a, int64_t t0, int tiles, float* out) {
   for (int t = 0; t < tiles; ++t)
     for (int r = 0; r < GROUP; ++r) {
@@ -81,20 +89,24 @@ void group_scalar(const Weights& w, const Activations& a, int64_t t0, int tiles,
       for (int64_t b = 0; b < w.blocks; ++b) {
         const int64_t xb = (t0 + t) * a.k_blocks + b % a.k_blocks;
         const int8_t* xq = a.q + xb * BLOCK;
-        const uint8_t* c = w.codes + b * GROUP_BLOCK_BYTES * BITS / 4;
-        int dot = 0;
+        const uint8_t* c = w.codes + b * block_bytes(BITS);
+        int dot[2] = {0, 0};  // per half-block
         for (int u = 0; u < 4; ++u)
           for (int i = 0; i < 4; ++i) {
-            if constexpr (BITS == 4) {
-              const uint8_t byte = c[u * 64 + r * 4 + i];
-              dot += (byte & 0xF) * xq[4 * u + i] + (byte >> 4) * xq[16 + 4 * u + i];
-            } else {
-              dot += c[u * 64 + r * 4 + i] * xq[4 * u + i] + c[(u + 4) * 64 + r * 4 + i] * xq[16 + 4 * u + i];
-            }
+            const int at = u * 64 + r * 4 + i;
+            const int first = BITS == 4 ? c[at] & 0xF : c[at], second = BITS == 4 ? c[at] >> 4 : c[256 + at];
+            dot[0] += first * xq[4 * u + i];
+            dot[1] += second * xq[16 + 4 * u + i];
           }
-        acc += static_cast<float>(w.d[b * GROUP + r]) * a.d[xb] * static_cast<float>(dot) +
-               (BITS == 8 ? -128.f * static_cast<float>(w.d[b * GROUP + r]) : static_cast<float>(w.m[b * GROUP + r])) *
-                   a.s[xb];
+        if constexpr (BITS == 4) {
+          acc += static_cast<float>(w.d[b * GROUP + r]) * a.d[xb] * static_cast<float>(dot[0] + dot[1]) +
+                 static_cast<float>(w.m[b * GROUP + r]) * a.s[xb];
+        } else {
+          for (int half = 0; half < 2; ++half) {
+            const float d = static_cast<float>(w.d[(b * SCALES + (SCALES == 2 ? half : 0)) * GROUP + r]);
+            acc += d * a.d[xb] * static_cast<float>(dot[half] - 128 * a.h[xb * 2 + half]);
+          }
+        }
       }
       out[t * GROUP + r] = acc;
     }
@@ -106,52 +118,63 @@ inline int32_t word(const int8_t* p) {
   return v;
 }
 
-template <int BITS, int NT>
+template <int BITS, int SCALES, int NT>
 __attribute__((target("avx2,fma,f16c"))) void group_avx2_tiles(const Weights& w, const Activations& a, int64_t t0,
                                                                float* out) {
+  // vpmaddubsw saturates its 16-bit pair sums, so every code goes in as nibbles (8 bits:
+  // hi * 16 + lo), never above 15; 16 products of a slice-half, 8 rows a register.
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const int64_t kb = a.k_blocks;
   __m256 acc[NT][2];
   for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < w.blocks; ++b) {
     const int64_t xb = b % kb;
-    const uint8_t* c = w.codes + b * GROUP_BLOCK_BYTES * BITS / 4;
+    const uint8_t* c = w.codes + b * block_bytes(BITS);
     for (int h = 0; h < 2; ++h) {  // rows 0-7, then 8-15
-      // Slice u's codes against x's bytes at `at[u]`. vpmaddubsw saturates its 16-bit pair
-      // sums, so 8-bit codes go in as two nibbles (hi * 16 + lo), never above 15.
-      constexpr int SLICES = BITS == 4 ? 8 : 16;
-      __m256i v[SLICES];
-      int at[SLICES], shift[SLICES];
+      constexpr int PARTS = BITS == 4 ? 8 : 16;
+      __m256i v[PARTS];
+      int at[PARTS], shift[PARTS], half[PARTS];
       for (int u = 0; u < 4; ++u) {
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + u * 64 + h * 32));
         if constexpr (BITS == 4) {
-          v[2 * u] = _mm256_and_si256(raw, low), at[2 * u] = 4 * u, shift[2 * u] = 0;
+          v[2 * u] = _mm256_and_si256(raw, low), at[2 * u] = 4 * u, shift[2 * u] = 0, half[2 * u] = 0;
           v[2 * u + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low), at[2 * u + 1] = 16 + 4 * u;
-          shift[2 * u + 1] = 0;
+          shift[2 * u + 1] = 0, half[2 * u + 1] = 1;
         } else {
-          const __m256i upper = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + (u + 4) * 64 + h * 32));
+          const __m256i upper = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 256 + u * 64 + h * 32));
           const __m256i parts[4] = {raw, raw, upper, upper};
           for (int j = 0; j < 4; ++j) {
-            const __m256i nib = j % 2 ? _mm256_srli_epi16(parts[j], 4) : parts[j];
-            v[4 * u + j] = _mm256_and_si256(nib, low);
+            v[4 * u + j] = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(parts[j], 4) : parts[j], low);
             at[4 * u + j] = (j < 2 ? 0 : 16) + 4 * u;
             shift[4 * u + j] = j % 2 ? 4 : 0;
+            half[4 * u + j] = j / 2;
           }
         }
       }
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b * GROUP + h * 8)));
-      const __m256 m = BITS == 8 ? _mm256_mul_ps(d, _mm256_set1_ps(-128.f))
-                                 : _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b * GROUP + h * 8)));
+      const at::Half* ds = w.d + b * SCALES * GROUP + h * 8;  // (lambdas lose the target attribute)
+      const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ds)));
+      const __m256 d1 = SCALES == 2 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ds + GROUP))) : d0;
+      __m256 m = _mm256_setzero_ps();
+      if constexpr (BITS == 4)
+        m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b * GROUP + h * 8)));
       for (int t = 0; t < NT; ++t) {
         const int64_t row = (t0 + t) * kb + xb;
         const int8_t* xq = a.q + row * BLOCK;
-        __m256i dot = _mm256_setzero_si256();
-        for (int u = 0; u < SLICES; ++u) {
+        __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int u = 0; u < PARTS; ++u) {
           const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v[u], _mm256_set1_epi32(word(xq + at[u]))), ones);
-          dot = _mm256_add_epi32(dot, shift[u] ? _mm256_slli_epi32(p, 4) : p);
+          dot[half[u]] = _mm256_add_epi32(dot[half[u]], shift[u] ? _mm256_slli_epi32(p, 4) : p);
         }
-        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(a.d[row])), acc[t][h]);
-        acc[t][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s[row]), acc[t][h]);
+        const __m256 dx = _mm256_set1_ps(a.d[row]);
+        if constexpr (BITS == 4) {
+          acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot[0], dot[1])), _mm256_mul_ps(d0, dx), acc[t][h]);
+          acc[t][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s[row]), acc[t][h]);
+        } else {
+          for (int k = 0; k < 2; ++k) {
+            const __m256i exact = _mm256_sub_epi32(dot[k], _mm256_set1_epi32(128 * a.h[row * 2 + k]));
+            acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), _mm256_mul_ps(k ? d1 : d0, dx), acc[t][h]);
+          }
+        }
       }
     }
   }
@@ -161,7 +184,7 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2_tiles(const Weights& w,
   }
 }
 
-template <int BITS, int NT>
+template <int BITS, int SCALES, int NT>
 __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma"))) void group_avx512_tiles(const Weights& w,
                                                                                        const Activations& a,
                                                                                        int64_t t0, float* out) {
@@ -171,62 +194,76 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma"))) void group_avx51
   for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < w.blocks; ++b) {
     const int64_t xb = b % kb;
-    const uint8_t* c = w.codes + b * GROUP_BLOCK_BYTES * BITS / 4;
-    __m512i lo[4], hi[4];
+    const uint8_t* c = w.codes + b * block_bytes(BITS);
+    __m512i first[4], second[4];  // per slice: the products with inputs 4u.. and 16 + 4u..
     for (int u = 0; u < 4; ++u) {
       const __m512i raw = _mm512_loadu_si512(c + u * 64);
       if constexpr (BITS == 4) {
-        lo[u] = _mm512_and_si512(raw, low);
-        hi[u] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+        first[u] = _mm512_and_si512(raw, low);
+        second[u] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
       } else {
-        lo[u] = raw;
-        hi[u] = _mm512_loadu_si512(c + (u + 4) * 64);
+        first[u] = raw;
+        second[u] = _mm512_loadu_si512(c + 256 + u * 64);
       }
     }
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.d + b * GROUP)));
-    const __m512 m = BITS == 8 ? _mm512_mul_ps(d, _mm512_set1_ps(-128.f))
-                               : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.m + b * GROUP)));
+    const at::Half* ds = w.d + b * SCALES * GROUP;
+    const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ds)));
+    const __m512 d1 = SCALES == 2 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ds + GROUP))) : d0;
+    __m512 m = _mm512_setzero_ps();
+    if constexpr (BITS == 4) m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.m + b * GROUP)));
     for (int t = 0; t < NT; ++t) {
       const int64_t row = (t0 + t) * kb + xb;
       const int8_t* xq = a.q + row * BLOCK;
-      __m512i dot = _mm512_setzero_si512();
+      __m512i dot0 = _mm512_setzero_si512(), dot1 = _mm512_setzero_si512();
       for (int u = 0; u < 4; ++u) {
-        dot = _mm512_dpbusd_epi32(dot, lo[u], _mm512_set1_epi32(word(xq + 4 * u)));
-        dot = _mm512_dpbusd_epi32(dot, hi[u], _mm512_set1_epi32(word(xq + 16 + 4 * u)));
+        dot0 = _mm512_dpbusd_epi32(dot0, first[u], _mm512_set1_epi32(word(xq + 4 * u)));
+        dot1 = _mm512_dpbusd_epi32(dot1, second[u], _mm512_set1_epi32(word(xq + 16 + 4 * u)));
       }
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(a.d[row])), acc[t]);
-      acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s[row]), acc[t]);
+      const __m512 dx = _mm512_set1_ps(a.d[row]);
+      if constexpr (BITS == 4) {
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot0, dot1)), _mm512_mul_ps(d0, dx), acc[t]);
+        acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s[row]), acc[t]);
+      } else if constexpr (SCALES == 1) {
+        const __m512i exact = _mm512_sub_epi32(_mm512_add_epi32(dot0, dot1),
+                                               _mm512_set1_epi32(128 * (a.h[row * 2] + a.h[row * 2 + 1])));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_mul_ps(d0, dx), acc[t]);
+      } else {
+        const __m512i exact0 = _mm512_sub_epi32(dot0, _mm512_set1_epi32(128 * a.h[row * 2]));
+        const __m512i exact1 = _mm512_sub_epi32(dot1, _mm512_set1_epi32(128 * a.h[row * 2 + 1]));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact0), _mm512_mul_ps(d0, dx), acc[t]);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact1), _mm512_mul_ps(d1, dx), acc[t]);
+      }
     }
   }
   for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * GROUP, acc[t]);
 }
 
-template <int BITS, template <int, int> class Body>
+template <int BITS, int SCALES, template <int, int, int> class Body>
 void by_tiles(const Weights& w, const Activations& a, int64_t t0, int tiles, float* out) {
   switch (tiles) {
-    case 1: return Body<BITS, 1>::run(w, a, t0, out);
-    case 2: return Body<BITS, 2>::run(w, a, t0, out);
-    case 3: return Body<BITS, 3>::run(w, a, t0, out);
-    default: return Body<BITS, 4>::run(w, a, t0, out);
+    case 1: return Body<BITS, SCALES, 1>::run(w, a, t0, out);
+    case 2: return Body<BITS, SCALES, 2>::run(w, a, t0, out);
+    case 3: return Body<BITS, SCALES, 3>::run(w, a, t0, out);
+    default: return Body<BITS, SCALES, 4>::run(w, a, t0, out);
   }
 }
 
-template <int BITS, int NT>
+template <int BITS, int SCALES, int NT>
 struct Avx512 {
   static void run(const Weights& w, const Activations& a, int64_t t0, float* out) {
-    group_avx512_tiles<BITS, NT>(w, a, t0, out);
+    group_avx512_tiles<BITS, SCALES, NT>(w, a, t0, out);
   }
 };
 
-template <int BITS, int NT>
+template <int BITS, int SCALES, int NT>
 struct Avx2 {
   static void run(const Weights& w, const Activations& a, int64_t t0, float* out) {
-    group_avx2_tiles<BITS, NT>(w, a, t0, out);
+    group_avx2_tiles<BITS, SCALES, NT>(w, a, t0, out);
   }
 };
 
 struct Choice {
-  GroupKernel int4, int8;
+  GroupKernel int4, int8, int8_halves;
   const char* name;
 };
 
@@ -235,47 +272,50 @@ Choice pick_kernel() {
   __builtin_cpu_init();
   const char* cap = std::getenv("REALM_KERNEL_ISA");
   const std::string most = cap ? cap : "";
-  if (most == "scalar") return {group_scalar<4>, group_scalar<8>, "scalar"};
-  if (most != "avx2" && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"))
-    return {by_tiles<4, Avx512>, by_tiles<8, Avx512>, "avx512-vnni"};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return {by_tiles<4, Avx2>, by_tiles<8, Avx2>, "avx2"};
-  return {group_scalar<4>, group_scalar<8>, "scalar"};
+  if (most != "scalar" && most != "avx2" && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"))
+    return {by_tiles<4, 1, Avx512>, by_tiles<8, 1, Avx512>, by_tiles<8, 2, Avx512>, "avx512-vnni"};
+  if (most != "scalar" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return {by_tiles<4, 1, Avx2>, by_tiles<8, 1, Avx2>, by_tiles<8, 2, Avx2>, "avx2"};
+  return {group_scalar<4, 1>, group_scalar<8, 1>, group_scalar<8, 2>, "scalar"};
 }
 
 const Choice KERNEL = pick_kernel();
 
-at::Tensor gemm(int bits, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                const at::Tensor& mins, int64_t out_features) {
-  const int64_t block_bytes = GROUP_BLOCK_BYTES * bits / 4;
+at::Tensor gemm(int bits, int scales_per_block, const at::Tensor& x, const at::Tensor& codes,
+                const at::Tensor& scales, const at::Tensor& mins, int64_t out_features) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gemm: x must be (T, K) float32");
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
-              "gemm: codes must be (N / 16, blocks * 256) uint8");
+              "gemm: codes must be (N / 16, blocks * bytes a block) uint8");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "gemm: scales must be contiguous float16");
-  TORCH_CHECK(bits == 8 || (mins.scalar_type() == at::kHalf && mins.is_contiguous() && mins.numel() == scales.numel()),
-              "gemm: mins must be contiguous float16, as many as the scales");
+  TORCH_CHECK(scales_per_block == 1 || scales_per_block == 2, "gemm: one or two scales a block");
   const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.size(0), k = xc.size(1), groups = codes.size(0);
-  const int64_t blocks = codes.size(1) / block_bytes;
-  TORCH_CHECK(k % BLOCK == 0 && blocks > 0 && blocks % (k / BLOCK) == 0 &&
-                  codes.size(1) == blocks * block_bytes, "gemm: W's inputs must be P whole copies of x's");
-  TORCH_CHECK(scales.numel() == groups * blocks * GROUP, "gemm: scales must be (N / 16, blocks * 16)");
+  const int64_t per_block = block_bytes(bits), blocks = codes.size(1) / per_block;
+  TORCH_CHECK(k % BLOCK == 0 && blocks > 0 && blocks % (k / BLOCK) == 0 && codes.size(1) == blocks * per_block,
+              "gemm: W's inputs must be P whole copies of x's");
+  TORCH_CHECK(scales.numel() == groups * blocks * scales_per_block * GROUP, "gemm: scales must be (N / 16, blocks * 16 * scales a block)");
+  TORCH_CHECK(bits == 8 || (mins.scalar_type() == at::kHalf && mins.is_contiguous() && mins.numel() == scales.numel()),
+              "gemm: mins must be contiguous float16, as many as the scales");
   TORCH_CHECK(out_features <= groups * GROUP, "gemm: more outputs than rows");
   at::Tensor q = at::empty({rows, k}, xc.options().dtype(at::kChar));
   at::Tensor d = at::empty({rows, k / BLOCK}, xc.options());
   at::Tensor s = at::empty({rows, k / BLOCK}, xc.options());
-  quantize_rows(xc.data_ptr<float>(), rows, k, q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>());
-  const Activations a{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>(), k / BLOCK};
+  at::Tensor h = at::empty({rows, k / 16}, xc.options().dtype(at::kInt));
+  quantize_rows(xc.data_ptr<float>(), rows, k, q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>(),
+                h.data_ptr<int32_t>());
+  const Activations a{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>(), h.data_ptr<int32_t>(), k / BLOCK};
   at::Tensor y = at::empty({rows, out_features}, xc.options());
   float* out = y.data_ptr<float>();
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const at::Half* dw = scales.data_ptr<at::Half>();
   const at::Half* mw = bits == 4 ? mins.data_ptr<at::Half>() : nullptr;
-  const GroupKernel kernel = bits == 4 ? KERNEL.int4 : KERNEL.int8;
+  const GroupKernel kernel = bits == 4 ? KERNEL.int4 : scales_per_block == 1 ? KERNEL.int8 : KERNEL.int8_halves;
+  const int64_t group_scales = blocks * scales_per_block * GROUP;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     float tile[TILE * GROUP];
     for (int64_t g = begin; g < end; ++g) {
-      const Weights w{c + g * blocks * block_bytes, dw + g * blocks * GROUP, mw + g * blocks * GROUP, blocks};
+      const Weights w{c + g * blocks * per_block, dw + g * group_scales, mw ? mw + g * blocks * GROUP : nullptr, blocks};
       const int64_t n0 = g * GROUP, live = std::min<int64_t>(GROUP, out_features - n0);
       for (int64_t t0 = 0; t0 < rows; t0 += TILE) {
         const int tiles = static_cast<int>(std::min<int64_t>(TILE, rows - t0));
@@ -289,11 +329,12 @@ at::Tensor gemm(int bits, const at::Tensor& x, const at::Tensor& codes, const at
 
 at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                      int64_t out_features) {
-  return gemm(4, x, codes, scales, mins, out_features);
+  return gemm(4, 1, x, codes, scales, mins, out_features);
 }
 
-at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t out_features) {
-  return gemm(8, x, codes, scales, at::Tensor(), out_features);
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t scales_per_block,
+                     int64_t out_features) {
+  return gemm(8, static_cast<int>(scales_per_block), x, codes, scales, at::Tensor(), out_features);
 }
 
 std::string isa() { return KERNEL.name; }
@@ -302,7 +343,7 @@ std::string isa() { return KERNEL.name; }
 
 TORCH_LIBRARY(realm, m) {
   m.def("int4_gemm(Tensor x, Tensor codes, Tensor scales, Tensor mins, int out_features) -> Tensor");
-  m.def("int8_gemm(Tensor x, Tensor codes, Tensor scales, int out_features) -> Tensor");
+  m.def("int8_gemm(Tensor x, Tensor codes, Tensor scales, int scales_per_block, int out_features) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 

@@ -335,3 +335,51 @@ def int4_planes(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> list[Int4
         )
         for codes, scale, zero in _PLANE_SPLITTERS[qtype](_blocks(raw, qtype, shape))
     ]
+
+
+# ---- exact signed 8-bit codes for symmetric 5-, 6- and 8-bit formats ---------------------
+
+
+def _q8_0_signed(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d = _half(b[:, 0:2])
+    return b[:, 2:].view(np.int8), np.repeat(d, 2, axis=1)
+
+
+def _q5_0_signed(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # w = d * (q - 16), q = 16*hi + lo in 0..31
+    d = _half(b[:, 0:2])
+    q = _nibbles(b[:, 6:], 16) | (_fifth_bits(b[:, 2:6]) << 4)
+    return q.astype(np.int8) - 16, np.repeat(d, 2, axis=1)
+
+
+def _q6_k_signed(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # w = s * (q - 32) with s = d * scale, one scale per 16 elements
+    n = b.shape[0]
+    low = _nibbles(b[:, :128], 64).reshape(n, 2, 128)
+    high = ((b[:, 128:192].reshape(n, 2, 1, 32) >> _PAIRS) & 3).reshape(n, 2, 128)
+    q = (low | (high << 4)).reshape(n, 256).astype(np.int8) - 32
+    return q, _half(b[:, 208:210]) * b[:, 192:208].view(np.int8)
+
+
+_SIGNED: dict[QT, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]] = {
+    QT.Q8_0: _q8_0_signed,
+    QT.Q5_0: _q5_0_signed,
+    QT.Q6_K: _q6_k_signed,
+}
+
+INT8_EXACT: frozenset[QT] = frozenset(_SIGNED)
+
+
+def int8_codes(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q8_0 / Q5_0 / Q6_K tensor [rows, cols] as w = scale * code, exactly: int8 codes
+    [rows, cols] (GGML's own, re-centred on 0) and float32 scales [rows, cols // 16], one
+    per 16 elements (Q6_K's scales change that often; the others repeat theirs)."""
+    _check_type(qtype, INT8_EXACT)
+    shape = tuple(int(n) for n in shape)
+    codes, scale = _SIGNED[qtype](_blocks(raw, qtype, shape))
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    return (
+        torch.from_numpy(np.ascontiguousarray(codes).reshape(rows, cols)),
+        torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, cols // 16)),
+    )
+
