@@ -103,7 +103,9 @@ async def one_request(client: httpx.AsyncClient, base: str, key: str | None, mod
 
 async def phase(targets: list[tuple[str, str | None]], model: str, clients: int, requests: int, max_tokens: int) -> dict:
     """`clients` concurrent clients, client i on targets[i], each sending `requests` requests."""
-    limits = httpx.Limits(max_connections=clients * 2)
+    # a fresh connection a request: llama-server closes idle keep-alive connections, and a
+    # reused one it had closed failed the request
+    limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         async def client(i: int) -> list[dict]:
             base, key = targets[i]

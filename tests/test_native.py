@@ -113,7 +113,6 @@ def test_signed_codes_through_the_int8_kernel(qtype: QT) -> None:
     tensor = TensorData(name="w", qtype=qtype, shape=(ROWS, COLS), raw=raw)
     lin = pack_for_cpu([tensor, tensor])  # stacked, as q/k/v are
     assert isinstance(lin, NativeInt8Linear) and lin.scales_per_block == (2 if qtype == QT.Q6_K else 1)
-    lin.dense = None  # the codes, whatever the rows
     for rows in (1, 5):
         x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(rows))
         ref = torch.cat([x @ w.T] * 2, dim=1)

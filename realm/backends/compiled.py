@@ -149,7 +149,6 @@ def _native_unflatten(tensors: Sequence[torch.Tensor], context: tuple[int, int])
     lin = linear.NativeInt4Linear.__new__(linear.NativeInt4Linear)
     lin.codes, lin.scales, lin.mins = tensors
     lin.out_features, lin.in_features = context
-    lin.dense = None  # the graph always reads the codes
     return lin
 
 
@@ -161,7 +160,6 @@ def _int8_unflatten(tensors: Sequence[torch.Tensor], context: tuple[int, int, in
     lin = linear.NativeInt8Linear.__new__(linear.NativeInt8Linear)
     lin.codes, lin.scales = tensors
     lin.scales_per_block, lin.out_features, lin.in_features = context
-    lin.dense = None  # the graph always reads the codes
     return lin
 
 

@@ -1,32 +1,23 @@
 """Weight formats per device, each a `Linear`: the kernels the forward pass runs on.
 
-On the CPU, activations enter the matrix products as bfloat16: PyTorch's int4 and int8
-CPU kernels are 20-50x faster with bf16 activations than with float32 ones (measured on
-smollm2's shapes). A lone activation row goes in as two, hi = bf16(x) and
-lo = bf16(x - hi), and the two results are summed: 16 bits of precision for a second row
-through a kernel that is bound by reading the weights. Q4_0, Q4_1 and Q4_K repack
-exactly into the int4 group layout, and the 5-, 6- and 8-bit formats into two or four int4
-planes stacked along the input (`quants.int4_planes`): no code is re-quantized, though the
-kernel holds each group's scale and zero in bf16 (a relative 2**-9 per group; within the
-reference bounds, measured).
+On the CPU the quantized formats run in Realm's own kernels (`native.py`), as llama.cpp
+runs them: each activation row rounded to 8 bits per block of 32, integer dot products
+with the weights' own codes. Q4_0, Q4_1 and Q4_K are 4-bit codes (`NativeInt4Linear`);
+Q8_0, Q5_0 and Q6_K signed 8-bit codes with their scales (`NativeInt8Linear`); Q5_1 and
+Q5_K their int4 planes (`quants.int4_planes`). Nothing is re-quantized; scales are held
+in float16. Every row is rounded and summed alone, so a sequence's numbers do not depend
+on what else is in its batch, and through lone steps, batches and prompts the outputs
+stay within the reference bounds (tests/test_reference.py).
 
-Several rows at once, a batch of steps or a prompt, go in as one bf16 row per activation
-row. The int4 kernel works in blocks of 4 rows, so the pair costs nothing for one sequence
-but doubles the kernel's passes from 3 rows on (a batch of 8 steps of smollm2: 21.5 ms a
-step with the pair, 15.4 without; a 512-token prefill: 1709 against 1013 ms, gemma3 1115
-against 653). Through batched steps and prefills, on
-every reference prompt of both models, the rounded rows stay within the reference bounds
-(tests/test_reference.py), as close as the pairs were: llama.cpp itself rounds every
-activation to 8 bits.
-
-The int4 kernel's time grows with rows times planes, so a layer weight of several planes
-(layers see whole prompts) also keeps a dense bf16 copy for products of `DENSE_MIN_ROWS` rows or
-more: on gemma3's layers that took a 128-token prefill from 360 ms to 128 ms, for 2 bytes
-a weight more (rounding those weights to bf16 stays within the reference bounds, measured;
-the copy loses to the planes for one or two rows, where reading bytes is all). The
-compiled decode step always reads the planes: its rows are few, and a branch on the batch
-size would split its one graph in two. Float weights stay dense. The output projection
-has a format of its own (`screened.py`).
+Without those kernels (no C++ compiler, or REALM_KERNELS=pytorch) PyTorch's int4 kernel
+runs the same planes (`Int4Linear`) with bf16 activations: it is 20-50x faster with bf16
+than with float32 ones. A lone row goes in as two, hi = bf16(x) and lo = bf16(x - hi),
+whose results are summed: 16 bits of precision for a second row through a kernel bound by
+reading the weights; several rows go in rounded to bf16 (the kernel works in blocks of 4
+rows, and the pair would double its passes). Its time grows with rows times planes, so a
+weight of several planes also keeps a dense bf16 copy for products of `DENSE_MIN_ROWS`
+rows or more (a 128-token prefill of gemma3: 360 ms -> 128 ms). Float weights stay dense.
+The output projection has a format of its own (`screened.py`).
 """
 
 from __future__ import annotations
@@ -119,11 +110,12 @@ class NativeInt4Linear:
     """Realm's own int4 kernel (`native.py`): activations rounded to 8 bits per block of 32,
     as llama.cpp rounds them, against the codes in integer dot products; w = d * code + m
     with d and m in float16 (exact for Q4_0 / Q4_1, a relative 2**-11 for Q4_K's products
-    of scales). Planes are stacked along the input as in `Int4Linear`; `dense`, the bf16
-    copy of a weight of several planes, takes products of many rows."""
+    of scales). Planes are stacked along the input as in `Int4Linear`. No dense copy for
+    prompts: the kernel reads a group's codes once for 4 rows, and a 128-token prefill of
+    gemma3 ran as fast on the codes alone as with bf16 copies (782 against 744 tok/s; 512
+    tokens: 0.95x), for 2 bytes a weight less."""
 
-    def __init__(self, planes: Sequence[Int4Groups], dense: DenseLinear | None = None) -> None:
-        self.dense = dense
+    def __init__(self, planes: Sequence[Int4Groups]) -> None:
         codes = torch.cat([p.codes for p in planes], dim=1)
         scale = torch.cat([p.scale for p in planes], dim=1)
         mins = torch.cat([p.zero for p in planes], dim=1) - 8 * scale
@@ -131,8 +123,6 @@ class NativeInt4Linear:
         self.codes, self.scales, self.mins = native.group_layout(codes, scale, mins, bits=4)  # type: ignore[assignment]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] >= DENSE_MIN_ROWS and not torch.compiler.is_compiling():
-            return self.dense(x)
         return torch.ops.realm.int4_gemm(x.float(), self.codes, self.scales, self.mins, self.out_features)
 
 
@@ -140,10 +130,9 @@ class NativeInt8Linear:
     """Realm's own kernel on signed 8-bit codes with a float16 scale per 16 or 32 weights:
     Q8_0, Q5_0 and Q6_K exactly as stored (`quants.int8_codes`; Q6_K's products of two
     scales round to float16, a relative 2**-11), 1.06-1.12 bytes a weight where their int4
-    planes took 1.25 to 2.5. `dense`, a bf16 copy, takes products of many rows."""
+    planes took 1.25 to 2.5 (gemma3's layers: 92 MiB a step instead of ~126)."""
 
-    def __init__(self, tensors: Sequence[TensorData], dense: DenseLinear) -> None:
-        self.dense: DenseLinear | None = dense
+    def __init__(self, tensors: Sequence[TensorData]) -> None:
         parts = [int8_codes(t.raw, t.qtype, t.shape) for t in tensors]
         codes = torch.cat([c for c, _ in parts]).to(torch.int16) + 128
         scale = torch.cat([s for _, s in parts])
@@ -154,8 +143,6 @@ class NativeInt8Linear:
         self.codes, self.scales, _ = native.group_layout(codes, scale, bits=8)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] >= DENSE_MIN_ROWS and not torch.compiler.is_compiling():
-            return self.dense(x)
         return torch.ops.realm.int8_gemm(x.float(), self.codes, self.scales, self.scales_per_block, self.out_features)
 
 
@@ -188,13 +175,15 @@ def pack_for_cpu(tensors: Sequence[TensorData]) -> Int4Linear | DenseLinear:
     qtypes = {t.qtype for t in tensors}
     in_features = tensors[0].shape[-1]
     if qtypes <= INT8_EXACT and in_features % GROUP == 0 and native.load():
-        return NativeInt8Linear(tensors, DenseLinear(dequantize_stacked(tensors), torch.bfloat16))
+        return NativeInt8Linear(tensors)
     if qtypes <= INT4_PLANES and in_features % GROUP == 0:
         planes = _stack_planes(tensors)
+        if native.load():
+            return NativeInt4Linear(planes)
         dense = None
         if len(planes) > 1:
             dense = DenseLinear(dequantize_stacked(tensors), torch.bfloat16)
-        return NativeInt4Linear(planes, dense) if native.load() else Int4Linear(planes, dense)
+        return Int4Linear(planes, dense)
     weight = dequantize_stacked(tensors)
     if qtypes <= {QT.F16, QT.BF16}:
         return DenseLinear(weight, torch.bfloat16)
