@@ -11,24 +11,16 @@ matter. The step times are measured for the compiled step too, when it is built.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from realm.backends.linear import DenseLinear, Int4Linear, NativeInt4Linear
+from realm.backends.linear import Int4Linear
 from realm.backends.screened import ScreenedLinear
-from realm.engine.model import Model, load
+from realm.engine.model import Model, load, weight_bytes
 from realm.backends.devices import BackendRegistry
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
+from anchor import cpu_model
 
 
 def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -44,17 +36,15 @@ def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
 
 
 def linear_bytes(linear: object) -> int:
-    """Bytes one decode row reads from a layer weight (dense prefill copies not counted)."""
+    """Bytes one decode row reads from a weight (PyTorch-kernel dense prefill copies not
+    counted): every tensor it holds, the GGUF rows of the exact pass aside."""
     if isinstance(linear, Int4Linear):
         return linear.packed.nbytes + linear.scales_zeros.nbytes
-    if isinstance(linear, NativeInt4Linear):
-        return linear.codes.nbytes + linear.scales.nbytes + linear.mins.nbytes
-    if isinstance(linear, DenseLinear):
-        return linear.weight.nbytes
     if isinstance(linear, ScreenedLinear):
-        codes = linear.codes.packed if linear.codes.packed is not None else linear.codes.plain
-        return linear.out_features * linear.in_features * codes.element_size() + linear.scales.nbytes
-    raise TypeError(type(linear))
+        if linear.blocks is not None:
+            return sum(t.nbytes for t in linear.blocks)
+        return linear.out_features * linear.in_features + linear.scales.nbytes
+    return weight_bytes(linear)
 
 
 def step_bytes(model: Model) -> int:
