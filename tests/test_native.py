@@ -130,3 +130,16 @@ def test_the_cpu_backend_packs_for_the_native_kernel_unless_told_not_to() -> Non
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "REALM_KERNELS": "pytorch"}, check=True)
     assert done.stdout.split() == ["False", "pytorch"]
+
+
+def test_compiled_graphs_depend_on_the_operators_not_on_the_body_that_runs_them() -> None:
+    """Graphs call the kernels through PyTorch's dispatcher: the same artifacts serve every
+    instruction-set body, and PyTorch's kernels (another weight format) get their own."""
+    code = "from realm.backends import native; print(native.identity())"
+    ids = {
+        env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, **dict([env.split("=")])}).stdout.strip()
+        for env in ("REALM_KERNEL_ISA=avx2", "REALM_KERNEL_ISA=scalar", "REALM_KERNELS=pytorch")
+    }
+    assert ids["REALM_KERNEL_ISA=avx2"] == ids["REALM_KERNEL_ISA=scalar"] == native.identity()
+    assert ids["REALM_KERNELS=pytorch"] == "pytorch"

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -164,9 +165,15 @@ def isa() -> str:
     return torch.ops.realm.isa() if load() else "pytorch"
 
 
+@functools.cache
 def identity() -> str:
-    """What compiled graphs depend on: the library's key and ISA, or PyTorch's kernel."""
-    return f"{_key()} {isa()}" if load() else "pytorch"
+    """What compiled graphs depend on: the operators' schemas (they call them through
+    PyTorch's dispatcher, so a change inside a kernel needs no rebuild), or PyTorch's
+    kernels when these are not loaded."""
+    if not load():
+        return "pytorch"
+    schemas = re.findall(r'm\.def\("([^"]+)"', SOURCE.read_text())
+    return "realm " + hashlib.sha256("\n".join(schemas).encode()).hexdigest()[:16]
 
 
 if __name__ == "__main__":
