@@ -143,3 +143,16 @@ def test_compiled_graphs_depend_on_the_operators_not_on_the_body_that_runs_them(
     }
     assert ids["REALM_KERNEL_ISA=avx2"] == ids["REALM_KERNEL_ISA=scalar"] == native.identity()
     assert ids["REALM_KERNELS=pytorch"] == "pytorch"
+
+
+def test_a_damaged_library_is_a_warning_and_pytorchs_kernels(tmp_path: Path) -> None:
+    """A truncated .so (a build killed half way, a disk error) must not stop a model loading."""
+    built = native.library_path()
+    broken = tmp_path / native.LIBRARY
+    broken.write_bytes(built.read_bytes()[:4096])
+    (tmp_path / (native.LIBRARY + ".sha256")).write_text(Path(str(built) + ".sha256").read_text())
+    code = (f"from pathlib import Path; from realm.backends import native; "
+            f"native._places = lambda: [Path({str(broken)!r})]; print(native.load(), native.isa())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "pytorch"]
+    assert "do not load" in done.stderr

@@ -62,8 +62,8 @@ def _places() -> list[Path]:
 
 
 def library_path() -> Path | None:
-    """The built library, if there is one."""
-    return next((place for place in _places() if place.is_file()), None)
+    """The built library, if there is one (its SHA-256 recorded beside it: built whole)."""
+    return next((place for place in _places() if _digest_path(place).is_file()), None)
 
 
 def _build_target() -> Path:
@@ -100,8 +100,20 @@ def build(force: bool = False) -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise InternalError(f"building Realm's CPU kernel failed:\n{done.stderr[-3000:]}")
+        digest = Path(tmp) / "digest"
+        digest.write_text(_sha256(out))
         os.replace(out, target)
+        os.replace(digest, _digest_path(target))  # last: a library without it is not built
     return target
+
+
+def _digest_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @functools.cache
@@ -114,7 +126,15 @@ def load() -> bool:
         log.warning("Realm's CPU kernels are not built: using PyTorch's, which are slower. "
                     "Build them with `python -m realm.backends.native` (make setup does).")
         return False
-    torch.ops.load_library(str(path))
+    try:
+        # dlopen of a truncated library is a SIGBUS, not an error: check the bytes first
+        if _sha256(path) != _digest_path(path).read_text().strip():
+            raise OSError("it does not match its recorded SHA-256 (truncated or altered)")
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as e:  # damaged, or built against another torch
+        log.warning("Realm's CPU kernels in %s do not load (%s): using PyTorch's, which are slower. "
+                    "Rebuild them with `python -m realm.backends.native --force`.", path, e)
+        return False
 
     torch.library.register_fake("realm::int4_gemm", _int4_shape)
     torch.library.register_fake("realm::int8_gemm", _int8_shape)
