@@ -13,7 +13,9 @@ slow spell of the machine (on 2 shared cores, 1-client runs varied by a third) t
 no ratio alone.
 
 The anchor is one `llama-server -np N` (N parallel slots: continuous batching in one
-process; N the most clients). The second table is llama.cpp with one `llama-server`
+process; N the most clients), with its prompt cache off (`cache_prompt: false`) unless
+`--llama-prompt-cache`: the clients repeat 8 prompts, which a prefix cache answers
+without a prefill, and Realm has none. The second table is llama.cpp with one `llama-server`
 process per tenant (the isolation a user would otherwise buy). First, `realm bench`
 measures the engine alone at batch 1, so that the per-token cost of the guest, the
 scheduler and the HTTP path over it shows as one ratio.
@@ -77,10 +79,11 @@ class PeakRSS:
 # ---------------------------------------------------------------------------- clients
 
 
-async def one_request(client: httpx.AsyncClient, base: str, key: str | None, model: str, prompt: str, max_tokens: int) -> dict:
+async def one_request(client: httpx.AsyncClient, base: str, key: str | None, model: str, prompt: str, max_tokens: int,
+                      extra: dict) -> dict:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **extra}
     started = time.perf_counter()
     stamps: list[float] = []
     usage = None
@@ -101,7 +104,8 @@ async def one_request(client: httpx.AsyncClient, base: str, key: str | None, mod
     return {"started": started, "stamps": stamps, "tokens": tokens}
 
 
-async def phase(targets: list[tuple[str, str | None]], model: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def phase(targets: list[tuple[str, str | None]], model: str, clients: int, requests: int, max_tokens: int,
+                extra: dict) -> dict:
     """`clients` concurrent clients, client i on targets[i], each sending `requests` requests."""
     # a fresh connection a request: llama-server closes idle keep-alive connections, and a
     # reused one it had closed failed the request
@@ -109,7 +113,7 @@ async def phase(targets: list[tuple[str, str | None]], model: str, clients: int,
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         async def client(i: int) -> list[dict]:
             base, key = targets[i]
-            return [await one_request(http, base, key, model, PROMPTS[(i + j) % len(PROMPTS)], max_tokens)
+            return [await one_request(http, base, key, model, PROMPTS[(i + j) % len(PROMPTS)], max_tokens, extra)
                     for j in range(requests)]
 
         started = time.perf_counter()
@@ -148,12 +152,14 @@ def run_phases(name: str, targets, model: str, pids_for, args) -> list[dict]:
     that a slow spell of the machine falls on all of them rather than on one."""
     rows = []
     realm = name == "realm"
-    asyncio.run(phase(targets, model, 1, 1, 8))  # warm up (first-request costs)
+    # Realm has no prompt cache; llama-server reuses a slot's cached prefix unless told not to
+    extra = {} if realm or args.llama_prompt_cache else {"cache_prompt": False}
+    asyncio.run(phase(targets, model, 1, 1, 8, extra))  # warm up (first-request costs)
     for round_ in range(args.rounds):
         for clients in args.clients:
             before = batch_stats(targets[0][0]) if realm else (0.0, 0.0)
             with PeakRSS(pids_for(clients)) as peak:
-                row = asyncio.run(phase(targets, model, clients, args.requests, args.max_tokens))
+                row = asyncio.run(phase(targets, model, clients, args.requests, args.max_tokens, extra))
             row.update(rss_mib=peak.peak / 2**20, server=name, round=round_)
             extra = ""
             if realm:
@@ -242,6 +248,9 @@ def main() -> None:
     parser.add_argument("--no-llama", action="store_true", help="Realm alone")
     parser.add_argument("--per-tenant", action="store_true",
                         help="also llama.cpp with one llama-server process per tenant (the second table)")
+    parser.add_argument("--llama-prompt-cache", action="store_true",
+                        help="let llama-server reuse cached prompt prefixes (its default; Realm has no such cache, "
+                             "and the clients repeat their prompts, so by default it is off)")
     parser.add_argument("--llama-threads", type=int, default=2, help="-t of each llama-server")
     parser.add_argument("--llama-ctx", type=int, default=1024, help="context of each llama-server slot")
     parser.add_argument("--json", type=Path, help="also write the results here")
