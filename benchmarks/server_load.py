@@ -153,13 +153,13 @@ def run_phases(name: str, targets, model: str, pids_for, args) -> list[dict]:
     rows = []
     realm = name == "realm"
     # Realm has no prompt cache; llama-server reuses a slot's cached prefix unless told not to
-    extra = {} if realm or args.llama_prompt_cache else {"cache_prompt": False}
-    asyncio.run(phase(targets, model, 1, 1, 8, extra))  # warm up (first-request costs)
+    fields = {} if realm or args.llama_prompt_cache else {"cache_prompt": False}
+    asyncio.run(phase(targets, model, 1, 1, 8, fields))  # warm up (first-request costs)
     for round_ in range(args.rounds):
         for clients in args.clients:
             before = batch_stats(targets[0][0]) if realm else (0.0, 0.0)
             with PeakRSS(pids_for(clients)) as peak:
-                row = asyncio.run(phase(targets, model, clients, args.requests, args.max_tokens, extra))
+                row = asyncio.run(phase(targets, model, clients, args.requests, args.max_tokens, fields))
             row.update(rss_mib=peak.peak / 2**20, server=name, round=round_)
             extra = ""
             if realm:
