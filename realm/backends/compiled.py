@@ -129,75 +129,33 @@ def has_artifacts(model_sha256: str) -> bool:
 # through these registrations, and a call hands the same tensors over in the same order.
 
 
-def _int4_flatten(lin: linear.Int4Linear) -> tuple[list[torch.Tensor], tuple[int, int, int]]:
-    return [lin.packed, lin.scales_zeros], (lin.n_planes, lin.out_features, lin.in_features)
+def _register(cls: type, tensors: Sequence[str], context: Sequence[str], **fixed: Any) -> None:
+    """`cls` as a pytree: the tensor attributes `tensors` are its leaves, the attributes
+    `context` (plain ints) go into its spec, and `fixed` is set on every rebuilt object
+    (the graph reads only what it was given: no dense prefill copies)."""
+
+    def flatten(obj: Any) -> tuple[list[torch.Tensor], tuple]:
+        return [getattr(obj, n) for n in tensors], tuple(getattr(obj, n) for n in context)
+
+    def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, torch.Tensor]], tuple]:
+        leaves, spec = flatten(obj)
+        return [(pytree.GetAttrKey(n), t) for n, t in zip(tensors, leaves)], spec
+
+    def unflatten(leaves: Sequence[torch.Tensor], spec: tuple) -> Any:
+        obj = cls.__new__(cls)
+        for name, value in (*zip(tensors, leaves), *zip(context, spec), *fixed.items()):
+            setattr(obj, name, value)
+        return obj
+
+    pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"realm.{cls.__name__}",
+                                flatten_with_keys_fn=flatten_with_keys)
 
 
-def _int4_unflatten(tensors: Sequence[torch.Tensor], context: tuple[int, int, int]) -> linear.Int4Linear:
-    lin = linear.Int4Linear.__new__(linear.Int4Linear)
-    lin.packed, lin.scales_zeros = tensors
-    lin.n_planes, lin.out_features, lin.in_features = context
-    lin.dense = None  # the graph always reads the planes
-    return lin
-
-
-def _native_flatten(lin: linear.NativeInt4Linear) -> tuple[list[torch.Tensor], tuple[int, int]]:
-    return [lin.codes, lin.scales, lin.mins], (lin.out_features, lin.in_features)
-
-
-def _native_unflatten(tensors: Sequence[torch.Tensor], context: tuple[int, int]) -> linear.NativeInt4Linear:
-    lin = linear.NativeInt4Linear.__new__(linear.NativeInt4Linear)
-    lin.codes, lin.scales, lin.mins = tensors
-    lin.out_features, lin.in_features = context
-    return lin
-
-
-def _int8_flatten(lin: linear.NativeInt8Linear) -> tuple[list[torch.Tensor], tuple[int, int, int]]:
-    return [lin.codes, lin.scales], (lin.scales_per_block, lin.out_features, lin.in_features)
-
-
-def _int8_unflatten(tensors: Sequence[torch.Tensor], context: tuple[int, int, int]) -> linear.NativeInt8Linear:
-    lin = linear.NativeInt8Linear.__new__(linear.NativeInt8Linear)
-    lin.codes, lin.scales = tensors
-    lin.scales_per_block, lin.out_features, lin.in_features = context
-    return lin
-
-
-def _dense_flatten(lin: linear.DenseLinear) -> tuple[list[torch.Tensor], None]:
-    return [lin.weight], None
-
-
-def _dense_unflatten(tensors: Sequence[torch.Tensor], _: None) -> linear.DenseLinear:
-    lin = linear.DenseLinear.__new__(linear.DenseLinear)
-    (lin.weight,) = tensors
-    lin.out_features, lin.in_features = lin.weight.shape
-    return lin
-
-
-def _with_keys(flatten: Callable, names: Sequence[str]) -> Callable:
-    def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, torch.Tensor]], Any]:
-        tensors, context = flatten(obj)
-        return [(pytree.GetAttrKey(n), t) for n, t in zip(names, tensors)], context
-
-    return flatten_with_keys
-
-
-pytree.register_pytree_node(
-    linear.Int4Linear, _int4_flatten, _int4_unflatten, serialized_type_name="realm.Int4Linear",
-    flatten_with_keys_fn=_with_keys(_int4_flatten, ("packed", "scales_zeros")),
-)
-pytree.register_pytree_node(
-    linear.NativeInt4Linear, _native_flatten, _native_unflatten, serialized_type_name="realm.NativeInt4Linear",
-    flatten_with_keys_fn=_with_keys(_native_flatten, ("codes", "scales", "mins")),
-)
-pytree.register_pytree_node(
-    linear.NativeInt8Linear, _int8_flatten, _int8_unflatten, serialized_type_name="realm.NativeInt8Linear",
-    flatten_with_keys_fn=_with_keys(_int8_flatten, ("codes", "scales")),
-)
-pytree.register_pytree_node(
-    linear.DenseLinear, _dense_flatten, _dense_unflatten, serialized_type_name="realm.DenseLinear",
-    flatten_with_keys_fn=_with_keys(_dense_flatten, ("weight",)),
-)
+_SHAPE = ("out_features", "in_features")
+_register(linear.Int4Linear, ("packed", "scales_zeros"), ("n_planes", *_SHAPE), dense=None)
+_register(linear.NativeInt4Linear, ("codes", "scales", "mins"), _SHAPE)
+_register(linear.NativeInt8Linear, ("codes", "scales"), ("scales_per_block", *_SHAPE))
+_register(linear.DenseLinear, ("weight",), _SHAPE)
 torch.export.register_dataclass(LayerWeights, serialized_type_name="realm.LayerWeights")
 
 
