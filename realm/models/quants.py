@@ -115,16 +115,19 @@ def _q4_1(b: np.ndarray) -> np.ndarray:
     return _half(b[:, 0:2]) * _nibbles(b[:, 4:], 16) + _half(b[:, 2:4])
 
 
+def _q5_codes(b: np.ndarray, first: int) -> np.ndarray:
+    """Q5_0 / Q5_1 codes q = 16*hi + lo in 0..31, [n, 32]; `first`: where qh starts."""
+    return _nibbles(b[:, first + 4 :], 16) | (_fifth_bits(b[:, first : first + 4]) << 4)
+
+
 def _q5_0(b: np.ndarray) -> np.ndarray:
     """Block 32: d fp16, 32-bit qh (the 5th bits), 16 bytes of nibbles; w = d * (q - 16)."""
-    q = _nibbles(b[:, 6:], 16) | (_fifth_bits(b[:, 2:6]) << 4)
-    return (q.view(np.int8) - np.int8(16)) * _half(b[:, 0:2])
+    return (_q5_codes(b, 2).view(np.int8) - np.int8(16)) * _half(b[:, 0:2])
 
 
 def _q5_1(b: np.ndarray) -> np.ndarray:
     """Block 32: d, m fp16, 32-bit qh, 16 bytes of nibbles; w = d * q + m."""
-    q = _nibbles(b[:, 8:], 16) | (_fifth_bits(b[:, 4:8]) << 4)
-    return _half(b[:, 0:2]) * q + _half(b[:, 2:4])
+    return _half(b[:, 0:2]) * _q5_codes(b, 4) + _half(b[:, 2:4])
 
 
 def _q8_0(b: np.ndarray) -> np.ndarray:
@@ -152,16 +155,22 @@ def _q5_k(b: np.ndarray) -> np.ndarray:
 _PAIRS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
 
 
+def _q6_k_codes(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q6_K codes q in 0..63, [n, 256], and the scales s = d * scale, [n, 16]: one per 16
+    elements, w = s * (q - 32)."""
+    n = b.shape[0]
+    low = _nibbles(b[:, :128], 64).reshape(n, 2, 128)
+    high = ((b[:, 128:192].reshape(n, 2, 1, 32) >> _PAIRS) & 3).reshape(n, 2, 128)
+    return (low | (high << 4)).reshape(n, 256), _half(b[:, 208:210]) * b[:, 192:208].view(np.int8)
+
+
 def _q6_k(b: np.ndarray) -> np.ndarray:
     """Super-block 256 in two halves of 128: ql 128 bytes (low 4 bits, nibble runs of 64),
     qh 64 bytes (top 2 bits: bit pair k of byte j is element 32*k + j of its half),
     16 int8 scales (one per 16 elements), d fp16; w = d * scale * (q - 32)."""
-    n = b.shape[0]
-    low = _nibbles(b[:, :128], 64).reshape(n, 2, 128)
-    high = ((b[:, 128:192].reshape(n, 2, 1, 32) >> _PAIRS) & 3).reshape(n, 2, 128)
-    q = ((low | (high << 4)).view(np.int8) - np.int8(32)).reshape(n, 16, 16)
-    scale = _half(b[:, 208:210]) * b[:, 192:208].view(np.int8)
-    return (scale[..., None] * q).reshape(n, 256)
+    codes, scale = _q6_k_codes(b)
+    q = (codes.view(np.int8) - np.int8(32)).reshape(-1, 16, 16)
+    return (scale[..., None] * q).reshape(-1, 256)
 
 
 _DECODERS: dict[QT, Callable[[np.ndarray], np.ndarray]] = {
@@ -276,7 +285,7 @@ def _q8_0_planes(b: np.ndarray) -> list[_Groups]:
 def _q5_planes(b: np.ndarray, offset_of: Callable[[np.ndarray], np.ndarray], first: int) -> list[_Groups]:
     # q = 16*hi + lo, hi in {0, 1}; d*q + offset = [d*(lo-8) + 8d + offset] + [16d*(hi-8) + 128d]
     d = _half(b[:, 0:2])
-    q = _nibbles(b[:, first + 4 :], 16) | (_fifth_bits(b[:, first : first + 4]) << 4)
+    q = _q5_codes(b, first)
     return [(q & 15, d, 8 * d + offset_of(d)), (q >> 4, 16 * d, 128 * d)]
 
 
@@ -292,10 +301,9 @@ def _q6_k_planes(b: np.ndarray) -> list[_Groups]:
     # Scales change every 16 elements, groups are 32: one plane per half-group, the other
     # half coded 8 (= 0). q = 16*h + l: s*(q - 32) = s*(l - 8) + 8s*((2h + 5) - 8).
     n = b.shape[0]
-    low = _nibbles(b[:, :128], 64).reshape(n, 2, 128)
-    high = ((b[:, 128:192].reshape(n, 2, 1, 32) >> _PAIRS) & 3).reshape(n, 2, 128)
-    q = (low | (high << 4)).reshape(n, 8, 2, 16)  # [block, group, half, element]
-    s = (_half(b[:, 208:210]) * b[:, 192:208].view(np.int8)).reshape(n, 8, 2)
+    codes, scales = _q6_k_codes(b)
+    q = codes.reshape(n, 8, 2, 16)  # [block, group, half, element]
+    s = scales.reshape(n, 8, 2)
     planes = []
     for half in (0, 1):
         mine = np.zeros((1, 1, 2, 1), dtype=bool)
@@ -347,18 +355,12 @@ def _q8_0_signed(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _q5_0_signed(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # w = d * (q - 16), q = 16*hi + lo in 0..31
-    d = _half(b[:, 0:2])
-    q = _nibbles(b[:, 6:], 16) | (_fifth_bits(b[:, 2:6]) << 4)
-    return q.astype(np.int8) - 16, np.repeat(d, 2, axis=1)
+    return _q5_codes(b, 2).astype(np.int8) - 16, np.repeat(_half(b[:, 0:2]), 2, axis=1)
 
 
 def _q6_k_signed(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # w = s * (q - 32) with s = d * scale, one scale per 16 elements
-    n = b.shape[0]
-    low = _nibbles(b[:, :128], 64).reshape(n, 2, 128)
-    high = ((b[:, 128:192].reshape(n, 2, 1, 32) >> _PAIRS) & 3).reshape(n, 2, 128)
-    q = (low | (high << 4)).reshape(n, 256).astype(np.int8) - 32
-    return q, _half(b[:, 208:210]) * b[:, 192:208].view(np.int8)
+    q, scales = _q6_k_codes(b)
+    return q.astype(np.int8) - 32, scales
 
 
 _SIGNED: dict[QT, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]] = {
