@@ -120,7 +120,9 @@ class NativeInt4Linear:
         scale = torch.cat([p.scale for p in planes], dim=1)
         mins = torch.cat([p.zero for p in planes], dim=1) - 8 * scale
         self.out_features, self.in_features = codes.shape[0], codes.shape[1] // len(planes)
-        self.codes, self.scales, self.mins = native.group_layout(codes, scale, mins, bits=4)  # type: ignore[assignment]
+        self.codes, self.scales, packed_mins = native.group_layout(codes, scale, mins, bits=4)
+        assert packed_mins is not None
+        self.mins = packed_mins
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.realm.int4_gemm(x.float(), self.codes, self.scales, self.mins, self.out_features)
@@ -170,7 +172,9 @@ def dequantize_stacked(tensors: Sequence[TensorData]) -> torch.Tensor:
     return torch.cat([dequantize(t.raw, t.qtype, t.shape) for t in tensors])
 
 
-def pack_for_cpu(tensors: Sequence[TensorData]) -> Int4Linear | DenseLinear:
+def pack_for_cpu(
+    tensors: Sequence[TensorData],
+) -> NativeInt8Linear | NativeInt4Linear | Int4Linear | DenseLinear:
     """The fastest exact-enough CPU format for these layer tensors (stacked as one Linear)."""
     qtypes = {t.qtype for t in tensors}
     in_features = tensors[0].shape[-1]

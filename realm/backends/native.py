@@ -11,9 +11,10 @@ loads, from the CPU's features (AVX512-VNNI, AVX2, or plain C++), and reported b
 
 `make setup` builds the library (`python -m realm.backends.native`, ~15 s) into
 `realm/backends/_build/<key>/` (or `$REALM_HOME/native/<key>/` where the package is
-read-only), the key hashing the source, torch's version and the compiler's. Where it is missing or cannot be built (no C++ compiler), the CPU backend
-runs PyTorch's kernels instead, with a warning: slower, never wrong. REALM_KERNELS=pytorch
-asks for PyTorch's kernels; REALM_KERNEL_ISA=avx2 or =scalar caps the instructions used.
+read-only), the key hashing the source, torch's version and the compiler's. Where it is
+missing, damaged or cannot be built (no C++ compiler), the CPU backend runs PyTorch's
+kernels instead, with a warning: slower, never wrong. REALM_KERNELS=pytorch asks for
+PyTorch's kernels; REALM_KERNEL_ISA=avx2 or =scalar caps the instructions used.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from realm.models.catalogue import realm_home
 log = logging.getLogger(__name__)
 
 GROUP = 16
-"""Rows of a weight the kernel handles together; `NativeInt4Linear` pads to a multiple."""
+"""Rows of a weight the kernels handle together; `group_layout` pads to a multiple."""
 SOURCE = Path(__file__).with_name("quantized_gemm.cpp")
 LIBRARY = "librealm_quantized_gemm.so"
 
