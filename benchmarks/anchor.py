@@ -76,9 +76,24 @@ def start_llama_server(
     """One llama-server with `slots` parallel sequences (continuous batching), each with
     `ctx_per_slot` tokens of context; (process, base URL)."""
     port = free_port()
-    cmd = [str(bin_dir / "llama-server"), "-m", str(model), "--port", str(port), "-t", str(threads),
-           "-tb", str(threads), "-np", str(slots), "-c", str(slots * ctx_per_slot), "--no-webui",
-           "--threads-http", str(2 * slots + 2)]  # by default one per CPU: streams beyond that were dropped
+    cmd = [
+        str(bin_dir / "llama-server"),
+        "-m",
+        str(model),
+        "--port",
+        str(port),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "-np",
+        str(slots),
+        "-c",
+        str(slots * ctx_per_slot),
+        "--no-webui",
+        "--threads-http",
+        str(2 * slots + 2),
+    ]  # by default one per CPU: streams beyond that were dropped
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     return proc, f"http://127.0.0.1:{port}"
 

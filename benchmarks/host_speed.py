@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from anchor import cpu_model, llama_bin, rss, start_llama_server, stop, wait_healthy
 
 
@@ -36,8 +35,23 @@ def run_json(cmd: list[str]) -> object:
 
 def llama_bench(bin_dir: Path, model: Path, prompt_tokens: int, gen_tokens: int, threads: int) -> dict:
     """llama-bench's best sample of prefill and of decode, tokens/s."""
-    runs = run_json([str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(prompt_tokens),
-                     "-n", str(gen_tokens), "-r", "3", "-o", "json"])
+    runs = run_json(
+        [
+            str(bin_dir / "llama-bench"),
+            "-m",
+            str(model),
+            "-t",
+            str(threads),
+            "-p",
+            str(prompt_tokens),
+            "-n",
+            str(gen_tokens),
+            "-r",
+            "3",
+            "-o",
+            "json",
+        ]
+    )
     prefill = next(r for r in runs if r["n_prompt"] and not r["n_gen"])
     decode = next(r for r in runs if r["n_gen"] and not r["n_prompt"])
     return {"prefill_tok_s": max(prefill["samples_ts"]), "decode_tok_s": max(decode["samples_ts"])}
@@ -75,10 +89,27 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "realm.cli", "compile", name], check=True)  # measure the compiled step
         realm_runs, llama_runs = [], []
         for _ in range(args.rounds):
-            realm_runs.append(run_json([
-                sys.executable, "-m", "realm.cli", "bench", "--model", str(path), "--json", "--backend", "cpu",
-                "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens), "--repeats", "2",
-            ]))
+            realm_runs.append(
+                run_json(
+                    [
+                        sys.executable,
+                        "-m",
+                        "realm.cli",
+                        "bench",
+                        "--model",
+                        str(path),
+                        "--json",
+                        "--backend",
+                        "cpu",
+                        "--prompt-tokens",
+                        str(args.prompt_tokens),
+                        "--gen-tokens",
+                        str(args.gen_tokens),
+                        "--repeats",
+                        "2",
+                    ]
+                )
+            )
             llama_runs.append(llama_bench(bin_dir, path, args.prompt_tokens, args.gen_tokens, args.threads))
         with tempfile.TemporaryDirectory() as tmp:
             memory = llama_memory(bin_dir, path, args.threads, Path(tmp))
@@ -101,7 +132,7 @@ def main() -> None:
         row["decode_ratio"] = row["realm_decode_tok_s"] / row["llama_cpp_decode_tok_s"]
         row["rss_ratio"] = row["realm_rss_after_run"] / row["llama_cpp_rss_after_run"]
         results.append(row)
-        mib = lambda key: row[key] / 2**20  # noqa: E731
+        mib = lambda key, row=row: row[key] / 2**20  # noqa: E731
         print(
             f"{name}: prefill {row['realm_prefill_tok_s']:.0f} vs {row['llama_cpp_prefill_tok_s']:.0f} tok/s "
             f"(x{row['prefill_ratio']:.2f}); decode {row['realm_decode_tok_s']:.1f} vs "

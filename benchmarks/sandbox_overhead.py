@@ -120,7 +120,9 @@ def main() -> None:
     store = ModelStore(registry.active)
     known = catalogue.CATALOGUE.get(args.model)
     path = catalogue.resolve(args.model, progress=False)
-    entry = store.store_path(path, name=known.name if known else Path(path).stem, sha256=known.sha256 if known else None)
+    entry = store.store_path(
+        path, name=known.name if known else Path(path).stem, sha256=known.sha256 if known else None
+    )
     model = entry.model
     runtime = Runtime(store, registry)
     instance = runtime.instance(runtime.default_module(), tenant="bench")
@@ -164,7 +166,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{report['model']} on {report['backend']}, {args.tokens} greedy tokens, median of {args.repeats} interleaved runs")
+    print(
+        f"{report['model']} on {report['backend']}, {args.tokens} greedy tokens, "
+        f"median of {args.repeats} interleaved runs"
+    )
     print(f"  host-direct      {host_tok_s:7.2f} tok/s")
     print(f"  default guest    {guest_tok_s:7.2f} tok/s   sandbox overhead {report['overhead_pct']:+.2f} %")
     print(f"  one host call    {report['host_call_us']:.2f} us   ({report['host_calls_per_token']:.1f} per token)")

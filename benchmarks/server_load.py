@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from anchor import REPO, cpu_model, free_port, llama_bin, rss, start_llama_server, stop, wait_healthy
 
 # Each runs the full max_tokens (greedy, both catalogue models): a prompt answered with EOS at
@@ -79,11 +78,19 @@ class PeakRSS:
 # ---------------------------------------------------------------------------- clients
 
 
-async def one_request(client: httpx.AsyncClient, base: str, key: str | None, model: str, prompt: str, max_tokens: int,
-                      extra: dict) -> dict:
+async def one_request(
+    client: httpx.AsyncClient, base: str, key: str | None, model: str, prompt: str, max_tokens: int, extra: dict
+) -> dict:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, **extra}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
     started = time.perf_counter()
     stamps: list[float] = []
     usage = None
@@ -104,17 +111,21 @@ async def one_request(client: httpx.AsyncClient, base: str, key: str | None, mod
     return {"started": started, "stamps": stamps, "tokens": tokens}
 
 
-async def phase(targets: list[tuple[str, str | None]], model: str, clients: int, requests: int, max_tokens: int,
-                extra: dict) -> dict:
+async def phase(
+    targets: list[tuple[str, str | None]], model: str, clients: int, requests: int, max_tokens: int, extra: dict
+) -> dict:
     """`clients` concurrent clients, client i on targets[i], each sending `requests` requests."""
     # a fresh connection a request: llama-server closes idle keep-alive connections, and a
     # reused one it had closed failed the request
     limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+
         async def client(i: int) -> list[dict]:
             base, key = targets[i]
-            return [await one_request(http, base, key, model, PROMPTS[(i + j) % len(PROMPTS)], max_tokens, extra)
-                    for j in range(requests)]
+            return [
+                await one_request(http, base, key, model, PROMPTS[(i + j) % len(PROMPTS)], max_tokens, extra)
+                for j in range(requests)
+            ]
 
         started = time.perf_counter()
         runs = [r for rs in await asyncio.gather(*(client(i) for i in range(clients))) for r in rs]
@@ -122,7 +133,12 @@ async def phase(targets: list[tuple[str, str | None]], model: str, clients: int,
     gaps = [b - a for r in runs for a, b in zip(r["stamps"], r["stamps"][1:])]
     ttft = [r["stamps"][0] - r["started"] for r in runs if r["stamps"]]
     tokens = sum(r["tokens"] for r in runs)
-    q = lambda xs, p: statistics.quantiles(xs, n=100, method="inclusive")[p - 1] if len(xs) > 1 else (xs[0] if xs else 0.0)  # noqa: E731
+
+    def q(xs: list[float], p: int) -> float:
+        if len(xs) > 1:
+            return statistics.quantiles(xs, n=100, method="inclusive")[p - 1]
+        return xs[0] if xs else 0.0
+
     return {
         "clients": clients,
         "requests": len(runs),
@@ -168,9 +184,13 @@ def run_phases(name: str, targets, model: str, pids_for, args) -> list[dict]:
                 row["mean_batch"] = (after[0] - before[0]) / steps if steps else 0.0
                 extra = f", mean batch {row['mean_batch']:.2f}"
             rows.append(row)
-            print(f"  {name:17} {clients} clients: {row['tok_s']:6.1f} tok/s, time per output token p50 "
-                  f"{row['tpot_p50_ms']:6.1f} ms p99 {row['tpot_p99_ms']:6.1f} ms, ttft p50 {row['ttft_p50_ms']:6.0f} ms, "
-                  f"RSS {row['rss_mib']:.0f} MiB, {row['tokens'] / row['requests']:.1f} tokens a request{extra}", flush=True)
+            print(
+                f"  {name:17} {clients} clients: {row['tok_s']:6.1f} tok/s, time per output token p50 "
+                f"{row['tpot_p50_ms']:6.1f} ms p99 {row['tpot_p99_ms']:6.1f} ms, "
+                f"ttft p50 {row['ttft_p50_ms']:6.0f} ms, "
+                f"RSS {row['rss_mib']:.0f} MiB, {row['tokens'] / row['requests']:.1f} tokens a request{extra}",
+                flush=True,
+            )
     return rows
 
 
@@ -182,8 +202,11 @@ def summarise(rows: list[dict]) -> dict[tuple[str, int], dict]:
     for r in rows:
         groups.setdefault((r["server"], r["clients"]), []).append(r)
     return {
-        key: {**{f: statistics.median(r[f] for r in rs) for f in FIGURES}, "rss_mib": rs[0]["rss_mib"],
-              "tok_s_rounds": [r["tok_s"] for r in rs]}
+        key: {
+            **{f: statistics.median(r[f] for r in rs) for f in FIGURES},
+            "rss_mib": rs[0]["rss_mib"],
+            "tok_s_rounds": [r["tok_s"] for r in rs],
+        }
         for key, rs in groups.items()
     }
 
@@ -191,7 +214,9 @@ def summarise(rows: list[dict]) -> dict[tuple[str, int], dict]:
 # ---------------------------------------------------------------------------- servers
 
 
-def start_realm(model_path: Path, tenants: int, threads: int | None, workdir: Path) -> tuple[subprocess.Popen, list[tuple[str, str]]]:
+def start_realm(
+    model_path: Path, tenants: int, threads: int | None, workdir: Path
+) -> tuple[subprocess.Popen, list[tuple[str, str]]]:
     sys.path.insert(0, str(REPO))
     from realm.server.keys import hash_key, new_key
 
@@ -201,19 +226,44 @@ def start_realm(model_path: Path, tenants: int, threads: int | None, workdir: Pa
     lines = [f"port = {port}", 'backend = "cpu"', f'models = [{{ name = "bench", path = "{model_path}" }}]']
     lines += [f"threads = {threads}", ""] if threads else [""]
     for i, key in enumerate(keys):
-        lines += ["[[tenants]]", f'name = "tenant{i}"', f'keys = ["{hash_key(key)}"]', "[tenants.limits]",
-                  "max_concurrent = 8", ""]
+        lines += [
+            "[[tenants]]",
+            f'name = "tenant{i}"',
+            f'keys = ["{hash_key(key)}"]',
+            "[tenants.limits]",
+            "max_concurrent = 8",
+            "",
+        ]
     config.write_text("\n".join(lines))
-    proc = subprocess.Popen([sys.executable, "-m", "realm.cli", "serve", "--config", str(config), "--log-level", "warning"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=(workdir / "realm.log").open("w"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "realm.cli", "serve", "--config", str(config), "--log-level", "warning"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / "realm.log").open("w"),
+    )
     base = f"http://127.0.0.1:{port}"
     return proc, [(base, k) for k in keys]
 
 
 def realm_bench(model: str, threads: int | None) -> dict:
     """The engine alone at batch 1 (`realm bench`, compiled step), in a process of its own."""
-    cmd = [sys.executable, "-m", "realm.cli", "bench", "--model", model, "--json", "--backend", "cpu",
-           "--prompt-tokens", "16", "--gen-tokens", "64", "--repeats", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "realm.cli",
+        "bench",
+        "--model",
+        model,
+        "--json",
+        "--backend",
+        "cpu",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "64",
+        "--repeats",
+        "3",
+    ]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -222,8 +272,9 @@ def realm_bench(model: str, threads: int | None) -> dict:
 def serve_llama(bin_dir: Path, model_path: Path, processes: int, slots: int, args, work: Path, name: str) -> list[dict]:
     procs, targets = [], []
     for i in range(processes):
-        proc, base = start_llama_server(bin_dir, model_path, slots, args.llama_ctx, args.llama_threads,
-                                        work / f"{name}{i}.log")
+        proc, base = start_llama_server(
+            bin_dir, model_path, slots, args.llama_ctx, args.llama_threads, work / f"{name}{i}.log"
+        )
         procs.append(proc)
         targets.append((base, None))
     try:
@@ -246,11 +297,17 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--llama-bin", help="folder with llama-server (default: ../shared/tools/llama-cpp-build's)")
     parser.add_argument("--no-llama", action="store_true", help="Realm alone")
-    parser.add_argument("--per-tenant", action="store_true",
-                        help="also llama.cpp with one llama-server process per tenant (the second table)")
-    parser.add_argument("--llama-prompt-cache", action="store_true",
-                        help="let llama-server reuse cached prompt prefixes (its default; Realm has no such cache, "
-                             "and the clients repeat their prompts, so by default it is off)")
+    parser.add_argument(
+        "--per-tenant",
+        action="store_true",
+        help="also llama.cpp with one llama-server process per tenant (the second table)",
+    )
+    parser.add_argument(
+        "--llama-prompt-cache",
+        action="store_true",
+        help="let llama-server reuse cached prompt prefixes (its default; Realm has no such cache, "
+        "and the clients repeat their prompts, so by default it is off)",
+    )
     parser.add_argument("--llama-threads", type=int, default=2, help="-t of each llama-server")
     parser.add_argument("--llama-ctx", type=int, default=1024, help="context of each llama-server slot")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -266,8 +323,11 @@ def main() -> None:
     print(cpu_model(), flush=True)
     engine = realm_bench(args.model, args.threads)
     results["realm_bench_decode_tok_s"] = engine["decode_tok_s"]
-    print(f"realm bench (engine alone, batch 1): decode {engine['decode_tok_s']:.1f} tok/s "
-          f"({1000 / engine['decode_tok_s']:.1f} ms a token, {engine['decode_step']} step)", flush=True)
+    print(
+        f"realm bench (engine alone, batch 1): decode {engine['decode_tok_s']:.1f} tok/s "
+        f"({1000 / engine['decode_tok_s']:.1f} ms a token, {engine['decode_step']} step)",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="realm-bench-") as tmp:
         work = Path(tmp)
         print(f"Realm: one server, {tenants} tenants, model {args.model}", flush=True)
@@ -290,9 +350,11 @@ def main() -> None:
     print(f"\n{cpu_model()}; medians over {args.rounds} rounds, first round's peak RSS")
     for (server, clients), m in sorted(by.items()):
         rounds = ", ".join(f"{t:.1f}" for t in m["tok_s_rounds"])
-        print(f"  {server:17} {clients} clients: {m['tok_s']:6.1f} tok/s (rounds: {rounds}), TPOT p50 "
-              f"{m['tpot_p50_ms']:.1f} ms p99 {m['tpot_p99_ms']:.1f} ms, TTFT p50 {m['ttft_p50_ms']:.0f} ms, "
-              f"RSS {m['rss_mib']:.0f} MiB")
+        print(
+            f"  {server:17} {clients} clients: {m['tok_s']:6.1f} tok/s (rounds: {rounds}), TPOT p50 "
+            f"{m['tpot_p50_ms']:.1f} ms p99 {m['tpot_p99_ms']:.1f} ms, TTFT p50 {m['ttft_p50_ms']:.0f} ms, "
+            f"RSS {m['rss_mib']:.0f} MiB"
+        )
     print("ratios")
     if ("realm", 1) in by:
         overhead = by[("realm", 1)]["tpot_p50_ms"] / (1000 / engine["decode_tok_s"]) - 1
@@ -302,8 +364,10 @@ def main() -> None:
     for server in servers:
         if (server, lo) in by and (server, hi) in by:
             a, b = by[(server, lo)], by[(server, hi)]
-            print(f"  {server:17} tok/s {hi} clients / {lo}: {b['tok_s'] / a['tok_s']:.2f}   "
-                  f"RSS {hi} tenants / {lo}: {b['rss_mib'] / a['rss_mib']:.2f}")
+            print(
+                f"  {server:17} tok/s {hi} clients / {lo}: {b['tok_s'] / a['tok_s']:.2f}   "
+                f"RSS {hi} tenants / {lo}: {b['rss_mib'] / a['rss_mib']:.2f}"
+            )
     results["ratios"] = {}
     for other in (s for s in servers if s != "realm"):
         for clients in args.clients:
@@ -311,9 +375,11 @@ def main() -> None:
                 r, o = by[("realm", clients)], by[(other, clients)]
                 ratio = {f: r[f] / o[f] for f in FIGURES} | {"rss_mib": r["rss_mib"] / o["rss_mib"]}
                 results["ratios"][f"realm_over_{other}_{clients}"] = ratio
-                print(f"  {clients} clients, Realm / {other}: tok/s {ratio['tok_s']:.2f}, TPOT p50 "
-                      f"{ratio['tpot_p50_ms']:.2f} p99 {ratio['tpot_p99_ms']:.2f}, TTFT p50 {ratio['ttft_p50_ms']:.2f}, "
-                      f"RSS {ratio['rss_mib']:.2f}")
+                print(
+                    f"  {clients} clients, Realm / {other}: tok/s {ratio['tok_s']:.2f}, TPOT p50 "
+                    f"{ratio['tpot_p50_ms']:.2f} p99 {ratio['tpot_p99_ms']:.2f}, TTFT p50 {ratio['ttft_p50_ms']:.2f}, "
+                    f"RSS {ratio['rss_mib']:.2f}"
+                )
     results["medians"] = {f"{s}_{c}": m for (s, c), m in by.items()}
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -61,8 +61,12 @@ def timed_serve(realm: list[str], model: str, env: dict[str, str]) -> tuple[floa
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     started = time.perf_counter()
-    proc = subprocess.Popen([*realm, "serve", "-m", model, "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*realm, "serve", "-m", model, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while True:
             try:
@@ -122,7 +126,9 @@ def main() -> None:
                 if mode == "cold":
                     built.rename(shelf)
                 env = {**base, "REALM_COMPILE": setting}
-                runs[mode].append(timed_run([*realm, "run", "-m", args.model, "-n", "8", "--temperature", "0", "Hi"], env))
+                runs[mode].append(
+                    timed_run([*realm, "run", "-m", args.model, "-n", "8", "--temperature", "0", "Hi"], env)
+                )
                 stop_builds(home)
                 serves[mode].append(timed_serve(realm, args.model, env))
                 stop_builds(home)
@@ -137,8 +143,10 @@ def main() -> None:
         "rounds": args.rounds,
         "build_seconds": round(build_seconds, 1),
         "run": {m: {"first_token_s": round(med(r, 0), 2), "exit_s": round(med(r, 1), 2)} for m, r in runs.items()},
-        "serve": {m: {"health_s": round(med(r, 0), 2), "first_token_s": round(med(r, 1), 2),
-                      "decode_step": r[-1][2]} for m, r in serves.items()},
+        "serve": {
+            m: {"health_s": round(med(r, 0), 2), "first_token_s": round(med(r, 1), 2), "decode_step": r[-1][2]}
+            for m, r in serves.items()
+        },
         "same_text": len({r[2] for rows in runs.values() for r in rows}) == 1,
     }
     for kind, key in (("run", "exit_s"), ("run", "first_token_s"), ("serve", "health_s"), ("serve", "first_token_s")):

@@ -14,13 +14,13 @@ import argparse
 import time
 
 import torch
+from anchor import cpu_model
 from torch.profiler import ProfilerActivity, profile
 
+from realm.backends.devices import BackendRegistry
 from realm.backends.linear import Int4Linear
 from realm.backends.screened import ScreenedLinear
 from realm.engine.model import Model, load, weight_bytes
-from realm.backends.devices import BackendRegistry
-from anchor import cpu_model
 
 
 def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -96,9 +96,11 @@ def main() -> None:
     model = load(args.model, backend, progress=False, compile_mode="cached")
     bandwidth = read_bandwidth()
     weights = step_bytes(model)
-    print(f"{cpu_model()}, {torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s; "
-          f"{model.name} reads {weights / 2**20:.0f} MiB of weights a step: limit {1e3 * weights / bandwidth:.2f} ms "
-          f"({bandwidth / weights:.0f} steps/s)")
+    print(
+        f"{cpu_model()}, {torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s; "
+        f"{model.name} reads {weights / 2**20:.0f} MiB of weights a step: limit {1e3 * weights / bandwidth:.2f} ms "
+        f"({bandwidth / weights:.0f} steps/s)"
+    )
     compiled = model.transformer.decode_graph if model.transformer.compiled else None
     for batch in (1, 8):
         for name, graph in [("compiled", compiled), ("eager", None)]:
@@ -106,8 +108,10 @@ def main() -> None:
                 continue
             model.transformer.use_decode_graph(graph)
             t = step_time(model, batch, args.steps)
-            print(f"batch {batch}, {name} step: {1e3 * t:.2f} ms ({batch / t:.0f} tok/s; "
-                  f"{weights / t / 1e9:.1f} GB/s of weights, {weights / t / bandwidth:.0%} of the limit)")
+            print(
+                f"batch {batch}, {name} step: {1e3 * t:.2f} ms ({batch / t:.0f} tok/s; "
+                f"{weights / t / 1e9:.1f} GB/s of weights, {weights / t / bandwidth:.0%} of the limit)"
+            )
         model.transformer.use_decode_graph(None)
         print(f"  eager step by operation (self time share, calls a step), batch {batch}:")
         for key, share, calls in op_table(model, batch, args.steps // 2, args.top):

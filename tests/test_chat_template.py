@@ -12,6 +12,7 @@ from realm.errors import InvalidArgument
 from realm.models.chat_template import ChatTemplate, chat_template_from_fields
 from realm.models.tokenizer import Tokenizer
 
+
 def gguf_fields(path: Path) -> dict[str, Any]:
     """GGUF metadata as plain Python values, as the engine's loader gives it (read once)."""
     return metadata_of(path)
@@ -72,9 +73,7 @@ def test_no_template_field_gives_none(smollm2: tuple[dict[str, Any], Tokenizer])
 
 
 def _render(source: str, **kw: Any) -> str:
-    return ChatTemplate(source, bos_token="<s>", eos_token="</s>").render(
-        [{"role": "user", "content": "hi"}], **kw
-    )
+    return ChatTemplate(source, bos_token="<s>", eos_token="</s>").render([{"role": "user", "content": "hi"}], **kw)
 
 
 @pytest.mark.parametrize(
@@ -123,8 +122,5 @@ def test_hf_template_features() -> None:
     assert _render("{% generation %}g{% endgeneration %}") == "g"
     # trim_blocks / lstrip_blocks, as HF renders
     assert _render("  {% if true %}\nA\n  {% endif %}\nB") == "A\nB"
-    ns = (
-        "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
-        "{% endfor %}{{ ns.n }}"
-    )
+    ns = "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}"
     assert _render(ns) == "1"

@@ -8,13 +8,17 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REFERENCE
 
 
 def realm(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "realm.cli", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+    done = subprocess.run(
+        [sys.executable, "-m", "realm.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
     if check:
         assert done.returncode == 0, done.stderr
     return done
@@ -47,8 +51,11 @@ def test_perplexity_json(smollm2_path):
 
 @pytest.mark.slow  # a CLI process loading a model; the same logic is tested in-process elsewhere
 def test_bench_json(smollm2_path):
-    result = json.loads(realm("bench", "-m", "smollm2-135m", "--prompt-tokens", "16", "--gen-tokens", "4",
-                              "--repeats", "1", "--json").stdout)
+    result = json.loads(
+        realm(
+            "bench", "-m", "smollm2-135m", "--prompt-tokens", "16", "--gen-tokens", "4", "--repeats", "1", "--json"
+        ).stdout
+    )
     assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
 
 
@@ -95,8 +102,16 @@ def test_a_first_run_starts_at_once_and_builds_the_compiled_step_in_the_backgrou
     import signal
 
     (tmp_path / "models").symlink_to(smollm2_path.parent)
-    done = realm("run", "--no-sandbox", "The capital of France is", "-n", "3", "--temperature", "0",
-                 env={"REALM_HOME": str(tmp_path), "REALM_COMPILE": "auto"})
+    done = realm(
+        "run",
+        "--no-sandbox",
+        "The capital of France is",
+        "-n",
+        "3",
+        "--temperature",
+        "0",
+        env={"REALM_HOME": str(tmp_path), "REALM_COMPILE": "auto"},
+    )
     assert done.stdout.startswith(" Paris")
     found = re.search(r"decoding eagerly while process (\d+) builds it", done.stderr)
     assert found, done.stderr
@@ -104,7 +119,10 @@ def test_a_first_run_starts_at_once_and_builds_the_compiled_step_in_the_backgrou
     try:
         assert os.sched_getscheduler(pid) == os.SCHED_IDLE
         assert os.getpgid(pid) == pid and os.getsid(pid) == os.getsid(0)
-        assert json.loads(realm("models", "--json", env={"REALM_HOME": str(tmp_path)}).stdout)[0]["decode_step"] == "building"
+        assert (
+            json.loads(realm("models", "--json", env={"REALM_HOME": str(tmp_path)}).stdout)[0]["decode_step"]
+            == "building"
+        )
     finally:
         os.kill(pid, signal.SIGKILL)
 

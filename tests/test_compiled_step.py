@@ -30,8 +30,11 @@ def test_the_key_changes_with_torch_the_cpu_the_code_and_the_model(monkeypatch):
     key = compiled.artifact_key(sha)
     assert compiled.artifact_key(sha) == key
     assert compiled.artifact_key("cd" * 32) != key
-    for name, value in (("FORMAT", compiled.FORMAT + 1), ("_cpu_features", lambda: "another cpu"),
-                        ("_code_version", lambda: "other code")):
+    for name, value in (
+        ("FORMAT", compiled.FORMAT + 1),
+        ("_cpu_features", lambda: "another cpu"),
+        ("_code_version", lambda: "other code"),
+    ):
         with monkeypatch.context() as m:
             m.setattr(compiled, name, value)
             assert compiled.artifact_key(sha) != key, name
@@ -40,7 +43,9 @@ def test_the_key_changes_with_torch_the_cpu_the_code_and_the_model(monkeypatch):
         assert compiled.artifact_key(sha) != key
 
 
-def test_artifacts_load_and_decode_like_the_built_ones(home_with_artifacts, smollm2_compiled, smollm2_path, cpu_backend):
+def test_artifacts_load_and_decode_like_the_built_ones(
+    home_with_artifacts, smollm2_compiled, smollm2_path, cpu_backend
+):
     model = load_model(smollm2_path, cpu_backend, compile_mode="cached")
     assert model.transformer.compiled and model.decode_step == "compiled"
     a, b = model.new_session(), smollm2_compiled.new_session()
@@ -100,6 +105,13 @@ def test_runs_keep_the_sliding_pattern_and_each_kind_of_run_gets_its_own_graph(s
 
 
 def test_compile_mode_reads_realm_compile(monkeypatch):
-    for raw, mode in (("", "auto"), ("1", "auto"), ("auto", "auto"), ("cached", "cached"), ("0", "off"), ("OFF", "off")):
+    for raw, mode in (
+        ("", "auto"),
+        ("1", "auto"),
+        ("auto", "auto"),
+        ("cached", "cached"),
+        ("0", "off"),
+        ("OFF", "off"),
+    ):
         monkeypatch.setenv("REALM_COMPILE", raw)
         assert compiled.compile_mode() == mode, raw

@@ -7,10 +7,9 @@ import gc
 from statistics import mean
 
 import torch
-
 import torch.utils._pytree as pytree
-
 from largest_logits import assert_largest_close
+
 from realm.backends.compiled import CompiledDecode, layers_per_graph, runs_of
 from realm.backends.screened import CANDIDATES
 from realm.engine.agreement import step_logits
@@ -68,7 +67,9 @@ def test_a_lone_row_runs_the_lone_graph_and_every_run_of_layers_gets_its_own_wei
     runs = runs_of(layers, per)
     calls: list = []
     n_weights = len(pytree.tree_leaves(runs[0]))
-    graphs = [(_Runner(f"lone {i}", calls, n_weights), _Runner(f"batch {i}", calls, n_weights)) for i in range(len(runs))]
+    graphs = [
+        (_Runner(f"lone {i}", calls, n_weights), _Runner(f"batch {i}", calls, n_weights)) for i in range(len(runs))
+    ]
     step = CompiledDecode(graphs, runs)
     keys = [torch.full((1,), float(i)) for i in range(len(layers))]
     values = [-k for k in keys]
@@ -82,7 +83,9 @@ def test_a_lone_row_runs_the_lone_graph_and_every_run_of_layers_gets_its_own_wei
             assert [float(k) for k in inputs[-2 * per : -per]] == list(range(g * per, (g + 1) * per))
 
 
-def test_a_switch_to_the_compiled_step_changes_no_running_sequence(smollm2_compiled, smollm2, smollm2_path, cpu_backend):
+def test_a_switch_to_the_compiled_step_changes_no_running_sequence(
+    smollm2_compiled, smollm2, smollm2_path, cpu_backend
+):
     """A model switched to its compiled step between two steps (what a server does when a
     background build ends): a sequence begun before the switch goes on with the eager step,
     bit for bit what it would have got unswitched, even in a batch with a sequence begun

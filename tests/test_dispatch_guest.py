@@ -25,13 +25,13 @@ from pathlib import Path
 import pytest
 import torch
 import wasmtime
+from sandbox_helpers import greedy_request, host_direct, make_runtime
+from tiny_model import write_tiny_gemma3, write_tiny_llama
 
 from realm.backends.devices import BackendRegistry
 from realm.engine.model import load_model
 from realm.sandbox import abi, toolchain
 from realm.sandbox.runtime import Limits, Runtime
-from sandbox_helpers import greedy_request, host_direct, make_runtime
-from tiny_model import write_tiny_gemma3, write_tiny_llama
 
 GUEST_DIR = Path(__file__).resolve().parents[1] / "guest"
 HEADER = GUEST_DIR / "include" / "realm.h"

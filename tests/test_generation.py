@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import load_reference
+
 from realm.engine.sampling import SamplingParams
 from realm.errors import ContextOverflow, Unsupported
 

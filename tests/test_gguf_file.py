@@ -85,7 +85,9 @@ def test_reads_what_the_gguf_package_reads(smollm2_path):
     expected = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
     assert mine.metadata.keys() == expected.keys()
     for key, value in expected.items():
-        assert mine.metadata[key] == pytest.approx(value) if isinstance(value, float) else mine.metadata[key] == value, key
+        assert (
+            mine.metadata[key] == pytest.approx(value) if isinstance(value, float) else mine.metadata[key] == value
+        ), key
     assert len(mine.metadata["tokenizer.ggml.tokens"]) == 49152
     assert [t.name for t in theirs.tensors] == list(mine.tensors)
     for t in theirs.tensors:
@@ -108,10 +110,18 @@ def _kv(key: bytes, kind: int, payload: bytes) -> bytes:
 ARCH = _kv(b"general.architecture", 8, _string(b"llama"))
 
 
-def _file(tmp_path, *kvs: bytes, tensors: tuple[bytes, ...] = (), n_kv: int | None = None,
-          n_tensors: int | None = None, version: int = 3, data: bytes = b"") -> Path:
-    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
-                                 len(kvs) if n_kv is None else n_kv)
+def _file(
+    tmp_path,
+    *kvs: bytes,
+    tensors: tuple[bytes, ...] = (),
+    n_kv: int | None = None,
+    n_tensors: int | None = None,
+    version: int = 3,
+    data: bytes = b"",
+) -> Path:
+    head = b"GGUF" + struct.pack(
+        "<IQQ", version, len(tensors) if n_tensors is None else n_tensors, len(kvs) if n_kv is None else n_kv
+    )
     body = head + b"".join(kvs) + b"".join(tensors)
     body += b"\0" * (-len(body) % 32) + data
     path = tmp_path / "made.gguf"
@@ -125,34 +135,56 @@ def _tensor(name: bytes, dims: tuple[int, ...], qtype: int = 0, offset: int = 0)
 
 def test_a_hand_made_file_reads(tmp_path):
     values = struct.pack("<IQ", 6, 3) + struct.pack("<3f", 0.5, -1.0, 2.0)
-    path = _file(tmp_path, ARCH, _kv(b"x.flag", 7, b"\1"), _kv(b"x.list", 9, values),
-                 _kv(b"x.names", 9, struct.pack("<IQ", 8, 2) + _string(b"a") + _string("é".encode())),
-                 tensors=(_tensor(b"w", (4, 2)),), data=np.arange(8, dtype=np.float32).tobytes())
+    path = _file(
+        tmp_path,
+        ARCH,
+        _kv(b"x.flag", 7, b"\1"),
+        _kv(b"x.list", 9, values),
+        _kv(b"x.names", 9, struct.pack("<IQ", 8, 2) + _string(b"a") + _string("é".encode())),
+        tensors=(_tensor(b"w", (4, 2)),),
+        data=np.arange(8, dtype=np.float32).tobytes(),
+    )
     g = GGUFFile(path)
-    assert g.metadata == {"general.architecture": "llama", "x.flag": True, "x.list": [0.5, -1.0, 2.0],
-                          "x.names": ["a", "é"]}
+    assert g.metadata == {
+        "general.architecture": "llama",
+        "x.flag": True,
+        "x.list": [0.5, -1.0, 2.0],
+        "x.names": ["a", "é"],
+    }
     assert g.tensors["w"].shape == (2, 4)
     assert g.tensors["w"].rows([1]).tolist() == [[4.0, 5.0, 6.0, 7.0]]
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: _file(p, ARCH, version=1), "version 1 is not supported"),
-    (lambda p: _file(p, ARCH, version=3 << 24), "big-endian"),
-    (lambda p: _file(p, ARCH, n_kv=2**62), "cannot fit"),
-    (lambda p: _file(p, ARCH, _kv(b"x", 8, struct.pack("<Q", 2**40) + b"abc")), "ends inside metadata key 'x'"),
-    (lambda p: _file(p, ARCH, _kv(b"x", 9, struct.pack("<IQ", 6, 2**40))), "ends inside metadata key 'x'"),
-    (lambda p: _file(p, ARCH, _kv(b"x", 9, struct.pack("<IQ", 8, 2**40))), "ends inside metadata key 'x'"),
-    (lambda p: _file(p, ARCH, _kv(b"x", 99, b"")), "metadata key 'x': unknown value type 99"),
-    (lambda p: _file(p, ARCH, ARCH), "the key appears twice"),
-    (lambda p: _file(p, ARCH, _kv(b"general.alignment", 4, struct.pack("<I", 48))), "48 is not a power of two"),
-    (lambda p: _file(p, ARCH, tensors=(_tensor(b"w", (4, 2)),)), "tensor w: its 32 bytes at .* lie past the end"),
-    (lambda p: _file(p, ARCH, tensors=(_tensor(b"w", (4,), offset=4),), data=bytes(64)), "not a multiple of the alignment 32"),
-    (lambda p: _file(p, ARCH, tensors=(_tensor(b"w", (4,)), _tensor(b"w", (4,))), data=bytes(32)), "the name appears twice"),
-    (lambda p: _file(p, ARCH, tensors=(_tensor(b"w", (4,) * 5),)), "5 dimensions"),
-    (lambda p: _file(p, ARCH, tensors=(_tensor(b"w", (40,), qtype=8),), data=bytes(64)), "40 are not whole 32-element blocks"),
-    (lambda p: _file(p, ARCH, tensors=(_tensor(b"w", (4,), qtype=1000),)), "unknown quantization type 1000"),
-    (lambda p: _file(p, _kv(b"general.architecture", 4, struct.pack("<I", 7))), "no general.architecture"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: _file(p, ARCH, version=1), "version 1 is not supported"),
+        (lambda p: _file(p, ARCH, version=3 << 24), "big-endian"),
+        (lambda p: _file(p, ARCH, n_kv=2**62), "cannot fit"),
+        (lambda p: _file(p, ARCH, _kv(b"x", 8, struct.pack("<Q", 2**40) + b"abc")), "ends inside metadata key 'x'"),
+        (lambda p: _file(p, ARCH, _kv(b"x", 9, struct.pack("<IQ", 6, 2**40))), "ends inside metadata key 'x'"),
+        (lambda p: _file(p, ARCH, _kv(b"x", 9, struct.pack("<IQ", 8, 2**40))), "ends inside metadata key 'x'"),
+        (lambda p: _file(p, ARCH, _kv(b"x", 99, b"")), "metadata key 'x': unknown value type 99"),
+        (lambda p: _file(p, ARCH, ARCH), "the key appears twice"),
+        (lambda p: _file(p, ARCH, _kv(b"general.alignment", 4, struct.pack("<I", 48))), "48 is not a power of two"),
+        (lambda p: _file(p, ARCH, tensors=(_tensor(b"w", (4, 2)),)), "tensor w: its 32 bytes at .* lie past the end"),
+        (
+            lambda p: _file(p, ARCH, tensors=(_tensor(b"w", (4,), offset=4),), data=bytes(64)),
+            "not a multiple of the alignment 32",
+        ),
+        (
+            lambda p: _file(p, ARCH, tensors=(_tensor(b"w", (4,)), _tensor(b"w", (4,))), data=bytes(32)),
+            "the name appears twice",
+        ),
+        (lambda p: _file(p, ARCH, tensors=(_tensor(b"w", (4,) * 5),)), "5 dimensions"),
+        (
+            lambda p: _file(p, ARCH, tensors=(_tensor(b"w", (40,), qtype=8),), data=bytes(64)),
+            "40 are not whole 32-element blocks",
+        ),
+        (lambda p: _file(p, ARCH, tensors=(_tensor(b"w", (4,), qtype=1000),)), "unknown quantization type 1000"),
+        (lambda p: _file(p, _kv(b"general.architecture", 4, struct.pack("<I", 7))), "no general.architecture"),
+    ],
+)
 def test_a_malformed_header_is_named(tmp_path, make, message):
     with pytest.raises(ModelFormatError, match=message):
         GGUFFile(make(tmp_path))

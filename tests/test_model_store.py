@@ -125,7 +125,9 @@ def test_a_tenant_rule_refuses_models_it_does_not_allow(store, smollm2_path, smo
     assert store.store_bytes(smollm2_path.read_bytes(), allowed=lambda m: m == smollm2.sha256) is entry
 
 
-def test_by_name_finds_stored_configured_and_cached_models_but_never_fetches(cpu_backend, loader, smollm2_path, tmp_path):
+def test_by_name_finds_stored_configured_and_cached_models_but_never_fetches(
+    cpu_backend, loader, smollm2_path, tmp_path
+):
     store = ModelStore(cpu_backend, home=tmp_path, loader=loader, paths={"mine": smollm2_path})
     with pytest.raises(UnknownModel, match="no model named"):
         store.by_name("no-such-model")

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
+from test_quants import COLS, ROWS, random_blocks
 
 from realm.backends import native
 from realm.backends.linear import Int4Linear, NativeInt4Linear, NativeInt8Linear, pack_for_cpu
 from realm.models.quants import dequantize, int4_planes
-from test_quants import COLS, ROWS, random_blocks
 
 pytestmark = pytest.mark.skipif(not native.load(), reason="the native kernel is not built (make setup builds it)")
 
@@ -67,11 +67,18 @@ def test_the_kernels_compute_the_rounded_product() -> None:
 
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_every_instruction_set_body_computes_the_same(isa: str) -> None:
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch; "
-            "from realm.backends import native; native.load(); import test_native as t; "
-            "print(torch.ops.realm.isa(), t.check_kernels())")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "REALM_KERNEL_ISA": isa}, check=False)
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch; "
+        "from realm.backends import native; native.load(); import test_native as t; "
+        "print(torch.ops.realm.isa(), t.check_kernels())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "REALM_KERNEL_ISA": isa},
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     name, worst = done.stdout.split()
     assert name == isa and float(worst) <= 1e-5
@@ -125,10 +132,14 @@ def test_the_cpu_backend_packs_for_the_native_kernel_unless_told_not_to() -> Non
     raw = random_blocks(QT.Q4_0, seed=6)
     tensor = TensorData(name="w", qtype=QT.Q4_0, shape=(ROWS, COLS), raw=raw)
     assert isinstance(pack_for_cpu([tensor]), NativeInt4Linear)
-    code = ("from realm.backends import native, linear; "
-            "print(native.load(), native.isa())")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "REALM_KERNELS": "pytorch"}, check=True)
+    code = "from realm.backends import native, linear; print(native.load(), native.isa())"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "REALM_KERNELS": "pytorch"},
+        check=True,
+    )
     assert done.stdout.split() == ["False", "pytorch"]
 
 
@@ -137,8 +148,13 @@ def test_compiled_graphs_depend_on_the_operators_not_on_the_body_that_runs_them(
     instruction-set body, and PyTorch's kernels (another weight format) get their own."""
     code = "from realm.backends import native; print(native.identity())"
     ids = {
-        env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            env={**os.environ, **dict([env.split("=")])}).stdout.strip()
+        env: subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **dict([env.split("=")])},
+        ).stdout.strip()
         for env in ("REALM_KERNEL_ISA=avx2", "REALM_KERNEL_ISA=scalar", "REALM_KERNELS=pytorch")
     }
     assert ids["REALM_KERNEL_ISA=avx2"] == ids["REALM_KERNEL_ISA=scalar"] == native.identity()
@@ -151,8 +167,10 @@ def test_a_damaged_library_is_a_warning_and_pytorchs_kernels(tmp_path: Path) -> 
     broken = tmp_path / native.LIBRARY
     broken.write_bytes(built.read_bytes()[:4096])
     (tmp_path / (native.LIBRARY + ".sha256")).write_text(Path(str(built) + ".sha256").read_text())
-    code = (f"from pathlib import Path; from realm.backends import native; "
-            f"native._places = lambda: [Path({str(broken)!r})]; print(native.load(), native.isa())")
+    code = (
+        f"from pathlib import Path; from realm.backends import native; "
+        f"native._places = lambda: [Path({str(broken)!r})]; print(native.load(), native.isa())"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "pytorch"]
     assert "do not load" in done.stderr

@@ -25,7 +25,6 @@ from realm.models.quants import (
     int4_planes,
 )
 
-
 ROWS, COLS = 32, 512  # rows a multiple of 16 and cols of 256, as the int4 kernel and K-quants need
 QUANTIZABLE = [QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0]
 BLOCK_TYPES = sorted(SUPPORTED - {QT.F32, QT.F16, QT.BF16})
@@ -154,6 +153,7 @@ REAL = [
     ("gemma3_path", QT.Q8_0),
     ("gemma3_path", QT.F32),
 ]
+
 
 @functools.cache
 def reader(path: Path) -> GGUFFile:

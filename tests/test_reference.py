@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import REFERENCE, load_reference
+
 from realm.engine.agreement import perplexity, prompt_agreement
 
 MODELS = ["smollm2", "gemma3"]
@@ -19,7 +19,8 @@ def _path_params() -> list:
     users get), the eager step's own agreement is bounded by tests/test_decode_graph.py."""
     return [
         pytest.param((m, path), marks=[] if PATHS[path] is None else [pytest.mark.compiled])
-        for m in MODELS for path in PATHS
+        for m in MODELS
+        for path in PATHS
     ]
 
 

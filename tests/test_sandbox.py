@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import wasmtime
+from sandbox_helpers import GUESTS, greedy_request, host_direct, make_runtime
 
 from realm.engine.model_store import ModelStore
 from realm.engine.sampling import SamplingParams
@@ -18,7 +19,6 @@ from realm.errors import ContextOverflow, HashMismatch, InvalidArgument, NotFoun
 from realm.sandbox import abi, toolchain
 from realm.sandbox.memory import HELD_COPY
 from realm.sandbox.runtime import ModuleCache, Runtime, check_module, wasmtime_version
-from sandbox_helpers import GUESTS, greedy_request, host_direct, make_runtime
 
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
 
@@ -72,10 +72,12 @@ def test_stop_strings_match_host_direct(runtime, instance, smollm2):
         streamed = []
         result = instance.generate(
             greedy_request(runtime, SMOL, "The capital of France is", 8, stop=stop),
-            on_token=lambda t, text: streamed.append((t, text)),
+            on_token=lambda t, text, streamed=streamed: streamed.append((t, text)),
         )
         assert (result.text, result.tokens, result.finish_reason) == (
-            expected.text, expected.tokens, expected.finish_reason
+            expected.text,
+            expected.tokens,
+            expected.finish_reason,
         ), stop
         assert streamed == [(p.token, p.text) for p in pieces], stop  # held back alike
 
@@ -249,7 +251,11 @@ def test_realm_vocab_gives_every_tokens_bytes_and_end_flag(runtime, default_gues
         assert abi.invoke(fn, inst.state, inst._store, [entry.id, at, size]) == size
         table = inst.state.memory.read(inst._store, at, at + size)
         is_end = abi.BY_NAME["realm_token_is_end"]
-        ends = {t for t in range(entry.model.tokenizer.vocab_size) if abi.invoke(is_end, inst.state, inst._store, [entry.id, t])}
+        ends = {
+            t
+            for t in range(entry.model.tokenizer.vocab_size)
+            if abi.invoke(is_end, inst.state, inst._store, [entry.id, t])
+        }
     tok = entry.model.tokenizer
     n = struct.unpack_from("<I", table)[0]
     offsets = struct.unpack_from(f"<{n + 1}I", table, 4)
@@ -283,7 +289,6 @@ def _memory64_config() -> wasmtime.Config:
     return config
 
 
-
 @pytest.mark.slow  # a CLI process; the guest path itself is tested in-process above
 def test_realm_run_goes_through_the_default_guest(smollm2):
     """`realm run` (a subprocess, as a user runs it) streams the host-direct greedy text."""
@@ -293,13 +298,17 @@ def test_realm_run_goes_through_the_default_guest(smollm2):
     expected, _ = host_direct(smollm2, "The capital of France is", 6)
     done = subprocess.run(
         [sys.executable, "-m", "realm.cli", "run", "The capital of France is", "-n", "6", "--temperature", "0"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == expected.text + "\n"
     done = subprocess.run(
         [sys.executable, "-m", "realm.cli", "run", "--guest", str(GUESTS / "unreachable.wat"), "hi"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "guest unreachable (tenant cli) trapped" in done.stderr
@@ -327,5 +336,5 @@ def test_the_default_guests_utf8_stream_decoder_matches_python(runtime, tmp_path
             expected = [(i, decoder.decode(c)) for i, c in enumerate(chunks)] + [(-1, decoder.decode(b"", final=True))]
             request = struct.pack(f"<I{len(chunks)}I", len(chunks), *map(len, chunks)) + b"".join(chunks)
             got = []
-            inst.generate(request, on_token=lambda t, text: got.append((t, text)))
+            inst.generate(request, on_token=lambda t, text, got=got: got.append((t, text)))
             assert got == expected, data

@@ -8,10 +8,10 @@ import threading
 import time
 
 import pytest
+from sandbox_helpers import GUESTS, greedy_request, host_direct, make_runtime
 
 from realm.errors import AbiVersionMismatch, Cancelled, GuestFault, LimitExceeded, ModelFormatError
 from realm.sandbox.runtime import Limits, Runtime
-from sandbox_helpers import GUESTS, greedy_request, host_direct, make_runtime
 
 SMOL = "smollm2-135m"
 
@@ -88,7 +88,11 @@ def test_pointers_outside_guest_memory_are_refused_by_every_host_call(runtime, s
 def test_a_guest_returning_an_error_code_gets_that_error(runtime):
     inst = _guest(runtime, "store_gguf")
     # its pointers (0 and 0 at address 0) are fine but the bytes are not a model
-    with pytest.raises(ModelFormatError, match=r"guest store_gguf failed with ModelFormatError \(-6\): realm_store_model: the bytes are not a GGUF model"):
+    with pytest.raises(
+        ModelFormatError,
+        match=r"guest store_gguf failed with ModelFormatError \(-6\): "
+        r"realm_store_model: the bytes are not a GGUF model",
+    ):
         inst.generate({})
 
 
@@ -112,7 +116,10 @@ def test_a_guest_for_another_abi_major_is_refused_naming_both_versions(runtime):
     "name,message",
     [
         ("wasi", "imports wasi_snapshot_preview1.fd_write, which the Realm ABI 1.1 does not offer"),
-        ("bad_signature", r"imports env.realm_log as \(i32\) -> \(i32\); the ABI's wasm32 signature is \(i32, i32, i32\)"),
+        (
+            "bad_signature",
+            r"imports env.realm_log as \(i32\) -> \(i32\); the ABI's wasm32 signature is \(i32, i32, i32\)",
+        ),
     ],
 )
 def test_imports_outside_the_abi_are_refused_at_load(runtime, name, message):

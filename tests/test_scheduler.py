@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 
 import torch
-
 from largest_logits import assert_largest_close
+
 from realm.engine.scheduler import BatchScheduler, StepRequest, plan_round
 
 
@@ -75,8 +75,9 @@ def test_concurrent_sessions_are_batched_and_match_sequential(smollm2):
 
 def test_batched_decode_across_a_sliding_window_matches_one_at_a_time(tmp_path, cpu_backend):
     """Sequences of different lengths, some past the window, decoded in one step."""
-    from realm.engine.model import load_model
     from tiny_model import write_tiny_gemma3
+
+    from realm.engine.model import load_model
 
     model = load_model(write_tiny_gemma3(tmp_path / "g.gguf"), cpu_backend)
     window = model.config.sliding_window

@@ -16,8 +16,7 @@ from realm.models.gguf_file import TensorData
 def exact_product(x: torch.Tensor, tensor: TensorData) -> torch.Tensor:
     """x @ W.T in float64 from the weights as stored, a slice of rows at a time."""
     pieces = [
-        x.double() @ tensor.rows(slice(start, start + 32768)).double().T
-        for start in range(0, tensor.shape[0], 32768)
+        x.double() @ tensor.rows(slice(start, start + 32768)).double().T for start in range(0, tensor.shape[0], 32768)
     ]
     return torch.cat(pieces, dim=1)
 

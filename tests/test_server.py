@@ -54,7 +54,9 @@ class Server:
         self.base = f"http://127.0.0.1:{port}"
 
     def client(self, tenant: str | None, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base + "/v1", api_key=KEYS.get(tenant, tenant or "none"), max_retries=0, **kw)
+        return openai.OpenAI(
+            base_url=self.base + "/v1", api_key=KEYS.get(tenant, tenant or "none"), max_retries=0, **kw
+        )
 
     def headers(self, tenant: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {KEYS[tenant]}"}
@@ -186,27 +188,46 @@ def test_completion_streamed_equals_plain_and_usage_is_real(server):
     assert plain.object == "text_completion"
     choice = plain.choices[0]
     assert choice.text and choice.finish_reason == "length"
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, seed=3,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=8,
+            temperature=0,
+            seed=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text, finish, usage = streamed_text(chunks)
     assert text == choice.text and finish == "length"
     assert sum(1 for c in chunks if c.choices and c.choices[0].text) >= 2  # token by token, not at once
     # usage: the prompt's tokens as the model tokenizes it; one completion token per step
-    tokens = httpx.post(server.base + "/tokenize", json={"model": MODEL, "content": PROMPT},
-                        headers=server.headers("alpha")).json()["tokens"]
+    tokens = httpx.post(
+        server.base + "/tokenize", json={"model": MODEL, "content": PROMPT}, headers=server.headers("alpha")
+    ).json()["tokens"]
     assert plain.usage.prompt_tokens == len(tokens)
     assert plain.usage.completion_tokens == 8
     assert usage == plain.usage
-    back = httpx.post(server.base + "/detokenize", json={"model": MODEL, "tokens": tokens},
-                      headers=server.headers("alpha")).json()["content"]
+    back = httpx.post(
+        server.base + "/detokenize", json={"model": MODEL, "tokens": tokens}, headers=server.headers("alpha")
+    ).json()["content"]
     assert back.strip() == PROMPT
 
 
 def test_sampling_parameters_and_seed(server):
     client = server.client("alpha")
-    args = dict(prompt="Once upon a time", max_tokens=10, temperature=0.9, top_p=0.9, seed=42,
-                presence_penalty=0.5, frequency_penalty=0.2, stop=["\n\n"],
-                extra_body={"top_k": 30, "min_p": 0.02, "repeat_penalty": 1.1})
+    args = dict(
+        prompt="Once upon a time",
+        max_tokens=10,
+        temperature=0.9,
+        top_p=0.9,
+        seed=42,
+        presence_penalty=0.5,
+        frequency_penalty=0.2,
+        stop=["\n\n"],
+        extra_body={"top_k": 30, "min_p": 0.02, "repeat_penalty": 1.1},
+    )
     a = client.completions.create(model=MODEL, **args).choices[0].text
     b = client.completions.create(model=MODEL, **args).choices[0].text
     assert a == b  # same seed, same text
@@ -249,8 +270,13 @@ def test_eight_concurrent_streams_across_three_tenants_are_batched(server):
     def one(i: int):
         client = server.client(tenants[i])
         barrier.wait()
-        chunks = chat(client, stream=True, messages=[{"role": "user", "content": prompts[i]}], max_tokens=16,
-                      stream_options={"include_usage": True})
+        chunks = chat(
+            client,
+            stream=True,
+            messages=[{"role": "user", "content": prompts[i]}],
+            max_tokens=16,
+            stream_options={"include_usage": True},
+        )
         return streamed_text(chunks)
 
     with ThreadPoolExecutor(8) as pool:
@@ -272,9 +298,18 @@ def test_eight_concurrent_streams_across_three_tenants_are_batched(server):
 def test_disconnect_stops_generation(server):
     before = server.metrics()
     with httpx.Client(timeout=60) as http:
-        with http.stream("POST", server.base + "/v1/completions", headers=server.headers("gamma"),
-                         json={"model": MODEL, "prompt": "Count: one, two, three,", "max_tokens": 1000,
-                               "temperature": 0, "stream": True}) as response:
+        with http.stream(
+            "POST",
+            server.base + "/v1/completions",
+            headers=server.headers("gamma"),
+            json={
+                "model": MODEL,
+                "prompt": "Count: one, two, three,",
+                "max_tokens": 1000,
+                "temperature": 0,
+                "stream": True,
+            },
+        ) as response:
             assert response.status_code == 200
             lines = response.iter_lines()
             got = 0
@@ -291,10 +326,12 @@ def test_disconnect_stops_generation(server):
         time.sleep(0.1)
     assert metric(now, "realm_active_requests", tenant="gamma") == 0, "the guest kept running"
     gone = metric(now, "realm_requests_total", tenant="gamma", status="499") - metric(
-        before, "realm_requests_total", tenant="gamma", status="499")
+        before, "realm_requests_total", tenant="gamma", status="499"
+    )
     assert gone == 1
     generated = metric(now, "realm_completion_tokens_total", tenant="gamma") - metric(
-        before, "realm_completion_tokens_total", tenant="gamma")
+        before, "realm_completion_tokens_total", tenant="gamma"
+    )
     assert generated == 0  # an abandoned request is not counted as completed
     assert chat(server.client("gamma")).choices[0].message.content  # the tenant keeps working
 
@@ -361,8 +398,12 @@ def test_413_body_too_large(server):
 def test_429_concurrency_limit(server):
     client = server.client("tiny")
     with httpx.Client(timeout=60) as http:
-        with http.stream("POST", server.base + "/v1/completions", headers=server.headers("tiny"),
-                         json={"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "stream": True}) as first:
+        with http.stream(
+            "POST",
+            server.base + "/v1/completions",
+            headers=server.headers("tiny"),
+            json={"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "stream": True},
+        ) as first:
             assert first.status_code == 200
             with pytest.raises(openai.RateLimitError) as e:
                 client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
@@ -437,9 +478,16 @@ def test_health_and_metrics(server):
     with pytest.raises(openai.PermissionDeniedError):
         chat(server.client("delta"))
     text = server.metrics()
-    for name in ("realm_requests_total", "realm_prompt_tokens_total", "realm_completion_tokens_total",
-                 "realm_time_to_first_token_seconds_bucket", "realm_time_per_output_token_seconds_bucket",
-                 "realm_batch_size_bucket", "realm_queue_depth", "realm_guest_traps_total"):
+    for name in (
+        "realm_requests_total",
+        "realm_prompt_tokens_total",
+        "realm_completion_tokens_total",
+        "realm_time_to_first_token_seconds_bucket",
+        "realm_time_per_output_token_seconds_bucket",
+        "realm_batch_size_bucket",
+        "realm_queue_depth",
+        "realm_guest_traps_total",
+    ):
         assert name in text, name
     assert metric(text, "realm_requests_total", tenant="alpha", model=MODEL, status="200") > 0
     assert metric(text, "realm_requests_total", tenant="delta", model=MODEL, status="403") > 0

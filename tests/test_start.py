@@ -30,8 +30,13 @@ def free_port() -> int:
 
 def serve(home: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "REALM_HOME": str(home), "REALM_COMPILE": "auto"}
-    return subprocess.Popen([sys.executable, "-m", "realm.cli", "serve", "--port", str(port), "--threads", "2"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "realm.cli", "serve", "--port", str(port), "--threads", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def health(port: int, timeout: float) -> tuple[dict, float]:
@@ -49,8 +54,9 @@ def health(port: int, timeout: float) -> tuple[dict, float]:
 
 
 def stream(client: openai.OpenAI) -> str:
-    chunks = client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=TOKENS, temperature=0,
-                                       stream=True)
+    chunks = client.completions.create(
+        model="smollm2-135m", prompt=PROMPT, max_tokens=TOKENS, temperature=0, stream=True
+    )
     return "".join(c.choices[0].text for c in chunks)
 
 

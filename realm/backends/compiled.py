@@ -38,8 +38,9 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -57,7 +58,16 @@ MIN_LAYERS_PER_GRAPH = 6
 through the GIL); six keeps a step at three to five calls for the models we run."""
 GRAPHS = {"lone": 1, "batch": 2}
 """Graph kind -> the rows of the example it is traced with (a batch graph takes 2 and up)."""
-_MODES = {"auto": "auto", "1": "auto", "on": "auto", "cached": "cached", "0": "off", "off": "off", "false": "off", "no": "off"}
+_MODES = {
+    "auto": "auto",
+    "1": "auto",
+    "on": "auto",
+    "cached": "cached",
+    "0": "off",
+    "off": "off",
+    "false": "off",
+    "no": "off",
+}
 _SOURCES = (transformer, linear, quants, config)  # the code a graph is made of, besides this module
 
 
@@ -147,8 +157,9 @@ def _register(cls: type, tensors: Sequence[str], context: Sequence[str], **fixed
             setattr(obj, name, value)
         return obj
 
-    pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"realm.{cls.__name__}",
-                                flatten_with_keys_fn=flatten_with_keys)
+    pytree.register_pytree_node(
+        cls, flatten, unflatten, serialized_type_name=f"realm.{cls.__name__}", flatten_with_keys_fn=flatten_with_keys
+    )
 
 
 _SHAPE = ("out_features", "in_features")

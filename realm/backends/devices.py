@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -80,9 +80,7 @@ class BackendRegistry:
     def __init__(self, preference: str | None = None) -> None:
         preference = preference or os.environ.get("REALM_BACKEND", "auto")
         if preference not in self.CHOICES:
-            raise InvalidArgument(
-                f"unknown backend {preference!r} (choose one of: {', '.join(self.CHOICES)})"
-            )
+            raise InvalidArgument(f"unknown backend {preference!r} (choose one of: {', '.join(self.CHOICES)})")
         cpu = Backend(BackendKind.CPU, torch.device("cpu"), f"cpu (PyTorch, {torch.get_num_threads()} threads)")
         naive = Backend(BackendKind.NONE, torch.device("cpu"), "naive (no host kernels; float32 reference)")
         gpu = _gpu()

@@ -22,7 +22,7 @@ The output projection has a format of its own (`screened.py`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

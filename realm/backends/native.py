@@ -50,7 +50,9 @@ def _compiler() -> str | None:
 @functools.cache
 def _key() -> str:
     compiler = _compiler() or "none"
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout if compiler != "none" else ""
+    version = (
+        subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout if compiler != "none" else ""
+    )
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update(f"{torch.__version__}\n{version}".encode())
     return digest.hexdigest()[:24]
@@ -95,9 +97,23 @@ def build(force: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / LIBRARY
-        cmd = [compiler, "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w",
-               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *includes, str(SOURCE),
-               *libs, "-ltorch_cpu", "-lc10", "-o", str(out)]
+        cmd = [
+            compiler,
+            "-O3",
+            "-std=c++20",
+            "-shared",
+            "-fPIC",
+            "-fopenmp",
+            "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            *includes,
+            str(SOURCE),
+            *libs,
+            "-ltorch_cpu",
+            "-lc10",
+            "-o",
+            str(out),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise InternalError(f"building Realm's CPU kernel failed:\n{done.stderr[-3000:]}")
@@ -124,8 +140,10 @@ def load() -> bool:
         return False
     path = library_path()
     if path is None:
-        log.warning("Realm's CPU kernels are not built: using PyTorch's, which are slower. "
-                    "Build them with `python -m realm.backends.native` (make setup does).")
+        log.warning(
+            "Realm's CPU kernels are not built: using PyTorch's, which are slower. "
+            "Build them with `python -m realm.backends.native` (make setup does)."
+        )
         return False
     try:
         # dlopen of a truncated library is a SIGBUS, not an error: check the bytes first
@@ -133,8 +151,12 @@ def load() -> bool:
             raise OSError("it does not match its recorded SHA-256 (truncated or altered)")
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as e:  # damaged, or built against another torch
-        log.warning("Realm's CPU kernels in %s do not load (%s): using PyTorch's, which are slower. "
-                    "Rebuild them with `python -m realm.backends.native --force`.", path, e)
+        log.warning(
+            "Realm's CPU kernels in %s do not load (%s): using PyTorch's, which are slower. "
+            "Rebuild them with `python -m realm.backends.native --force`.",
+            path,
+            e,
+        )
         return False
 
     torch.library.register_fake("realm::int4_gemm", _int4_shape)
@@ -170,13 +192,15 @@ def group_layout(
     return packed.reshape(groups, -1).contiguous(), per_block(scale), None if mins is None else per_block(mins)
 
 
-def _int4_shape(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                out_features: int) -> torch.Tensor:
+def _int4_shape(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, out_features: int
+) -> torch.Tensor:
     return x.new_empty((x.shape[0], out_features))
 
 
-def _int8_shape(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, scales_per_block: int,
-                out_features: int) -> torch.Tensor:
+def _int8_shape(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, scales_per_block: int, out_features: int
+) -> torch.Tensor:
     return x.new_empty((x.shape[0], out_features))
 
 

@@ -19,10 +19,11 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -186,17 +187,26 @@ class BackgroundBuild:
     def _build(self) -> None:
         argv = [sys.executable, "-c", _AT_IDLE_PRIORITY, str(self.model.path), self.model.sha256]
         with open(self.log_path, "ab") as out:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                       process_group=0, env={**os.environ, "REALM_COMPILE": "off"})
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                process_group=0,
+                env={**os.environ, "REALM_COMPILE": "off"},
+            )
         log.warning(
-            "%s: no compiled decode step yet; decoding eagerly while process %d builds it "
-            "(a few minutes, log in %s)", self.model.name, process.pid, self.log_path,
+            "%s: no compiled decode step yet; decoding eagerly while process %d builds it (a few minutes, log in %s)",
+            self.model.name,
+            process.pid,
+            self.log_path,
         )
         code = process.wait()
         _started.discard(self.model.sha256)
         if code != 0:
-            log.error("%s: building the compiled decode step failed (exit %d); see %s",
-                      self.model.name, code, self.log_path)
+            log.error(
+                "%s: building the compiled decode step failed (exit %d); see %s", self.model.name, code, self.log_path
+            )
         elif _use_artifacts(self.model):
             log.warning("%s: switched to the compiled decode step", self.model.name)
 

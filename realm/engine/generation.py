@@ -7,8 +7,9 @@ string that later completes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from realm.engine.sampling import Sampler, SamplingParams
 from realm.errors import ContextOverflow, InvalidArgument

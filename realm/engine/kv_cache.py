@@ -84,9 +84,7 @@ class KVCache:
     def reserve(self, n_tokens: int) -> None:
         """Make room for positions [0, n_tokens); beyond max_tokens is a ContextOverflow."""
         if n_tokens > self.max_tokens:
-            raise ContextOverflow(
-                f"{n_tokens} tokens do not fit in this session's context of {self.max_tokens}"
-            )
+            raise ContextOverflow(f"{n_tokens} tokens do not fit in this session's context of {self.max_tokens}")
         missing = -(-n_tokens // BLOCK) - len(self.blocks)
         if missing > 0:
             self.blocks.extend(self.pool.allocate(missing))
@@ -100,9 +98,7 @@ class KVCache:
         positions = torch.arange(start, end, device=self.pool.device)
         return self.table()[positions // BLOCK], positions % BLOCK
 
-    def append(
-        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (n_kv_heads, T, head_dim) at positions start..; return all keys and
         values so far, (n_kv_heads, S, head_dim)."""
         end = start + k.shape[1]

@@ -51,9 +51,7 @@ class Model:
         """A fresh session; its context is the model's unless a smaller one is asked for."""
         n = context_length or self.config.context_length
         if not 0 < n <= self.config.context_length:
-            raise InvalidArgument(
-                f"context length {n} is outside 1..{self.config.context_length} for {self.name}"
-            )
+            raise InvalidArgument(f"context length {n} is outside 1..{self.config.context_length} for {self.name}")
         return Session(self.transformer, n, self.kv_pool)
 
     @property
@@ -128,8 +126,13 @@ def load(name_or_path: str, backend: Backend, progress: bool = True, compile_mod
     """A catalogue name (fetched on first use) or a path to a GGUF file, loaded on `backend`."""
     path = catalogue.resolve(name_or_path, progress=progress)
     entry = catalogue.CATALOGUE.get(name_or_path)
-    return load_model(path, backend, name=entry.name if entry else None,
-                      sha256=entry.sha256 if entry else None, compile_mode=compile_mode)
+    return load_model(
+        path,
+        backend,
+        name=entry.name if entry else None,
+        sha256=entry.sha256 if entry else None,
+        compile_mode=compile_mode,
+    )
 
 
 def load_model(
@@ -204,4 +207,3 @@ def weight_bytes(weights: Any) -> int:
             seen_obj.add(id(obj))
             stack.extend(vars(obj).values())
     return total
-

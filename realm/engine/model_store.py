@@ -26,9 +26,10 @@ import contextlib
 import hashlib
 import os
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from realm.backends.devices import Backend
 from realm.engine.model import Model, load_model
@@ -163,8 +164,10 @@ class ModelStore:
         if existing is not None:
             return existing
         return self._load_once(
-            sha, lambda: self._loader(path, self.backend, name=name or (names[0] if names else None), sha256=sha),
-            names, allowed,
+            sha,
+            lambda: self._loader(path, self.backend, name=name or (names[0] if names else None), sha256=sha),
+            names,
+            allowed,
         )
 
     def by_name(self, name: str, allowed: Allowed | None = None) -> StoredModel:
@@ -186,7 +189,9 @@ class ModelStore:
         if cat is not None:
             _check_allowed(allowed, cat.sha256, [name])
             if not (catalogue.models_dir() / cat.filename).is_file():
-                raise UnknownModel(f"model {name!r} is not in this host's cache (the operator runs `realm pull {name}`)")
+                raise UnknownModel(
+                    f"model {name!r} is not in this host's cache (the operator runs `realm pull {name}`)"
+                )
             path = catalogue.pull(name, progress=False)
             return self.store_path(path, name=name, sha256=cat.sha256, allowed=allowed)
         known = sorted(set(self._by_name) | set(self.paths))

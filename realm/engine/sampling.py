@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -44,7 +44,7 @@ class SamplingParams:
                 raise InvalidArgument(message)
 
     @classmethod
-    def greedy(cls) -> "SamplingParams":
+    def greedy(cls) -> SamplingParams:
         return cls(temperature=0.0)
 
 

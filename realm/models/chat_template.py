@@ -38,9 +38,7 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, refusing unsafe attribute access outright."""
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
-        raise SecurityError(
-            f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is not allowed"
-        )
+        raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is not allowed")
 
 
 class _GenerationBlock(Extension):
@@ -65,9 +63,7 @@ def _tojson(
     separators: tuple[str, str] | None = None,
     sort_keys: bool = False,
 ) -> str:
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -102,9 +98,7 @@ class ChatTemplate:
         try:
             self._template = _environment().from_string(source)
         except TemplateSyntaxError as exc:
-            raise InvalidArgument(
-                f"the chat template has a syntax error (line {exc.lineno}): {exc.message}"
-            ) from exc
+            raise InvalidArgument(f"the chat template has a syntax error (line {exc.lineno}): {exc.message}") from exc
         except TemplateError as exc:
             raise InvalidArgument(f"the chat template does not compile: {exc}") from exc
 
@@ -149,9 +143,7 @@ class ChatTemplate:
             raise InvalidArgument(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
 
 
-def chat_template_from_fields(
-    fields: Mapping[str, Any], tokenizer: Tokenizer
-) -> ChatTemplate | None:
+def chat_template_from_fields(fields: Mapping[str, Any], tokenizer: Tokenizer) -> ChatTemplate | None:
     """The model's default chat template (`tokenizer.chat_template`), or None when it has none.
 
     A template that does not compile raises `InvalidArgument` (see `ChatTemplate`).

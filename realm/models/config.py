@@ -55,8 +55,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     arch = gguf.architecture
     if arch not in ARCHITECTURES:
         raise ModelFormatError(
-            f"{gguf.path}: architecture {arch!r} is not supported "
-            f"(supported: {', '.join(ARCHITECTURES)})"
+            f"{gguf.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
         )
 
     def need(suffix: str) -> int | float:

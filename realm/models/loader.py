@@ -6,7 +6,7 @@ tensor is stored (int4, int8, bf16, which device) is the backend's choice, passe
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -41,7 +41,7 @@ def load_weights(
     """Build `Weights` for `config` from the file; a missing tensor is a ModelFormatError."""
     layers = []
     for i in range(config.n_layers):
-        t = lambda name: gguf.tensor(f"blk.{i}.{name}.weight")  # noqa: E731
+        t = lambda name, i=i: gguf.tensor(f"blk.{i}.{name}.weight")  # noqa: E731
         norms = {
             field: make_vector(gguf.tensors[f"blk.{i}.{name}.weight"])
             for field, name in _OPTIONAL_NORMS.items()

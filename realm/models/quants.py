@@ -14,8 +14,8 @@ Q4_0, Q4_1 and Q4_K also re-express exactly as PyTorch's int4 group layout
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,7 +25,13 @@ from gguf import GGMLQuantizationType as QT
 from realm.errors import ModelFormatError
 
 __all__ = [
-    "SUPPORTED", "INT4_EXACT", "INT4_PLANES", "Int4Groups", "dequantize", "int4_groups", "int4_planes",
+    "SUPPORTED",
+    "INT4_EXACT",
+    "INT4_PLANES",
+    "Int4Groups",
+    "dequantize",
+    "int4_groups",
+    "int4_planes",
 ]
 
 
@@ -193,9 +199,7 @@ SUPPORTED: frozenset[QT] = frozenset(_DECODERS)
 def _check_type(qtype: QT, supported: frozenset[QT]) -> None:
     if qtype not in supported:
         names = ", ".join(sorted(t.name for t in supported))
-        raise ModelFormatError(
-            f"quantization type {qtype.name} is not supported (supported: {names})"
-        )
+        raise ModelFormatError(f"quantization type {qtype.name} is not supported (supported: {names})")
 
 
 def dequantize(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Tensor:
@@ -384,4 +388,3 @@ def int8_codes(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> tuple[torc
         torch.from_numpy(np.ascontiguousarray(codes).reshape(rows, cols)),
         torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, cols // 16)),
     )
-

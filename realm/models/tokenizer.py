@@ -225,9 +225,7 @@ def _list_field(fields: Mapping[str, Any], key: str, kind: type | tuple[type, ..
         raise ModelFormatError(f"tokenizer.ggml.{key} must be an array, got {type(value).__name__}")
     for item_type in set(map(type, value)):  # one check per distinct type: 262144 items are many
         if not issubclass(item_type, kind) or issubclass(item_type, bool):
-            raise ModelFormatError(
-                f"tokenizer.ggml.{key} holds a {item_type.__name__}, which does not belong there"
-            )
+            raise ModelFormatError(f"tokenizer.ggml.{key} holds a {item_type.__name__}, which does not belong there")
     return list(value)
 
 
@@ -355,14 +353,10 @@ class Tokenizer:
         n = len(tokens)
         scores = _list_field(fields, "scores", (int, float))
         if scores is not None and len(scores) < n:
-            raise ModelFormatError(
-                f"tokenizer.ggml.scores has {len(scores)} entries for {n} tokens"
-            )
+            raise ModelFormatError(f"tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
         types = _list_field(fields, "token_type", int)
         if types is not None and len(types) < n:
-            raise ModelFormatError(
-                f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens"
-            )
+            raise ModelFormatError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
 
         texts = tokens
         if "" in texts:  # llama.cpp renames empty tokens
@@ -372,9 +366,7 @@ class Tokenizer:
             seen: dict[str, int] = {}
             for i, t in enumerate(texts):
                 if t in seen:
-                    raise ModelFormatError(
-                        f"duplicate token in vocabulary: {t!r} has ids {seen[t]} and {i}"
-                    )
+                    raise ModelFormatError(f"duplicate token in vocabulary: {t!r} has ids {seen[t]} and {i}")
                 seen[t] = i
         if types is None:
             attrs = [ATTR_NORMAL] * n
@@ -482,9 +474,7 @@ class Tokenizer:
         self.eot_id = eot_id
         self.eot_ids = frozenset(eog)
 
-        specials = [
-            i for i, a in enumerate(attrs) if a & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)
-        ]
+        specials = [i for i, a in enumerate(attrs) if a & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)]
         name = str(fields.get("general.name") or "").lower()
         if "phi-3" in name or "phi3" in name:  # llama.cpp's per-model attribute fix-ups
             for i in specials:
@@ -497,16 +487,12 @@ class Tokenizer:
         specials.sort(key=lambda i: (-len(texts[i].encode("utf-8")), i))
         self._special_rank = {tid: r for r, tid in enumerate(specials)}
         self._split_all = _SpecialMatcher(texts, specials)
-        self._split_text = _SpecialMatcher(
-            texts, [i for i in specials if not attrs[i] & (ATTR_CONTROL | ATTR_UNKNOWN)]
-        )
+        self._split_text = _SpecialMatcher(texts, [i for i in specials if not attrs[i] & (ATTR_CONTROL | ATTR_UNKNOWN)])
 
         self._hf = self._build_hf(fields, pre, scores)
         self._build_pieces()
 
-    def _build_hf(
-        self, fields: Mapping[str, Any], pre: _Pre | None, scores: list | None
-    ) -> HFTokenizer:
+    def _build_hf(self, fields: Mapping[str, Any], pre: _Pre | None, scores: list | None) -> HFTokenizer:
         texts, vocab = self._texts, self._vocab
         if pre is not None:  # GPT-2 byte-level BPE
             raw = _list_field(fields, "merges", str)
@@ -530,9 +516,7 @@ class Tokenizer:
             # bytes without a token (e.g. 0xC0, never in UTF-8) are dropped, as in llama.cpp
             try:
                 splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
-                hf = HFTokenizer(
-                    models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges)
-                )
+                hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges))
                 hf.pre_tokenizer = pre_tokenizers.Sequence(
                     [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
                 )
@@ -543,24 +527,18 @@ class Tokenizer:
 
         # SentencePiece: BPE whose merge ranks follow the token scores
         if scores is None:
-            raise ModelFormatError(
-                "a 'llama' (SentencePiece) tokenizer needs tokenizer.ggml.scores"
-            )
+            raise ModelFormatError("a 'llama' (SentencePiece) tokenizer needs tokenizer.ggml.scores")
         merges = _spm_merges(texts, scores)
         unk = texts[self.unk_id] if self.unk_id is not None else None
         try:
-            hf = HFTokenizer(
-                models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True)
-            )
+            hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True))
         except Exception as exc:
             raise ModelFormatError(f"cannot build the SentencePiece tokenizer: {exc}") from exc
         steps = [normalizers.Replace(" ", _SPM_SPACE)]
         if self.add_space_prefix:
             steps.insert(0, normalizers.Prepend(_SPM_SPACE))
         hf.normalizer = normalizers.Sequence(steps)
-        hf.decoder = decoders.Sequence(
-            [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-        )
+        hf.decoder = decoders.Sequence([decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
         return hf
 
     def _build_pieces(self) -> None:
@@ -576,9 +554,7 @@ class Tokenizer:
         else:
             raw = [t.encode("utf-8", "surrogatepass") for t in texts]
             if spm:
-                normal = [
-                    t.replace(_SPM_SPACE, " ").encode("utf-8", "surrogatepass") for t in texts
-                ]
+                normal = [t.replace(_SPM_SPACE, " ").encode("utf-8", "surrogatepass") for t in texts]
         rendered: list[bytes] = []
         add = rendered.append
         special_attrs = ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED
@@ -638,9 +614,7 @@ class Tokenizer:
         except TypeError:
             raise InvalidArgument(f"token id {token_id!r} is not an integer") from None
         if not 0 <= index < self.vocab_size:
-            raise InvalidArgument(
-                f"token id {index} is outside the vocabulary (0..{self.vocab_size - 1})"
-            )
+            raise InvalidArgument(f"token id {index} is outside the vocabulary (0..{self.vocab_size - 1})")
         return index
 
     # -- encode ----------------------------------------------------------------------------
@@ -792,9 +766,7 @@ class _SpecialMatcher:
             node[self._END] = tid
         self._root = root
         firsts = "".join(sorted(root))
-        self._starts = (
-            re.compile("[" + "".join(re.escape(c) for c in firsts) + "]") if root else None
-        )
+        self._starts = re.compile("[" + "".join(re.escape(c) for c in firsts) + "]") if root else None
 
     def find(self, text: str) -> set[int]:
         if self._starts is None:

@@ -9,8 +9,9 @@ knows nothing of quantization formats or devices.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +60,7 @@ class KVStore(Protocol):
         """Block and offset (int64) of positions [start, end), already reserved."""
         ...
 
-    def append(
-        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (n_kv_heads, T, head_dim) at positions start.. and return all so far."""
         ...
 
@@ -133,7 +132,6 @@ class Rope:
         else:  # pairs (a, b) -> (a cos - b sin, b cos + a sin)
             cos, sin = cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
         return cos[:, None, :], sin[:, None, :]
-
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
@@ -226,13 +224,17 @@ class Transformer:
                 c.kv.reserve(c.start + len(c.tokens))
             x = self.embed(chunks)
             positions = token_positions(chunks)
-            blocks, offsets = (torch.cat(t) for t in zip(*(c.kv.slots(c.start, c.start + len(c.tokens)) for c in chunks)))
+            blocks, offsets = (
+                torch.cat(t) for t in zip(*(c.kv.slots(c.start, c.start + len(c.tokens)) for c in chunks))
+            )
             row_tables = [t for c in chunks for t in [c.kv.table()] * len(c.tokens)]
             tables = pad_sequence(row_tables, batch_first=True)  # 0: the zero block
             if tables.shape[1] == 1:  # a table of one block would be a graph of its own
                 tables = F.pad(tables, (0, 1))
             rope = self.rope_tables(positions, x.device)
-            hidden = (step or self.decode_graph)(x, positions.to(x.device), blocks, offsets, tables, rope, pool.keys, pool.values)
+            hidden = (step or self.decode_graph)(
+                x, positions.to(x.device), blocks, offsets, tables, rope, pool.keys, pool.values
+            )
         self.logits(hidden, chunks)
 
     def decode_layers(
@@ -362,9 +364,7 @@ class Transformer:
         return torch.cat(outs, dim=1).transpose(0, 1).flatten(1)
 
 
-def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int, scale: float
-) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int, scale: float) -> torch.Tensor:
     """Causal (optionally sliding-window) attention of q (H, T, D) over k, v (Hkv, S, D).
 
     Written out rather than through scaled_dot_product_attention: at decode sizes PyTorch's

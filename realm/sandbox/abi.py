@@ -21,8 +21,9 @@ import math
 import struct
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -289,7 +290,7 @@ def vocab(st: GuestState, caller: Any, model_id: int, out: int, cap: int) -> int
     return _write_sized(_mem(st, caller), out, cap, _vocab_table(st.model(model_id).model.tokenizer), "the vocabulary")
 
 
-_vocab_tables: "weakref.WeakKeyDictionary[Any, bytes]" = weakref.WeakKeyDictionary()
+_vocab_tables: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 
 
 def _vocab_table(tok: Any) -> bytes:
@@ -486,7 +487,9 @@ def _host_weight(entry: StoredModel, name: str) -> tuple[Any, int, int]:
     raise NotFound(f"model {model.name} has no tensor {name!r}")
 
 
-def matmul_weight(st: GuestState, caller: Any, model_id: int, name_ptr: int, name_len: int, x: int, m: int, c: int, cap: int) -> int:
+def matmul_weight(
+    st: GuestState, caller: Any, model_id: int, name_ptr: int, name_len: int, x: int, m: int, c: int, cap: int
+) -> int:
     entry = st.model(model_id)
     mem = _mem(st, caller)
     linear, lo, hi = _host_weight(entry, _name(mem, name_ptr, name_len, "tensor name"))
@@ -527,7 +530,9 @@ def tensor_shape(st: GuestState, caller: Any, model_id: int, name_ptr: int, name
     return len(t.shape)
 
 
-def tensor_read(st: GuestState, caller: Any, model_id: int, name_ptr: int, name_len: int, offset: int, count: int, out: int) -> int:
+def tensor_read(
+    st: GuestState, caller: Any, model_id: int, name_ptr: int, name_len: int, offset: int, count: int, out: int
+) -> int:
     t = _tensor(st, caller, model_id, name_ptr, name_len)
     total = math.prod(t.shape)
     if count < 0 or count * 4 > MAX_TRANSFER:

@@ -16,8 +16,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import wasmtime
 
@@ -86,10 +87,13 @@ class GuestInstance:
         if self.module.min_memory_bytes > self.limits.memory_bytes:
             raise GuestFault(
                 f"guest {self.module.name} (tenant {self.tenant}) starts with "
-                f"{self.module.min_memory_bytes / 2**20:g} MiB of memory; its cap is {self.limits.memory_bytes / 2**20:g} MiB"
+                f"{self.module.min_memory_bytes / 2**20:g} MiB of memory; "
+                f"its cap is {self.limits.memory_bytes / 2**20:g} MiB"
             )
         store = wasmtime.Store(engine())
-        store.set_limits(memory_size=self.limits.memory_bytes, table_elements=1 << 20, instances=1, tables=4, memories=1)
+        store.set_limits(
+            memory_size=self.limits.memory_bytes, table_elements=1 << 20, instances=1, tables=4, memories=1
+        )
         watch(store)
         self._store = store
         self._generate = None
@@ -219,7 +223,9 @@ class GuestInstance:
         except wasmtime.WasmtimeError as e:  # the deadline callback stopped it, or instantiation failed
             self._fault()
             what = st.fault or f"failed: {_first_line(e)}"
-            raise GuestFault(f"guest {self.module.name} (tenant {self.tenant}) {what}{self._memory_note()}; the request failed") from None
+            raise GuestFault(
+                f"guest {self.module.name} (tenant {self.tenant}) {what}{self._memory_note()}; the request failed"
+            ) from None
         finally:
             st.guest_seconds += time.perf_counter() - st.resumed_at
             guest_state.install(previous)
@@ -260,4 +266,3 @@ class GuestInstance:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-

@@ -36,12 +36,24 @@ def _holding_gil(library: ctypes.CDLL | None, name: str, restype: Any, argtypes:
     return function
 
 
-_memory_data = _holding_gil(wasmtime_ffi.dll, "wasmtime_memory_data", ctypes.c_void_p,
-                            [ctypes.POINTER(wasmtime_ffi.wasmtime_context_t), ctypes.POINTER(wasmtime_ffi.wasmtime_memory_t)])
-_memory_data_size = _holding_gil(wasmtime_ffi.dll, "wasmtime_memory_data_size", ctypes.c_size_t,
-                                 [ctypes.POINTER(wasmtime_ffi.wasmtime_context_t), ctypes.POINTER(wasmtime_ffi.wasmtime_memory_t)])
-caller_context = _holding_gil(wasmtime_ffi.dll, "wasmtime_caller_context", ctypes.POINTER(wasmtime_ffi.wasmtime_context_t),
-                              [ctypes.POINTER(wasmtime_ffi.wasmtime_caller_t)])
+_memory_data = _holding_gil(
+    wasmtime_ffi.dll,
+    "wasmtime_memory_data",
+    ctypes.c_void_p,
+    [ctypes.POINTER(wasmtime_ffi.wasmtime_context_t), ctypes.POINTER(wasmtime_ffi.wasmtime_memory_t)],
+)
+_memory_data_size = _holding_gil(
+    wasmtime_ffi.dll,
+    "wasmtime_memory_data_size",
+    ctypes.c_size_t,
+    [ctypes.POINTER(wasmtime_ffi.wasmtime_context_t), ctypes.POINTER(wasmtime_ffi.wasmtime_memory_t)],
+)
+caller_context = _holding_gil(
+    wasmtime_ffi.dll,
+    "wasmtime_caller_context",
+    ctypes.POINTER(wasmtime_ffi.wasmtime_context_t),
+    [ctypes.POINTER(wasmtime_ffi.wasmtime_caller_t)],
+)
 _held_memmove = _holding_gil(None, "memmove", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t])
 
 
@@ -60,9 +72,7 @@ class GuestMemory:
     def address(self, ptr: int, nbytes: int, what: str = "buffer") -> int:
         """The host address of guest bytes [ptr, ptr + nbytes); OutOfBounds if outside memory."""
         if nbytes < 0 or ptr < 0 or ptr + nbytes > self.size:
-            raise OutOfBounds(
-                f"{what} at {ptr:#x} of {nbytes} bytes is outside the guest's memory ({self.size} bytes)"
-            )
+            raise OutOfBounds(f"{what} at {ptr:#x} of {nbytes} bytes is outside the guest's memory ({self.size} bytes)")
         return self.base + ptr
 
     def read(self, ptr: int, nbytes: int, what: str = "buffer", limit: int = MAX_TRANSFER) -> bytes:
@@ -120,6 +130,7 @@ class GuestMemory:
         if nbytes:
             _copy(out.data_ptr(), addr, nbytes)
         return out
+
 
 def _cap(nbytes: int, limit: int, what: str) -> None:
     if nbytes > limit:

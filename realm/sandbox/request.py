@@ -8,7 +8,8 @@ in a random seed when the caller gave none (a guest has no entropy of its own).
 from __future__ import annotations
 
 import random
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from realm.engine.model_store import StoredModel
 from realm.engine.sampling import SamplingParams

@@ -264,7 +264,8 @@ def check_module(module: wasmtime.Module, name: str, sha: str) -> GuestModule:
         ):
             got = (
                 f"({', '.join(str(p) for p in ty.params)}) -> ({', '.join(str(r) for r in ty.results)})"
-                if isinstance(ty, wasmtime.FuncType) else type(ty).__name__
+                if isinstance(ty, wasmtime.FuncType)
+                else type(ty).__name__
             )
             raise GuestFault(
                 f"guest {name} imports {what} as {got}; the ABI's {'wasm64' if memory64 else 'wasm32'} "
@@ -272,8 +273,9 @@ def check_module(module: wasmtime.Module, name: str, sha: str) -> GuestModule:
             )
         names.append(fn.name)
     start = memory.limits.min * memory.page_size
-    return GuestModule(name=name, sha256=sha, module=module, memory64=memory64, imports=tuple(names),
-                       min_memory_bytes=start)
+    return GuestModule(
+        name=name, sha256=sha, module=module, memory64=memory64, imports=tuple(names), min_memory_bytes=start
+    )
 
 
 def _first_line(e: BaseException) -> str:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from realm.engine.model_store import Allowed, StoredModel
 from realm.engine.session import Session

@@ -15,9 +15,10 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -232,7 +233,9 @@ def create_app(settings: ServerSettings | None = None, *, host: Host | None = No
     def count_error(request: Request, status: int) -> None:
         tracker: Tracker | None = getattr(request.state, "tracker", None)
         if tracker is None:
-            tracker = Tracker(metrics, getattr(request.state, "tenant", "") or "", getattr(request.state, "model", "") or "")
+            tracker = Tracker(
+                metrics, getattr(request.state, "tenant", "") or "", getattr(request.state, "model", "") or ""
+            )
         tracker.finish(status)
 
     @app.exception_handler(RealmError)
@@ -296,8 +299,9 @@ def create_app(settings: ServerSettings | None = None, *, host: Host | None = No
             tenant.check_max_tokens(asked)
         room = entry.model.config.context_length - n_prompt
         max_tokens = min(asked if asked is not None else (tenant.settings.limits.max_tokens if chat else 16), room)
-        guest_request = build_request(entry, prompt=prompt, messages=messages, max_tokens=max_tokens,
-                                      params=params, stop=stops, name=model_name)
+        guest_request = build_request(
+            entry, prompt=prompt, messages=messages, max_tokens=max_tokens, params=params, stop=stops, name=model_name
+        )
         tracker = Tracker(metrics, tenant.name, model_name)
         request.state.tracker = tracker
         admission = tenant.admit(n_prompt + max_tokens)
@@ -398,7 +402,9 @@ def create_app(settings: ServerSettings | None = None, *, host: Host | None = No
 
     @app.get("/v1/models")
     async def list_models(tenant: Tenant = Depends(authenticate)) -> dict:
-        data = [model_card(name, e) for name, e in host.models.items() if tenant.allowed(name) or tenant.allowed(e.sha256)]
+        data = [
+            model_card(name, e) for name, e in host.models.items() if tenant.allowed(name) or tenant.allowed(e.sha256)
+        ]
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model:path}")
@@ -428,8 +434,12 @@ def create_app(settings: ServerSettings | None = None, *, host: Host | None = No
     @app.get("/health")
     async def health() -> dict:
         host.check_ready()
-        return {"status": "ok", "models": list(host.models), "tenants": len(host.tenants),
-                "decode_steps": {name: entry.model.decode_step for name, entry in host.models.items()}}
+        return {
+            "status": "ok",
+            "models": list(host.models),
+            "tenants": len(host.tenants),
+            "decode_steps": {name: entry.model.decode_step for name, entry in host.models.items()},
+        }
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -464,17 +474,29 @@ class Reply:
         self.object = "chat.completion" if chat else "text_completion"
 
     def usage(self, completion: int) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
 
     def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": self.fingerprint}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+        }
 
     def whole(self, text: str, finish_reason: str, completion: int) -> dict[str, Any]:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": finish_reason, "logprobs": None}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason,
+                "logprobs": None,
+            }
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
         return {**self._head(self.object), "choices": [choice], "usage": self.usage(completion)}
@@ -497,4 +519,3 @@ class Reply:
     @staticmethod
     def sse(payload: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-

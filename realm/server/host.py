@@ -15,8 +15,9 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,17 +146,29 @@ class Host:
                 entry = store.store_path(path, name=m.name, sha256=known.sha256)
             self.models[m.name] = entry
             self.loaded_at[m.name] = int(time.time())
-            self.router.add(BatchScheduler(entry.model.transformer, s.max_batch_tokens, self.metrics.observer(m.name),
-                                           gather_s=s.batch_wait_ms / 1000))
-            log.info("model %s loaded in %.1f s (sha256 %s, %s)", m.name, time.perf_counter() - started,
-                     entry.sha256[:16], entry.model.backend.name)
+            self.router.add(
+                BatchScheduler(
+                    entry.model.transformer,
+                    s.max_batch_tokens,
+                    self.metrics.observer(m.name),
+                    gather_s=s.batch_wait_ms / 1000,
+                )
+            )
+            log.info(
+                "model %s loaded in %.1f s (sha256 %s, %s)",
+                m.name,
+                time.perf_counter() - started,
+                entry.sha256[:16],
+                entry.model.backend.name,
+            )
         served = list(self.models.items())
         modules: dict[str, Any] = {}
         hashes: dict[str, str] = {}
         for t in s.effective_tenants():
             if t.guest not in modules:
                 modules[t.guest] = (
-                    self.runtime.default_module() if t.guest == "default"
+                    self.runtime.default_module()
+                    if t.guest == "default"
                     else self.runtime.load_module(s.resolve_path(t.guest))
                 )
             tenant = Tenant.build(t, modules[t.guest], served)
@@ -273,7 +286,9 @@ class Host:
 
         def work() -> None:
             try:
-                with runtime.instance(tenant.module, tenant.name, allowed=tenant.allowed, limits=tenant.limits) as guest:
+                with runtime.instance(
+                    tenant.module, tenant.name, allowed=tenant.allowed, limits=tenant.limits
+                ) as guest:
                     result = guest.generate(request, on_token=on_token, cancel=cancel)
                 event: Event = Finished(result)
             except BaseException as e:  # every failure goes to the caller; the thread ends
@@ -319,4 +334,3 @@ def describe_failure(error: BaseException) -> RealmError:
 
 def is_guest_trap(error: BaseException) -> bool:
     return isinstance(error, (GuestFault, AbiVersionMismatch))
-

@@ -11,8 +11,8 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from realm.errors import InvalidArgument
 

@@ -20,28 +20,51 @@ class Metrics:
         self.prompt_tokens = Counter("realm_prompt_tokens", "Prompt tokens of completed requests", tm, registry=r)
         self.completion_tokens = Counter("realm_completion_tokens", "Tokens generated", tm, registry=r)
         self.ttft = Histogram(
-            "realm_time_to_first_token_seconds", "From the request's arrival to its first token", tm,
-            buckets=_LATENCY, registry=r,
+            "realm_time_to_first_token_seconds",
+            "From the request's arrival to its first token",
+            tm,
+            buckets=_LATENCY,
+            registry=r,
         )
         self.tpot = Histogram(
-            "realm_time_per_output_token_seconds", "Between one output token and the next", tm,
-            buckets=_LATENCY, registry=r,
+            "realm_time_per_output_token_seconds",
+            "Between one output token and the next",
+            tm,
+            buckets=_LATENCY,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "realm_batch_size", "Sequences in one batched forward call", ["model"], buckets=_BATCH, registry=r,
+            "realm_batch_size",
+            "Sequences in one batched forward call",
+            ["model"],
+            buckets=_BATCH,
+            registry=r,
         )
         self.batch_tokens = Histogram(
-            "realm_batch_tokens", "Tokens in one batched forward call", ["model"], buckets=_BATCH + (256, 512), registry=r,
+            "realm_batch_tokens",
+            "Tokens in one batched forward call",
+            ["model"],
+            buckets=_BATCH + (256, 512),
+            registry=r,
         )
-        self.queue_depth = Gauge("realm_queue_depth", "Forward steps waiting after the last call", ["model"], registry=r)
+        self.queue_depth = Gauge(
+            "realm_queue_depth", "Forward steps waiting after the last call", ["model"], registry=r
+        )
         self.active = Gauge("realm_active_requests", "Requests running now", ["tenant"], registry=r)
         self.guest_traps = Counter(
-            "realm_guest_traps", "Guest failures: traps, time or memory limits, broken ABI", ["tenant"], registry=r,
+            "realm_guest_traps",
+            "Guest failures: traps, time or memory limits, broken ABI",
+            ["tenant"],
+            registry=r,
         )
 
     def observer(self, model: str):
         """A BatchScheduler observer for `model`: batch size, tokens and queue depth."""
-        size, tokens, depth = self.batch_size.labels(model), self.batch_tokens.labels(model), self.queue_depth.labels(model)
+        size, tokens, depth = (
+            self.batch_size.labels(model),
+            self.batch_tokens.labels(model),
+            self.queue_depth.labels(model),
+        )
 
         def observe(sequences: int, n_tokens: int, waiting: int) -> None:
             size.observe(sequences)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
@@ -46,10 +47,14 @@ class TenantLimits(_Strict):
     """What one tenant may use. Every request runs in a fresh guest instance with these caps."""
 
     max_concurrent: int = Field(4, gt=0, le=1024, description="requests running at once (more: 429)")
-    tokens_per_minute: int | None = Field(None, gt=0, description="prompt + completion tokens per minute, None: no limit (more: 429)")
+    tokens_per_minute: int | None = Field(
+        None, gt=0, description="prompt + completion tokens per minute, None: no limit (more: 429)"
+    )
     max_tokens: int = Field(1024, gt=0, description="the most max_tokens one request may ask for (more: 400)")
     guest_memory_mb: int = Field(256, ge=1, le=65536, description="the guest's linear memory cap, MiB")
-    guest_seconds: float = Field(30.0, gt=0, description="time running WebAssembly per request (host calls not counted)")
+    guest_seconds: float = Field(
+        30.0, gt=0, description="time running WebAssembly per request (host calls not counted)"
+    )
     wall_seconds: float = Field(600.0, gt=0, description="a whole request, host calls included")
 
 
@@ -58,7 +63,9 @@ class TenantSettings(_Strict):
     keys: list[str] = Field(default_factory=list, description='hashed API keys, "sha256:<64 hex>" (realm keys new)')
     open: StrictBool = Field(False, description="serve requests that carry no key (or an unknown one) as this tenant")
     guest: str = Field("default", description='"default" or a path to a .wasm / .wat guest module')
-    models: list[str] = Field(default_factory=lambda: [ALL_MODELS], description='model names it may use; "*": every served model')
+    models: list[str] = Field(
+        default_factory=lambda: [ALL_MODELS], description='model names it may use; "*": every served model'
+    )
     limits: TenantLimits = Field(default_factory=TenantLimits)
 
     @field_validator("keys")
@@ -86,17 +93,21 @@ class ModelSettings(_Strict):
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    models: list[Union[ModelSettings, str]] = Field(default_factory=lambda: [DEFAULT_MODEL], min_length=1)
+    models: list[ModelSettings | str] = Field(default_factory=lambda: [DEFAULT_MODEL], min_length=1)
     backend: Literal["auto", "gpu", "cpu", "naive"] | None = None
     max_body_bytes: int = Field(4 << 20, gt=0, description="larger request bodies get 413")
     max_batch_tokens: int = Field(256, gt=0, description="tokens per batched forward call (prompt pieces fill it)")
     batch_wait_ms: float = Field(
-        5.0, ge=0, le=1000,
+        5.0,
+        ge=0,
+        le=1000,
         description="how long a batched call may wait for the sequences of the previous call to come back "
-                    "(their guests sample in between), so they run together rather than in fragments",
+        "(their guests sample in between), so they run together rather than in fragments",
     )
     threads: int | None = Field(
-        None, ge=1, le=1024,
+        None,
+        ge=1,
+        le=1024,
         description="compute threads of the model runners; default: one per CPU this process may use",
     )
     tenants: list[TenantSettings] = Field(default_factory=list)
@@ -125,7 +136,9 @@ class ServerSettings(_Strict):
                 seen[k] = t.name
             unknown = [m for m in t.models if m != ALL_MODELS and m not in served]
             if unknown:
-                raise ValueError(f"tenant {t.name} may use {unknown}, which this server does not serve (models: {served})")
+                raise ValueError(
+                    f"tenant {t.name} may use {unknown}, which this server does not serve (models: {served})"
+                )
         return self
 
     def compute_threads(self) -> int:

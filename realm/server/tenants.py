@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from realm.engine.model_store import StoredModel
 from realm.errors import InvalidArgument, LimitExceeded, PermissionDenied
@@ -81,7 +81,9 @@ class Tenant:
     @property
     def limits(self) -> Limits:
         lim = self.settings.limits
-        return Limits(memory_bytes=lim.guest_memory_mb << 20, guest_seconds=lim.guest_seconds, wall_seconds=lim.wall_seconds)
+        return Limits(
+            memory_bytes=lim.guest_memory_mb << 20, guest_seconds=lim.guest_seconds, wall_seconds=lim.wall_seconds
+        )
 
     def allowed(self, name_or_sha: str) -> bool:
         """The sandbox's permission rule for this tenant (model_store.Allowed): served models
