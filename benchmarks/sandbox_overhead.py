@@ -27,8 +27,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from realm.backends.devices import BackendRegistry  # noqa: E402
-from realm.engine.model_store import ModelStore  # noqa: E402
 from realm.engine.sampling import SamplingParams  # noqa: E402
 from realm.models import catalogue  # noqa: E402
 from realm.sandbox.memory import GuestMemory  # noqa: E402
@@ -116,15 +114,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    registry = BackendRegistry("cpu")
-    store = ModelStore(registry.active)
-    known = catalogue.CATALOGUE.get(args.model)
-    path = catalogue.resolve(args.model, progress=False)
-    entry = store.store_path(
-        path, name=known.name if known else Path(path).stem, sha256=known.sha256 if known else None
-    )
+    runtime = Runtime.on_host("cpu")
+    entry = runtime.models.store_source(catalogue.locate(args.model, progress=False))
     model = entry.model
-    runtime = Runtime(store, registry)
     instance = runtime.instance(runtime.default_module(), tenant="bench")
     request = build_request(entry, prompt=PROMPT, max_tokens=args.tokens, params=SamplingParams.greedy())
 
@@ -148,7 +140,7 @@ def main() -> None:
     copy_s = logits_copy_cost(runtime, model.config.vocab_size)
     report = {
         "model": model.name,
-        "backend": registry.active.description,
+        "backend": runtime.backends.active.description,
         "threads": torch.get_num_threads(),
         "decode_tokens": args.tokens,
         "repeats": args.repeats,

@@ -119,19 +119,13 @@ def _usage(message: str) -> RealmError:
 def _run_guest(prompt, model, backend, guest, max_tokens, params, stop, chat) -> None:
     """`realm run` through a guest: the model goes into a model store, the guest finds it
     by name, checks its hash, and streams tokens back through realm_emit."""
-    from realm.backends.devices import BackendRegistry
-    from realm.engine.model_store import ModelStore
     from realm.models import catalogue
     from realm.sandbox.request import build_request
     from realm.sandbox.runtime import Limits, Runtime
 
-    registry = BackendRegistry(backend)
-    store = ModelStore(registry.active)
-    runtime = Runtime(store, registry, limits=Limits(wall_seconds=float("inf")))
+    runtime = Runtime.on_host(backend, limits=Limits(wall_seconds=float("inf")))
     module = runtime.load_module(guest) if guest is not None else runtime.default_module()
-    path = catalogue.resolve(model, progress=sys.stderr.isatty())
-    known = catalogue.CATALOGUE.get(model)
-    stored = store.store_path(path, name=known.name if known else path.stem, sha256=known.sha256 if known else None)
+    stored = runtime.models.store_source(catalogue.locate(model, progress=sys.stderr.isatty()))
     if chat:  # a model that cannot chat fails now, before the guest starts
         stored.model.encode_prompt(prompt, chat=True)
     chat_messages = [{"role": "user", "content": prompt}] if chat else None

@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from realm.engine.kv_cache import KVPool
 from realm.engine.sampling import SamplingParams
 from realm.engine.session import Session
 from realm.engine.speed import rss_bytes
-from realm.errors import InvalidArgument, Unsupported
+from realm.errors import InvalidArgument
 from realm.files import sha256_file
 from realm.models import catalogue
+from realm.models import prompt as prompt_rule
 from realm.models.chat_template import ChatTemplate, chat_template_from_fields
 from realm.models.config import ModelConfig, config_from_gguf
 from realm.models.gguf_file import GGUFFile, TensorData, transient_heap
@@ -62,18 +64,24 @@ class Model:
         return "building" if compiled_step.status(self.sha256) == "building" else "eager"
 
     def encode_prompt(self, text: str, chat: bool = False) -> list[int]:
-        """Prompt text -> tokens the way llama.cpp does: BOS by the model's rule, special
-        tokens parsed; with `chat`, the text is a user message in the model's template."""
+        """Prompt text -> tokens by the one prompt rule (models/prompt.py); with `chat`, the
+        text is a user message in the model's template."""
         if chat:
-            if self.chat_template is None:
-                why = self.chat_template_error or (
-                    "it has no chat template (tokenizer.chat_template): a base model wants a plain prompt"
-                )
-                raise Unsupported(f"model {self.name} cannot chat: {why}")
-            text = self.chat_template.render([{"role": "user", "content": text}])
-        tok = self.tokenizer
-        starts_with_bos = tok.bos_id is not None and text.startswith(tok.token_text(tok.bos_id))
-        return tok.encode(text, add_bos=tok.add_bos and not starts_with_bos, parse_special=True)
+            return self.prompt_tokens(messages=[{"role": "user", "content": text}])
+        return self.prompt_tokens(prompt=text)
+
+    def prompt_tokens(
+        self, *, prompt: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """A request's tokens: a plain `prompt` or chat `messages` (models/prompt.py)."""
+        why = self.chat_template_error or "it has no chat template (tokenizer.chat_template): send a plain prompt"
+        return prompt_rule.prompt_tokens(
+            self.tokenizer,
+            self.chat_template,
+            prompt=prompt,
+            messages=messages,
+            cannot_chat=f"model {self.name} cannot chat: {why}",
+        )
 
     def generate(
         self,
@@ -124,15 +132,8 @@ class Model:
 
 def load(name_or_path: str, backend: Backend, progress: bool = True, compile_mode: str | None = None) -> Model:
     """A catalogue name (fetched on first use) or a path to a GGUF file, loaded on `backend`."""
-    path = catalogue.resolve(name_or_path, progress=progress)
-    entry = catalogue.CATALOGUE.get(name_or_path)
-    return load_model(
-        path,
-        backend,
-        name=entry.name if entry else None,
-        sha256=entry.sha256 if entry else None,
-        compile_mode=compile_mode,
-    )
+    source = catalogue.locate(name_or_path, progress=progress)
+    return load_model(source.path, backend, name=source.name, sha256=source.sha256, compile_mode=compile_mode)
 
 
 def load_model(

@@ -170,6 +170,10 @@ class ModelStore:
             allowed,
         )
 
+    def store_source(self, source: catalogue.ModelSource, allowed: Allowed | None = None) -> StoredModel:
+        """Store a located model (`catalogue.locate`) under its name, with its known hash."""
+        return self.store_path(source.path, name=source.name, sha256=source.sha256, allowed=allowed)
+
     def by_name(self, name: str, allowed: Allowed | None = None) -> StoredModel:
         """A model by name, never through a guest's bytes: one already stored under the name,
         else a path the operator configured, else a catalogue model already in the cache.

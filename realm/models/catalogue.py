@@ -41,6 +41,8 @@ __all__ = [
     "CatalogueEntry",
     "cached_models",
     "get_entry",
+    "locate",
+    "ModelSource",
     "models_dir",
     "pull",
     "realm_home",
@@ -66,6 +68,16 @@ class CatalogueEntry:
     filename: str
     """The file's name in the models directory."""
     description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights come from: the file, the name it is known by, and the
+    SHA-256 the catalogue promises for it (None for a file of unknown origin: hashed on load)."""
+
+    path: Path
+    name: str
+    sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -450,6 +462,15 @@ def resolve(
     if path.is_dir():
         raise UnknownModel(f"{path} is a directory, not a model; " + _unknown_message(name, catalogue))
     raise UnknownModel(_unknown_message(name, catalogue))
+
+
+def locate(name_or_path: str | os.PathLike[str], *, name: str | None = None, progress: bool = True) -> ModelSource:
+    """`resolve`, plus the name and known hash that go with the file: every way of naming a
+    model (CLI, server config, benchmarks) comes through here. `name` overrides the
+    name (a server's configured name for a path)."""
+    path = resolve(name_or_path, progress=progress)
+    entry = CATALOGUE.get(os.fspath(name_or_path))
+    return ModelSource(path, name or (entry.name if entry else path.stem), entry.sha256 if entry else None)
 
 
 def cached_models(*, catalogue: Mapping[str, CatalogueEntry] | None = None) -> list[CachedModel]:

@@ -42,6 +42,7 @@ from realm.errors import (
     RealmError,
     Unsupported,
 )
+from realm.models import prompt as prompt_rule
 from realm.models.quants import dequantize
 from realm.sandbox import state as guest_state
 from realm.sandbox.memory import MAX_TRANSFER, GuestMemory, caller_context
@@ -265,12 +266,8 @@ def tokenize(st: GuestState, caller: Any, model_id: int, ptr: int, length: int, 
     ids = cache.get("tokenize", (None, None))
     if ids[0] != key:
         text = _utf8(raw, "text")
-        special = bool(flags & TOKENIZE_PARSE_SPECIAL)
-        bos_text = tok.token_text(tok.bos_id) if tok.bos_id is not None else None
-        add_bos = bool(flags & TOKENIZE_ADD_BOS) and tok.add_bos
-        if add_bos and special and bos_text and text.startswith(bos_text):
-            add_bos = False  # the text carries its own BOS (a rendered chat template)
-        ids = (key, tok.encode(text, add_bos=add_bos, parse_special=special))
+        add_bos, special = bool(flags & TOKENIZE_ADD_BOS), bool(flags & TOKENIZE_PARSE_SPECIAL)
+        ids = (key, prompt_rule.encode(tok, text, add_bos=add_bos, parse_special=special))
         cache["tokenize"] = ids
     tokens = ids[1]
     if len(tokens) <= cap:

@@ -25,8 +25,11 @@ def build_request(
     params: SamplingParams | None = None,
     stop: Sequence[str] = (),
     name: str | None = None,
+    prompt_tokens: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """The request object for `model`: exactly one of `prompt` and `messages`."""
+    """The request object for `model`: exactly one of `prompt` and `messages`. A host that
+    has already made the prompt's tokens (models/prompt.py) passes them as `prompt_tokens`,
+    so a guest need not render and tokenize the prompt a second time."""
     if (prompt is None) == (messages is None):
         raise InvalidArgument("a request has either a prompt or messages (one of them)")
     if max_tokens < 0:
@@ -50,4 +53,4 @@ def build_request(
         "frequency_penalty": p.frequency_penalty,
         "seed": p.seed % 2**64 if p.seed is not None else random.getrandbits(63),
         "stop": list(stop),
-    }
+    } | ({"prompt_tokens": [int(t) for t in prompt_tokens]} if prompt_tokens is not None else {})

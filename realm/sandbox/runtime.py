@@ -305,6 +305,20 @@ class Runtime:
         self.modules = modules or ModuleCache()
         engine()
 
+    @classmethod
+    def on_host(
+        cls,
+        backend: str | None = None,
+        *,
+        steps: StepRunner | None = None,
+        limits: Limits | None = None,
+        modules: ModuleCache | None = None,
+    ) -> Runtime:
+        """The one wiring of a host: the backends this machine has (`backend` picks one,
+        else the fallback chain), one model store on the active backend, and the runtime."""
+        registry = BackendRegistry(backend)
+        return cls(ModelStore(registry.active), registry, steps=steps, limits=limits, modules=modules)
+
     def load_module(self, source: str | os.PathLike[str] | bytes, name: str | None = None) -> GuestModule:
         """A guest module from a .wasm/.wat path or from bytes."""
         if isinstance(source, (bytes, bytearray)):

@@ -300,7 +300,14 @@ def create_app(settings: ServerSettings | None = None, *, host: Host | None = No
         room = entry.model.config.context_length - n_prompt
         max_tokens = min(asked if asked is not None else (tenant.settings.limits.max_tokens if chat else 16), room)
         guest_request = build_request(
-            entry, prompt=prompt, messages=messages, max_tokens=max_tokens, params=params, stop=stops, name=model_name
+            entry,
+            prompt=prompt,
+            messages=messages,
+            max_tokens=max_tokens,
+            params=params,
+            stop=stops,
+            name=model_name,
+            prompt_tokens=prompt_ids,
         )
         tracker = Tracker(metrics, tenant.name, model_name)
         request.state.tracker = tracker

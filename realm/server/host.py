@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from realm.backends.devices import BackendRegistry
-from realm.engine.model_store import ModelStore, StoredModel
+from realm.engine.model_store import StoredModel
 from realm.engine.scheduler import BatchScheduler
 from realm.engine.session import Session
 from realm.engine.steps import DirectStepRunner
@@ -36,7 +35,6 @@ from realm.errors import (
     RealmError,
     ServiceUnavailable,
     UnknownModel,
-    Unsupported,
 )
 from realm.models import catalogue
 from realm.sandbox.instance import GuestResult
@@ -127,23 +125,14 @@ class Host:
     def _load(self) -> None:
         s = self.settings
         torch.set_num_threads(s.compute_threads())
-        registry = BackendRegistry(None if s.backend in (None, "auto") else s.backend)
-        store = ModelStore(registry.active)
-        self.runtime = Runtime(store, registry, steps=self.router, modules=ModuleCache())
+        self.runtime = Runtime.on_host(
+            None if s.backend in (None, "auto") else s.backend, steps=self.router, modules=ModuleCache()
+        )
+        store = self.runtime.models
         for m in s.model_entries():
             started = time.perf_counter()
-            if m.path is not None:
-                path = catalogue.resolve(s.resolve_path(m.path), progress=self.progress)
-                entry = store.store_path(path, name=m.name)
-            else:
-                known = catalogue.CATALOGUE.get(m.name)
-                if known is None:
-                    raise UnknownModel(
-                        f"model {m.name!r} is not in the catalogue ({', '.join(catalogue.CATALOGUE)}); "
-                        "give a path to a .gguf file instead"
-                    )
-                path = catalogue.resolve(m.name, progress=self.progress)
-                entry = store.store_path(path, name=m.name, sha256=known.sha256)
+            where = s.resolve_path(m.path) if m.path is not None else m.name
+            entry = store.store_source(catalogue.locate(where, name=m.name, progress=self.progress))
             self.models[m.name] = entry
             self.loaded_at[m.name] = int(time.time())
             self.router.add(
@@ -218,21 +207,9 @@ class Host:
     def prompt_tokens(self, entry: StoredModel, prompt: str | None, messages: list[dict] | None) -> list[int]:
         """The prompt's tokens as the default guest makes them: the chat template's rendering
         of `messages`, or `prompt`; BOS by the model's rule, special tokens parsed."""
-        model = entry.model
         if messages is not None:
-            if model.chat_template is None:
-                raise Unsupported(f"model {model.name} has no chat template: use /v1/completions with a prompt")
-            try:
-                text = model.chat_template.render(messages)
-            except RealmError:
-                raise
-            except Exception as e:  # a template error is the request's fault
-                raise InvalidArgument(f"the messages cannot be rendered with the chat template: {e}") from None
-        else:
-            text = prompt or ""
-        tok = model.tokenizer
-        starts_with_bos = tok.bos_id is not None and text.startswith(tok.token_text(tok.bos_id))
-        return tok.encode(text, add_bos=tok.add_bos and not starts_with_bos, parse_special=True)
+            return entry.model.prompt_tokens(messages=messages)
+        return entry.model.prompt_tokens(prompt=prompt or "")
 
     def check_context(self, entry: StoredModel, n_prompt: int) -> None:
         ctx = entry.model.config.context_length
