@@ -7,6 +7,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -190,7 +191,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="one JSON array"))
     from realm.models.catalogue import cached_models
     from realm.models.gguf_file import GGUFFile
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for m in cached_models():
         try:
             g = GGUFFile(m.path)
@@ -213,13 +214,13 @@ def models(as_json: bool = typer.Option(False, "--json", help="one JSON array"))
         return
     table = Table("name", "size", "sha256", "architecture", "quantization", "compiled")
     for r in rows:
-        quants = ", ".join(f"{k} x{v}" for k, v in sorted(r["quantization"].items()))
+        counts = ", ".join(f"{k} x{v}" for k, v in sorted(r["quantization"].items()))
         table.add_row(
             r["name"],
             f"{r['size'] / 2**20:.1f} MiB",
             r["sha256"][:16] + "…",
             r["architecture"],
-            quants,
+            counts,
             {"compiled": "yes", "building": "building", "none": "no"}[r["decode_step"]],
         )
     out.print(table if rows else "no models cached yet: try `realm pull smollm2-135m`")
@@ -245,7 +246,9 @@ def inspect(
         for k, v in g.metadata.items()
         if not k.startswith("GGUF.")
     }
-    tensors = [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape)} for t in g.tensors.values()]
+    tensors: list[dict[str, Any]] = [
+        {"name": t.name, "type": t.qtype.name, "shape": list(t.shape)} for t in g.tensors.values()
+    ]
     if as_json:
         print(
             json.dumps(

@@ -38,7 +38,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +151,8 @@ def _register(cls: type, tensors: Sequence[str], context: Sequence[str], **fixed
         leaves, spec = flatten(obj)
         return [(pytree.GetAttrKey(n), t) for n, t in zip(tensors, leaves)], spec
 
-    def unflatten(leaves: Sequence[torch.Tensor], spec: tuple) -> Any:
-        obj = cls.__new__(cls)
+    def unflatten(leaves: Iterable[torch.Tensor], spec: tuple) -> Any:
+        obj: Any = object.__new__(cls)
         for name, value in (*zip(tensors, leaves), *zip(context, spec), *fixed.items()):
             setattr(obj, name, value)
         return obj

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from realm.errors import ModelFormatError
 from realm.models.gguf_file import GGUFFile
@@ -68,7 +69,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     n_heads = int(need("attention.head_count"))
     head_dim = int(gguf.arch_key("attention.key_length", dim // n_heads))
     vocab = gguf.arch_key("vocab_size") or len(gguf.require("tokenizer.ggml.tokens"))
-    common = dict(
+    common: dict[str, Any] = dict(
         architecture=arch,
         n_layers=int(need("block_count")),
         dim=dim,

@@ -276,7 +276,7 @@ class Transformer:
     def rope_tables(self, positions: torch.Tensor, device: torch.device) -> RopeTables:
         """cos and sin of these positions (`token_positions`), per RoPE: computed once per
         step rather than once per layer."""
-        return [tuple(t.to(device) for t in r.tables(positions)) for r in self.ropes]
+        return [(cos.to(device), sin.to(device)) for cos, sin in (r.tables(positions) for r in self.ropes)]
 
     def _rope_index(self, layer: int) -> int:
         return 1 if self.config.is_sliding(layer) and len(self.ropes) > 1 else 0
@@ -331,7 +331,7 @@ class Transformer:
         q = q.unflatten(-1, (cfg.n_heads, cfg.head_dim))
         k = k.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
         v = v.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
-        if layer.q_norm is not None:
+        if layer.q_norm is not None and layer.k_norm is not None:
             q = rms_norm(q, layer.q_norm, cfg.norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.norm_eps)
         return rotate(q, cos, sin, neox), rotate(k, cos, sin, neox), v
