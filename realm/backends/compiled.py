@@ -48,6 +48,7 @@ import torch.utils._pytree as pytree
 from realm.backends import linear, native
 from realm.models import catalogue, config, quants, transformer
 from realm.models.transformer import LayerWeights, Transformer
+from realm.settings import host_settings
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +59,13 @@ MIN_LAYERS_PER_GRAPH = 6
 through the GIL); six keeps a step at three to five calls for the models we run."""
 GRAPHS = {"lone": 1, "batch": 2}
 """Graph kind -> the rows of the example it is traced with (a batch graph takes 2 and up)."""
-_MODES = {
-    "auto": "auto",
-    "1": "auto",
-    "on": "auto",
-    "cached": "cached",
-    "0": "off",
-    "off": "off",
-    "false": "off",
-    "no": "off",
-}
 _SOURCES = (transformer, linear, quants, config)  # the code a graph is made of, besides this module
 
 
 def compile_mode() -> str:
     """REALM_COMPILE: `auto` (default: use the artifacts, build missing ones in the
     background), `cached` (use them, never build) or `off` (the eager step only)."""
-    raw = os.environ.get("REALM_COMPILE", "auto").strip().lower()
-    return _MODES.get(raw, "auto")
+    return host_settings().compile
 
 
 def layers_per_graph(cfg: config.ModelConfig) -> int:
