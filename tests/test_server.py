@@ -29,6 +29,7 @@ from realm.server import create_app
 from realm.server.host import Host
 from realm.server.keys import hash_key
 from realm.server.metrics import Metrics
+from realm.server.schemas import ChatRequest
 from realm.server.settings import ServerSettings
 
 MODEL = "smollm2-135m"
@@ -243,6 +244,38 @@ def test_models_listing_is_per_tenant(server):
     assert extra["info"]["architecture"] == "llama" and extra["info"]["context_length"] == 8192
     assert server.client("delta").models.list().data == []
     assert server.client("alpha").models.retrieve(MODEL).id == MODEL
+
+
+def test_a_model_named_by_its_sha256(server):
+    client = server.client("alpha")
+    sha = client.models.retrieve(MODEL).model_extra["sha256"]
+    pinned = "sha256:" + sha.upper()  # the hex in either case
+    by_hash = chat(client, model=pinned)
+    assert by_hash.model == MODEL  # the reply names the model it was served under
+    assert by_hash.choices[0].message.content == chat(client).choices[0].message.content
+    args = dict(prompt=PROMPT, max_tokens=4, temperature=0)
+    text, finish, _ = streamed_text(client.completions.create(model=pinned, stream=True, **args))
+    assert text == client.completions.create(model=MODEL, **args).choices[0].text and finish == "length"
+    card = client.models.retrieve(pinned)
+    assert card.id == MODEL and card.model_extra["sha256"] == sha
+    # the guest's realm_validate_model_id gets the hash the client pinned
+    host = server.app.state.host
+    job = host.plan(host.tenants["alpha"], pinned, ChatRequest(messages=QUESTION))
+    assert (job.request["model"], job.request["model_sha256"]) == (MODEL, sha)
+
+    wrong = "sha256:" + ("1" if sha[0] == "0" else "0") + sha[1:]
+    with pytest.raises(openai.NotFoundError) as e:
+        chat(client, model=wrong)
+    assert e.value.body["type"] == "not_found_error" and wrong[7:] in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(wrong)
+    with pytest.raises(openai.PermissionDeniedError) as e:  # delta may use no model
+        chat(server.client("delta"), model=pinned)
+    assert e.value.body["type"] == "permission_error"
+    with pytest.raises(openai.PermissionDeniedError):
+        server.client("delta").models.retrieve(pinned)
+    with pytest.raises(openai.NotFoundError):  # not 64 hex digits: a name no model has
+        chat(client, model="sha256:" + sha[:63])
 
 
 # ---------------------------------------------------------------------------- tenants and guests

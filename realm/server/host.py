@@ -6,26 +6,29 @@ of one request, let alone one tenant, is visible to another) on a thread of its 
 guest's `realm_forward` steps go through `SchedulerRouter` to the scheduler of the model
 the session belongs to, which batches them with every other waiting step. Output comes
 back to the event loop through an asyncio queue, one event per `realm_emit`.
+
+The request policy lives here too, not in the routes: which tenant a key is, which served
+model a request names (by name, or by content as `sha256:<hex>`), the prompt's tokens,
+max_tokens and the context's room (`Host.plan`), and admission (`Host.start`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from realm.engine.model_store import StoredModel
 from realm.engine.scheduler import BatchScheduler
-from realm.engine.session import Session
-from realm.engine.steps import DirectStepRunner
+from realm.engine.step_router import SchedulerRouter
 from realm.errors import (
     AbiVersionMismatch,
     ContextOverflow,
@@ -34,41 +37,45 @@ from realm.errors import (
     InvalidArgument,
     RealmError,
     ServiceUnavailable,
+    Unauthorized,
     UnknownModel,
 )
 from realm.models import catalogue
 from realm.sandbox.instance import GuestResult
+from realm.sandbox.request import build_request
 from realm.sandbox.runtime import ModuleCache, Runtime
 from realm.server.keys import KeyRing
 from realm.server.metrics import Metrics
+from realm.server.schemas import ChatRequest, CompletionRequest
 from realm.server.settings import ServerSettings
-from realm.server.tenants import Admission, Tenant
+from realm.server.tenants import Tenant
 
 log = logging.getLogger("realm.server")
 
+SHA256_MODEL = re.compile(r"sha256:([0-9a-f]{64})", re.IGNORECASE)
+"""A request's `model` that names a served model by the SHA-256 of its content."""
 
-class SchedulerRouter:
-    """The sandbox's step runner: each step goes to the scheduler of its session's model."""
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions (chat: the tenant's max_tokens)
 
-    def __init__(self) -> None:
-        self._by_transformer: dict[int, BatchScheduler] = {}
-        self._direct = DirectStepRunner()
 
-    def add(self, scheduler: BatchScheduler) -> None:
-        self._by_transformer[id(scheduler.transformer)] = scheduler
+@dataclass(frozen=True)
+class Served:
+    """A served model as one request named it."""
 
-    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> np.ndarray:
-        scheduler = self._by_transformer.get(id(session.transformer))
-        if scheduler is None:  # not a served model (tenants are refused those): run alone
-            return self._direct.step(session, tokens, tenant)
-        return scheduler.step(session, tokens, tenant)
+    name: str  # the name it is served under
+    entry: StoredModel
+    pinned_sha256: str | None = None  # the hash the client named it by (`sha256:<hex>`), lower case
 
-    def schedulers(self) -> list[BatchScheduler]:
-        return list(self._by_transformer.values())
 
-    def close(self) -> None:
-        for s in self._by_transformer.values():
-            s.close()
+@dataclass
+class Job:
+    """What one generation request runs: the guest's request and the tokens it may use."""
+
+    model: Served
+    chat: bool
+    request: dict[str, Any]  # what the guest reads (docs/ABI.md, "The request")
+    prompt_tokens: int
+    max_tokens: int
 
 
 # ---------------------------------------------------------------------------- events
@@ -183,20 +190,38 @@ class Host:
         if not self.ready.is_set():
             raise ServiceUnavailable("the server is loading its models; retry shortly")
 
-    def tenant_for_key(self, key: str | None) -> Tenant | None:
+    def tenant_for_key(self, key: str | None) -> Tenant:
+        """The tenant of an API key. No key, or any key on a server that has none, is the
+        open tenant's (the `openai` client always sends one); else Unauthorized (401)."""
         name = self.keys.tenant_of(key) if key else None
         if name is not None:
             return self.tenants[name]
-        return self.open_tenant
+        if self.open_tenant is not None and (key is None or len(self.keys) == 0):
+            return self.open_tenant
+        raise Unauthorized("no API key given" if key is None else "invalid API key")
 
-    def model(self, tenant: Tenant, name: str) -> StoredModel:
-        """The served model `name` if `tenant` may use it: UnknownModel (404) if no such
-        model is served, PermissionDenied (403) if the tenant may not use it."""
-        entry = self.models.get(name)
-        if entry is None:
-            raise UnknownModel(f"the model {name!r} does not exist on this server")
+    def model_name(self, tenant: Tenant, asked: str | None) -> str:
+        """The model a request names, or the tenant's default if it names none."""
+        return asked or self.default_model(tenant)
+
+    def resolve(self, tenant: Tenant, name: str) -> Served:
+        """The served model `name` (a served name, or `sha256:<hex>` of its content) if
+        `tenant` may use it: UnknownModel (404) if no such model is served,
+        PermissionDenied (403) if the tenant may not use it."""
+        pinned = SHA256_MODEL.fullmatch(name)
+        if pinned is None:
+            entry = self.models.get(name)
+            if entry is None:
+                raise UnknownModel(f"the model {name!r} does not exist on this server")
+            tenant.check_model(name, entry)
+            return Served(name, entry)
+        sha = pinned.group(1).lower()
+        names = [n for n, e in self.models.items() if e.sha256 == sha]
+        if not names:
+            raise UnknownModel(f"no model with SHA-256 {sha} is served here ({name!r})")
+        entry = self.models[names[0]]
         tenant.check_model(name, entry)
-        return entry
+        return Served(next((n for n in names if tenant.allowed(n)), names[0]), entry, sha)
 
     def default_model(self, tenant: Tenant) -> str:
         for name, entry in self.models.items():
@@ -221,27 +246,59 @@ class Host:
                 "(and at least one token must be generated)"
             )
 
+    # ------------------------------------------------------------------------- policy
+
+    def plan(self, tenant: Tenant, name: str, body: CompletionRequest | ChatRequest) -> Job:
+        """What to run for a validated request body for model `name`: the guest's request,
+        with the prompt's tokens and max_tokens (the caller's, else 16 for completions and
+        the tenant's limit for chat; never past the context). Raises what the request
+        breaks: 404/403 for the model, 400 for the prompt or max_tokens. Blocks (tokenizes)."""
+        served = self.resolve(tenant, name)
+        entry = served.entry
+        if isinstance(body, ChatRequest):
+            prompt, messages = None, body.message_dicts()
+            asked, default = body.requested_max_tokens(), tenant.settings.limits.max_tokens
+        else:
+            prompt, messages = body.prompt_text(), None
+            asked, default = body.max_tokens, COMPLETION_MAX_TOKENS
+        params, stops = body.sampling(), body.stops()
+        prompt_ids = self.prompt_tokens(entry, prompt, messages)
+        n_prompt = len(prompt_ids)
+        self.check_context(entry, n_prompt)
+        if asked is not None:
+            tenant.check_max_tokens(asked)
+        room = entry.model.config.context_length - n_prompt
+        max_tokens = min(asked if asked is not None else default, room)
+        request = build_request(
+            entry,
+            prompt=prompt,
+            messages=messages,
+            max_tokens=max_tokens,
+            params=params,
+            stop=stops,
+            name=served.name,
+            prompt_tokens=prompt_ids,
+        )
+        if served.pinned_sha256 is not None:  # the guest's realm_validate_model_id checks what the client pinned
+            request["model_sha256"] = served.pinned_sha256
+        return Job(served, messages is not None, request, n_prompt, max_tokens)
+
     # ------------------------------------------------------------------------- running
 
-    def start(
-        self,
-        tenant: Tenant,
-        request: dict[str, Any],
-        admission: Admission,
-        cancel: threading.Event,
-        *,
-        prompt_tokens: int,
-        max_tokens: int,
-    ) -> AsyncIterator[Event]:
-        """Start `request` in a fresh instance of the tenant's guest, on a thread of its own,
-        now; the iterator yields one Emitted per realm_emit, then Finished or Failed.
+    def start(self, tenant: Tenant, job: Job, cancel: threading.Event) -> AsyncIterator[Event]:
+        """Admit `job` (LimitExceeded, 429, if the tenant is at its concurrency limit or out of
+        tokens for this minute) and start it in a fresh instance of the tenant's guest, on a
+        thread of its own, now; the iterator yields one Emitted per realm_emit, then
+        Finished or Failed.
 
         Setting `cancel` (the iterator does it when it is closed, e.g. on client disconnect)
         makes the guest's next realm_emit or realm_forward return REALM_E_CANCELLED. The
         admission is released when the guest has really stopped, and its sessions (KV
-        caches) are freed then. The tenant is charged `prompt_tokens` plus the tokens the
-        guest emitted (what the host saw, not what the guest reports). Call from the event
-        loop's thread."""
+        caches) are freed then. The tenant is charged the prompt's tokens plus the tokens
+        the guest emitted (what the host saw, not what the guest reports). Call from the
+        event loop's thread."""
+        prompt_tokens, max_tokens, request = job.prompt_tokens, job.max_tokens, job.request
+        admission = tenant.admit(prompt_tokens + max_tokens)
         if self.runtime is None:
             admission.release(0)
             raise ServiceUnavailable("the server is not ready")

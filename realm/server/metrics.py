@@ -1,10 +1,15 @@
 """Prometheus metrics of one server, in a registry of its own (several apps may share a
-process, e.g. in tests)."""
+process, e.g. in tests), and the accounting of one generation request."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from realm.engine.scheduler import StepObserver
 
 _LATENCY = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 _BATCH = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
@@ -58,7 +63,7 @@ class Metrics:
             registry=r,
         )
 
-    def observer(self, model: str):
+    def observer(self, model: str) -> StepObserver:
         """A BatchScheduler observer for `model`: batch size, tokens and queue depth."""
         size, tokens, depth = (
             self.batch_size.labels(model),
@@ -75,3 +80,37 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass
+class Tracker:
+    """One generation request's metrics: time to first token, time per output token, its
+    status and usage, counted once."""
+
+    metrics: Metrics
+    tenant: str
+    model: str
+    started: float = field(default_factory=time.perf_counter)
+    last: float | None = None  # when the last token came
+    done: bool = False
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        labels = (self.tenant, self.model)
+        if self.last is None:
+            self.metrics.ttft.labels(*labels).observe(now - self.started)
+        else:
+            self.metrics.tpot.labels(*labels).observe(now - self.last)
+        self.last = now
+
+    def finish(self, status: int, prompt: int = 0, completion: int = 0) -> None:
+        """Count the request as answered with `status` (the first call counts; later ones do nothing)."""
+        if self.done:
+            return
+        self.done = True
+        m, labels = self.metrics, (self.tenant, self.model)
+        m.requests.labels(*labels, str(status)).inc()
+        if prompt:
+            m.prompt_tokens.labels(*labels).inc(prompt)
+        if completion:
+            m.completion_tokens.labels(*labels).inc(completion)

@@ -90,10 +90,14 @@ class ModelSettings(_Strict):
     path: str | None = None
 
 
+def _default_models() -> list[ModelSettings | str]:
+    return [DEFAULT_MODEL]
+
+
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    models: list[ModelSettings | str] = Field(default_factory=lambda: [DEFAULT_MODEL], min_length=1)
+    models: list[ModelSettings | str] = Field(default_factory=_default_models, min_length=1)
     backend: Literal["auto", "gpu", "cpu", "naive"] | None = None
     max_body_bytes: int = Field(4 << 20, gt=0, description="larger request bodies get 413")
     max_batch_tokens: int = Field(256, gt=0, description="tokens per batched forward call (prompt pieces fill it)")
@@ -235,11 +239,12 @@ def _describe(error: ValidationError, label: str, text: str, sources: Mapping[st
     for item in error.errors(include_url=False):
         loc = tuple(item["loc"])
         loc = tuple(p for p in loc if p not in ("ModelSettings", "str"))  # union branches
-        field = _dotted(loc) or "(top level)"
+        field = dotted(loc) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         where = label
-        if loc and loc[0] in sources:
-            where = sources[loc[0]]
+        top = str(loc[0]) if loc else ""
+        if top in sources:
+            where = sources[top]
         else:
             line = _line_of(loc, lines)
             if line is not None:
@@ -249,7 +254,8 @@ def _describe(error: ValidationError, label: str, text: str, sources: Mapping[st
     return "bad settings:\n  " + "\n  ".join(unique) if len(unique) > 1 else f"bad settings: {unique[0]}"
 
 
-def _dotted(loc: Iterable[Any]) -> str:
+def dotted(loc: Iterable[Any]) -> str:
+    """A field's location as one path: `tenants[0].limits.max_tokens`."""
     out = ""
     for p in loc:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))

@@ -1,0 +1,259 @@
+"""The endpoints: each parses its request, asks the Host (a dependency: the app's
+`state.host`) and formats the answer. Auth is a dependency too; the policy (which model,
+how many tokens, admission) is the Host's, the wire format is openai_format's.
+
+POST /v1/chat/completions and POST /v1/completions (both streamed as SSE or not, through
+one code path), GET /v1/models, GET /v1/models/{id}, POST /tokenize, POST /detokenize,
+GET /health, GET /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from realm.errors import InternalError, InvalidArgument, RealmError, Unauthorized
+from realm.server.host import Emitted, Event, Failed, Finished, Host, describe_failure, is_guest_trap
+from realm.server.metrics import Tracker
+from realm.server.openai_format import Reply, model_card
+from realm.server.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from realm.server.settings import dotted
+from realm.server.tenants import Tenant
+
+router = APIRouter()
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def get_host(request: Request) -> Host:
+    host: Host = request.app.state.host
+    return host
+
+
+async def authenticate(request: Request, host: Annotated[Host, Depends(get_host)]) -> Tenant:
+    """The tenant of the request's `Authorization: Bearer KEY` (401 if none is)."""
+    host.check_ready()
+    header = request.headers.get("authorization")
+    key = None
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise Unauthorized("send the API key as `Authorization: Bearer KEY`")
+        key = value.strip()
+    tenant = host.tenant_for_key(key)
+    request.state.tenant = tenant.name
+    return tenant
+
+
+HostDep = Annotated[Host, Depends(get_host)]
+TenantDep = Annotated[Tenant, Depends(authenticate)]
+
+
+def invalid(message: str, param: str | None) -> InvalidArgument:
+    """InvalidArgument naming the request field at fault (the error body's `param`)."""
+    error = InvalidArgument(message)
+    error.param = param  # type: ignore[attr-defined]
+    return error
+
+
+async def parse_body(request: Request, schema: type[Body]) -> Body:
+    """The request's JSON body as `schema`; InvalidArgument (400) naming the first bad field."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise invalid(f"the request body is not valid JSON: {e}", None) from None
+    if not isinstance(data, dict):
+        raise invalid("the request body must be a JSON object", None)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        param = dotted(first["loc"]) or None
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise invalid(f"{param or 'body'}: {first['msg']}{more}", param) from None
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, host: HostDep, tenant: TenantDep) -> Response:
+    return await generate(request, host, tenant, await parse_body(request, CompletionRequest))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, host: HostDep, tenant: TenantDep) -> Response:
+    return await generate(request, host, tenant, await parse_body(request, ChatRequest))
+
+
+async def generate(request: Request, host: Host, tenant: Tenant, body: CompletionRequest | ChatRequest) -> Response:
+    """One (chat) completion: the host plans and starts it; the reply is whole or streamed.
+    `request.state` carries the labels the error handlers count a failure under."""
+    request.state.generation = True
+    request.state.model = host.model_name(tenant, body.model)
+    job = await asyncio.to_thread(host.plan, tenant, request.state.model, body)
+    request.state.model = job.model.name  # a model named by its hash counts under its served name
+    tracker = request.state.tracker = Tracker(host.metrics, tenant.name, job.model.name)
+    cancel = threading.Event()
+    events = host.start(tenant, job, cancel)
+    reply = Reply(job.chat, job.model.name, job.model.entry.sha256, job.prompt_tokens, body.include_usage())
+    if body.stream:
+        return await _streamed(request, events, reply, tracker, cancel)
+    return await _whole(request, events, reply, tracker, cancel)
+
+
+async def _whole(
+    request: Request, events: AsyncIterator[Event], reply: Reply, tracker: Tracker, cancel: threading.Event
+) -> JSONResponse:
+    async with _cancel_on_disconnect(request, cancel):
+        async for event in events:
+            if isinstance(event, Emitted):
+                if event.token >= 0:
+                    tracker.token()
+                continue
+            if isinstance(event, Failed):
+                raise _failure(event, tracker)
+            completion = len(event.result.tokens)
+            tracker.finish(200, reply.prompt_tokens, completion)
+            return JSONResponse(reply.whole(event.result.text, event.result.finish_reason, completion))
+    raise InternalError("the guest's output ended without a result")
+
+
+async def _streamed(
+    request: Request, events: AsyncIterator[Event], reply: Reply, tracker: Tracker, cancel: threading.Event
+) -> StreamingResponse:
+    """A failure before the first output is an HTTP error; after it, an event in the stream."""
+    async with _cancel_on_disconnect(request, cancel):
+        first = await anext(events)
+    if isinstance(first, Failed):
+        raise _failure(first, tracker)
+    return StreamingResponse(
+        _sse(first, events, reply, tracker, cancel),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _sse(
+    first: Event, events: AsyncIterator[Event], reply: Reply, tracker: Tracker, cancel: threading.Event
+) -> AsyncIterator[bytes]:
+    status = 499  # unless it ends one way or another below: the client went away
+    try:
+        for opening in reply.opening():
+            yield opening
+        event = first
+        while True:
+            if isinstance(event, Emitted):
+                if event.token >= 0:
+                    tracker.token()
+                if event.text:
+                    yield reply.text(event.text)
+            elif isinstance(event, Finished):
+                completion = len(event.result.tokens)
+                for closing in reply.closing(event.result.finish_reason, completion):
+                    yield closing
+                status = 200
+                tracker.finish(200, reply.prompt_tokens, completion)
+                return
+            else:
+                error = _failure(event, tracker)
+                status = error.http_status
+                for closing in reply.failure(error):
+                    yield closing
+                return
+            event = await anext(events)
+    finally:
+        cancel.set()  # no await here: this may run inside a cancelled scope (client gone)
+        tracker.finish(status)
+
+
+def _failure(event: Failed, tracker: Tracker) -> RealmError:
+    """The error to report for a failed generation, counted (status, guest traps)."""
+    error = describe_failure(event.error)
+    if is_guest_trap(event.error):
+        tracker.metrics.guest_traps.labels(tracker.tenant).inc()
+    tracker.finish(error.http_status)
+    return error
+
+
+@asynccontextmanager
+async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> AsyncIterator[None]:
+    """While inside: if the client disconnects, tell the guest to stop."""
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                cancel.set()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+
+
+# ---------------------------------------------------------------------------- models, tokens, health, metrics
+
+
+@router.get("/v1/models")
+async def list_models(host: HostDep, tenant: TenantDep) -> dict[str, Any]:
+    data = [
+        model_card(name, e, host.loaded_at.get(name, 0))
+        for name, e in host.models.items()
+        if tenant.allowed(name) or tenant.allowed(e.sha256)
+    ]
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, host: HostDep, tenant: TenantDep) -> dict[str, Any]:
+    served = host.resolve(tenant, model)
+    return model_card(served.name, served.entry, host.loaded_at.get(served.name, 0))
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request, host: HostDep, tenant: TenantDep) -> dict[str, Any]:
+    body = await parse_body(request, TokenizeRequest)
+    served = host.resolve(tenant, host.model_name(tenant, body.model))
+    tok = served.entry.model.tokenizer
+    tokens = await asyncio.to_thread(
+        tok.encode, body.content, add_bos=body.add_special and tok.add_bos, parse_special=body.parse_special
+    )
+    return {"model": served.name, "tokens": tokens}
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request, host: HostDep, tenant: TenantDep) -> dict[str, Any]:
+    body = await parse_body(request, DetokenizeRequest)
+    served = host.resolve(tenant, host.model_name(tenant, body.model))
+    tok = served.entry.model.tokenizer
+    bad = next((t for t in body.tokens if not 0 <= t < tok.vocab_size), None)
+    if bad is not None:
+        raise invalid(f"token id {bad} is outside the vocabulary (size {tok.vocab_size})", "tokens")
+    return {"model": served.name, "content": await asyncio.to_thread(tok.decode, body.tokens)}
+
+
+@router.get("/health")
+async def health(host: HostDep) -> dict[str, Any]:
+    host.check_ready()
+    return {
+        "status": "ok",
+        "models": list(host.models),
+        "tenants": len(host.tenants),
+        "decode_steps": {name: entry.model.decode_step for name, entry in host.models.items()},
+    }
+
+
+@router.get("/metrics")
+async def prometheus(host: HostDep) -> Response:
+    return Response(host.metrics.render(), media_type=host.metrics.content_type)
