@@ -423,7 +423,7 @@ def serve(
 
     try:
         settings = load_settings(
-            config or os.environ.get("REALM_CONFIG") or None,
+            config,
             overrides={"host": host, "port": port, "models": model or None, "backend": backend, "threads": threads},
         )
     except RealmError as e:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 
 from realm.errors import InvalidArgument
 from realm.models.catalogue import DEFAULT_MODEL
+from realm.settings import ENV_VARS
 
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
@@ -30,7 +31,7 @@ ALL_MODELS = "*"
 ENV_FIELDS: Mapping[str, str] = {
     "REALM_HOST": "host",
     "REALM_PORT": "port",
-    "REALM_BACKEND": "backend",
+    ENV_VARS["backend"]: "backend",
     "REALM_MODELS": "models",
     "REALM_MAX_BODY_BYTES": "max_body_bytes",
     "REALM_MAX_BATCH_TOKENS": "max_batch_tokens",
@@ -191,9 +192,11 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> ServerSettings:
-    """Settings from a TOML file (optional), the environment and CLI overrides (None values
-    are ignored). Raises InvalidArgument naming the file, line and field of any error."""
+    """Settings from a TOML file (`config`, else $REALM_CONFIG, else none), the environment
+    and CLI overrides (None values are ignored). Raises InvalidArgument naming the file,
+    line and field of any error."""
     env = os.environ if env is None else env
+    config = config or env.get("REALM_CONFIG") or None
     data: dict[str, Any] = {}
     text = ""
     label = "config"
