@@ -17,8 +17,11 @@ from realm.engine.model_store import ModelStore
 from realm.engine.sampling import SamplingParams
 from realm.errors import ContextOverflow, HashMismatch, InvalidArgument, NotFound, UnknownModel
 from realm.sandbox import abi, toolchain
+from realm.sandbox.guest_module import check_module
+from realm.sandbox.host_models import TOKEN_END
 from realm.sandbox.memory import HELD_COPY
-from realm.sandbox.runtime import ModuleCache, Runtime, check_module, wasmtime_version
+from realm.sandbox.runtime import ModuleCache, Runtime
+from realm.sandbox.wasmtime_bridge import VERSION as WASMTIME_VERSION
 
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
 
@@ -173,7 +176,7 @@ def test_compiled_modules_are_cached_on_disk(runtime, tmp_path):
     wasm = toolchain.default_guest().read_bytes()
     first = cache.load(wasm, "default")
     path = cache.path_for(first.sha256)
-    assert path.name == f"{first.sha256}-wasmtime{wasmtime_version()}.cwasm" and path.is_file()
+    assert path.name == f"{first.sha256}-wasmtime{WASMTIME_VERSION}.cwasm" and path.is_file()
     again = ModuleCache(tmp_path).load(wasm, "default")  # a fresh process would do this
     assert again.sha256 == first.sha256 and again.imports == first.imports
 
@@ -263,7 +266,7 @@ def test_realm_vocab_gives_every_tokens_bytes_and_end_flag(runtime, default_gues
     text = table[4 + 4 * (n + 1) + n :]
     assert n == tok.vocab_size and offsets[-1] == len(text)
     assert [text[offsets[i] : offsets[i + 1]] for i in range(n)] == [tok.token_bytes(i) for i in range(n)]
-    assert {i for i in range(n) if flags[i]} == ends and ends and set(flags) == {0, abi.TOKEN_END}
+    assert {i for i in range(n) if flags[i]} == ends and ends and set(flags) == {0, TOKEN_END}
     assert (SMOL == name) == (size <= HELD_COPY)
 
 
