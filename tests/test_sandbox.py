@@ -93,6 +93,37 @@ def test_max_tokens_zero_and_the_context_limit(runtime, instance):
     assert instance.generate(greedy_request(runtime, SMOL, "Hello", 2)).completion_tokens == 2
 
 
+def test_the_guest_uses_the_prompt_tokens_the_host_made(runtime, instance, smollm2):
+    # prompt_tokens that are not the prompt's: the continuation is of the tokens, so the
+    # guest did not render and tokenize the text again
+    tokens = smollm2.encode_prompt("The capital of France is")
+    expected, _ = host_direct(smollm2, "The capital of France is", 12)
+    assert expected.prompt == tokens
+    unrelated, _ = host_direct(smollm2, "def fibonacci(n):", 12)
+    assert unrelated.tokens != expected.tokens  # the test can tell the two apart
+    result = instance.generate(greedy_request(runtime, SMOL, "def fibonacci(n):", 12, prompt_tokens=tokens))
+    assert (result.tokens, result.text) == (expected.tokens, expected.text)
+    assert result.prompt_tokens == len(tokens)
+
+
+def test_the_guest_checks_the_prompt_tokens(runtime, instance, smollm2):
+    vocab = smollm2.config.vocab_size
+
+    def run(tokens):
+        return instance.generate({**greedy_request(runtime, SMOL, "Hi", 2), "prompt_tokens": tokens})
+
+    with pytest.raises(InvalidArgument, match=f"prompt token {vocab} is outside the vocabulary of {vocab}"):
+        run([1, vocab])
+    for bad in ([1, -3], [1, 2.5], ["1"], "1, 2", [1, [2]]):
+        with pytest.raises(InvalidArgument, match="list of token ids"):
+            run(bad)
+    with pytest.raises(InvalidArgument, match="the prompt is empty"):
+        run([])
+    with pytest.raises(ContextOverflow, match="context holds 8192"):
+        run([1] * 8192)
+    assert run(smollm2.encode_prompt("Hi")).completion_tokens == 2
+
+
 def test_seeded_sampling_is_reproducible_in_the_guest(runtime, instance):
     def run(seed, **params):
         p = SamplingParams(temperature=0.9, seed=seed, **params)
