@@ -93,7 +93,7 @@ class StopGuest:
     message: str
 
 
-HostImpl = Callable[[CallerContext, list[Any]], "int | StopGuest"]
+HostImpl = Callable[[CallerContext, list[Any]], int | StopGuest]
 """impl(context, raw arguments) -> the i32 result, or StopGuest."""
 
 
@@ -143,7 +143,7 @@ def _valtype(name: str) -> wasmtime.ValType:
 
 # ---------------------------------------------------------------------------- epoch deadlines
 
-DeadlineCheck = Callable[[], "str | None"]
+DeadlineCheck = Callable[[], str | None]
 """check() -> why the guest running on this thread must stop (an error message), or None."""
 
 _DeadlineCallback = ctypes.CFUNCTYPE(
