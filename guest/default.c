@@ -2,7 +2,8 @@
  * default.c: Realm's default guest.
  *
  * One request: read it, find the model by name and check its id against the SHA-256 the
- * request carries, render the chat template (for `messages`), tokenize, then loop: one
+ * request carries, take the prompt's tokens from the request when the host made them
+ * (`prompt_tokens`), else render the chat template (for `messages`) and tokenize; then loop: one
  * whole forward step on the host (logits of the last position land in this guest's
  * memory), sample here in WebAssembly, emit the token's text, stop on an end-of-generation
  * token, a stop string or max_tokens. Token texts and end flags come from the vocabulary,
@@ -662,6 +663,101 @@ static int32_t parse_request(const char *json, size_t len, request *r) {
     return 0;
 }
 
+/* --- the prompt's tokens ------------------------------------------------------------------------ */
+
+typedef struct model_ref {
+    int32_t id, vocab, ctx;
+    int add_space_prefix; /* the tokenizer's leading space, dropped from the first token's text */
+} model_ref;
+
+/* The model the request names, by name from the host, its identity checked against the
+ * request's SHA-256. */
+static int32_t model_open(const request *req, model_ref *m) {
+    realm_model_info info;
+    int32_t id = realm_store_model_by_name(req->model, req->model_len, &info);
+    if (id < 0) return id;
+    int32_t rc = realm_validate_model_id(id, req->sha256);
+    if (rc < 0) return rc;
+    *m = (model_ref){id, (int32_t)info.vocab_size, (int32_t)info.context_length, 0};
+    int32_t info_len = realm_get_model_info(id, NULL, 0);
+    if (info_len > 0) {
+        char *info_json = (char *)rt_alloc((size_t)info_len);
+        if (info_json && realm_get_model_info(id, info_json, (size_t)info_len) == info_len) {
+            rt_span flag = field(info_json, (size_t)info_len, "add_space_prefix");
+            m->add_space_prefix = flag.len == 4 && rt_memeq(flag.p, "true", 4);
+        }
+    }
+    return 0;
+}
+
+static int32_t prompt_checked(int32_t n, const model_ref *m) {
+    if (n == 0) return fail(REALM_E_INVALID_ARGUMENT, "the prompt is empty", NULL);
+    if (n >= m->ctx) return fail_n(REALM_E_CONTEXT_OVERFLOW, "the prompt has ", n, " tokens; the context holds ", m->ctx);
+    return n;
+}
+
+/* The request's `prompt_tokens` (an array of token ids, made by the host by the same prompt
+ * rule) into out, which holds ctx + 1 ids: the count, or an error. Ids must be in the
+ * vocabulary and fewer than the context holds. */
+static int32_t tokens_given(rt_span v, const model_ref *m, int32_t *out) {
+    if (v.p[0] != '[') return fail(REALM_E_INVALID_ARGUMENT, "\"prompt_tokens\" must be a list of token ids", NULL);
+    int32_t n = 0;
+    size_t i = rt_json_ws(v.p, v.len, 1);
+    while (i < v.len && v.p[i] != ']') {
+        size_t e = rt_json_skip(v.p, v.len, i);
+        uint64_t id;
+        if (!e || !u64_of((rt_span){v.p + i, e - i}, &id))
+            return fail(REALM_E_INVALID_ARGUMENT, "\"prompt_tokens\" must be a list of token ids", NULL);
+        if (id >= (uint64_t)m->vocab)
+            return fail_n(REALM_E_INVALID_ARGUMENT, "prompt token ", (int64_t)(id > INT64_MAX ? INT64_MAX : id),
+                          " is outside the vocabulary of ", m->vocab);
+        if (n >= m->ctx) /* one more than fits: the count is known to be too many */
+            return fail_n(REALM_E_CONTEXT_OVERFLOW, "the prompt has more than ", n, " tokens; the context holds ", m->ctx);
+        out[n++] = (int32_t)id;
+        i = rt_json_ws(v.p, v.len, e);
+        if (i < v.len && v.p[i] == ',') i = rt_json_ws(v.p, v.len, i + 1);
+        else if (i >= v.len || v.p[i] != ']')
+            return fail(REALM_E_INVALID_ARGUMENT, "\"prompt_tokens\" must be a list of token ids", NULL);
+    }
+    return prompt_checked(n, m);
+}
+
+/* The prompt text (the chat template's rendering of the messages, or the prompt) tokenized
+ * by the host into *out, allocated here: the count, or an error. */
+static int32_t tokens_of_text(const request *req, const model_ref *m, int32_t **out) {
+    const char *text = req->prompt;
+    size_t text_len = req->prompt_len;
+    if (req->messages) {
+        int32_t n = realm_chat_template(m->id, req->messages, req->messages_len, NULL, 0);
+        if (n < 0) return n;
+        char *rendered = (char *)rt_alloc((size_t)n + 1);
+        if (!rendered) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the prompt", NULL);
+        int32_t rc = realm_chat_template(m->id, req->messages, req->messages_len, rendered, (size_t)n);
+        if (rc < 0) return rc;
+        text = rendered;
+        text_len = (size_t)n;
+    }
+    /* at most one token per byte, plus BOS */
+    size_t cap = (text_len + 2 > (size_t)m->ctx ? text_len + 2 : (size_t)m->ctx) + 1;
+    if (!(*out = (int32_t *)rt_alloc(cap * sizeof(int32_t))))
+        return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the tokens", NULL);
+    int32_t n = realm_tokenize(m->id, text, text_len, REALM_TOKENIZE_ADD_BOS | REALM_TOKENIZE_PARSE_SPECIAL, *out, cap);
+    if (n < 0) return n;
+    if ((size_t)n > cap) return fail(REALM_E_INTERNAL, "more tokens than bytes in the prompt", NULL);
+    return prompt_checked(n, m);
+}
+
+/* The prompt's tokens into *history (allocated here, room for the whole context after
+ * them): the request's `prompt_tokens` when present, else the prompt tokenized. Returns
+ * the count, or an error. */
+static int32_t prompt_tokens(const char *json, size_t len, const request *req, const model_ref *m, int32_t **history) {
+    rt_span given = field(json, len, "prompt_tokens");
+    if (!given.p) return tokens_of_text(req, m, history);
+    if (!(*history = (int32_t *)rt_alloc(((size_t)m->ctx + 1) * sizeof(int32_t))))
+        return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the tokens", NULL);
+    return tokens_given(given, m, *history);
+}
+
 /* --- the vocabulary ------------------------------------------------------------------------------ */
 
 typedef struct {
@@ -692,6 +788,48 @@ static int32_t vocabulary_load(int32_t model, vocabulary *v) {
 
 int32_t realm_guest_abi(void) { return REALM_ABI_VERSION; }
 
+/* Sample, emit and step until an end token, a stop string or the budget: the tokens so far
+ * are history[0..n_prompt), and logits hold the last step's. Ends with realm_finish. */
+static int32_t decode(const request *req, const model_ref *m, int32_t session, int32_t *history, int32_t n_prompt,
+                      int64_t budget, float *logits) {
+    vocabulary voc;
+    sampler smp;
+    int32_t rc;
+    if ((rc = vocabulary_load(m->id, &voc)) < 0) return rc;
+    if (!sampler_init(&smp, &req->p, m->vocab)) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the sampler", NULL);
+    text_buf pending = {0};
+    utf8_dec decoder = {{0}, 0};
+    int32_t generated = 0, reason = REALM_FINISH_LENGTH;
+    size_t n_history = (size_t)n_prompt;
+    while (generated < budget) {
+        int32_t token = sample(&smp, logits, history, n_history);
+        if ((uint32_t)token >= voc.n)
+            return fail_n(REALM_E_INVALID_ARGUMENT, "sampled token ", token, " is outside the vocabulary of ", voc.n);
+        if (voc.flags[token] & REALM_TOKEN_END) {
+            reason = REALM_FINISH_STOP;
+            break;
+        }
+        history[n_history++] = token;
+        const char *piece = voc.bytes + voc.offsets[token];
+        int32_t n = (int32_t)(voc.offsets[token + 1] - voc.offsets[token]);
+        if (generated++ == 0 && m->add_space_prefix && n > 0 && piece[0] == ' ') { piece++; n--; }
+        utf8_push(&decoder, piece, (size_t)n, &pending);
+        int stopped = 0;
+        size_t shown = split_at_stop(&pending, req->stops, req->n_stops, &stopped);
+        if ((rc = realm_emit(token, pending.data, shown)) < 0) return rc;
+        if (stopped) {
+            realm_session_close(session);
+            return realm_finish(REALM_FINISH_STOP, n_prompt, generated);
+        }
+        text_buf_drop(&pending, shown);
+        if ((rc = realm_forward(session, &token, 1, logits, (size_t)m->vocab)) < 0) return rc;
+    }
+    utf8_flush(&decoder, &pending);
+    if (pending.len && (rc = realm_emit(-1, pending.data, pending.len)) < 0) return rc;
+    realm_session_close(session);
+    return realm_finish(reason, n_prompt, generated);
+}
+
 static int32_t run(void) {
     int32_t rc;
     int32_t size = realm_request_read(NULL, 0);
@@ -702,102 +840,21 @@ static int32_t run(void) {
     request req;
     if ((rc = parse_request(json, (size_t)size, &req))) return rc;
 
-    /* the model: by name from the host, then its identity checked against the request */
-    realm_model_info info;
-    int32_t model = realm_store_model_by_name(req.model, req.model_len, &info);
-    if (model < 0) return model;
-    if ((rc = realm_validate_model_id(model, req.sha256)) < 0) return rc;
-    int32_t vocab = (int32_t)info.vocab_size, ctx = (int32_t)info.context_length;
-
-    int add_space_prefix = 0;
-    int32_t info_len = realm_get_model_info(model, NULL, 0);
-    if (info_len > 0) {
-        char *info_json = (char *)rt_alloc((size_t)info_len);
-        if (info_json && realm_get_model_info(model, info_json, (size_t)info_len) == info_len) {
-            rt_span flag = field(info_json, (size_t)info_len, "add_space_prefix");
-            add_space_prefix = flag.len == 4 && rt_memeq(flag.p, "true", 4);
-        }
-    }
-
-    /* the prompt text: the chat template's rendering of the messages, or the prompt */
-    const char *text = req.prompt;
-    size_t text_len = req.prompt_len;
-    if (req.messages) {
-        int32_t n = realm_chat_template(model, req.messages, req.messages_len, NULL, 0);
-        if (n < 0) return n;
-        char *rendered = (char *)rt_alloc((size_t)n + 1);
-        if (!rendered) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the prompt", NULL);
-        if ((rc = realm_chat_template(model, req.messages, req.messages_len, rendered, (size_t)n)) < 0) return rc;
-        text = rendered;
-        text_len = (size_t)n;
-    }
-
-    /* tokens: at most one per byte, plus BOS */
-    size_t history_cap = (text_len + 2 > (size_t)ctx ? text_len + 2 : (size_t)ctx) + 1;
-    int32_t *history = (int32_t *)rt_alloc(history_cap * sizeof(int32_t));
-    if (!history) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the tokens", NULL);
-    int32_t n_prompt = realm_tokenize(model, text, text_len, REALM_TOKENIZE_ADD_BOS | REALM_TOKENIZE_PARSE_SPECIAL,
-                                      history, history_cap);
+    model_ref m;
+    if ((rc = model_open(&req, &m)) < 0) return rc;
+    int32_t *history;
+    int32_t n_prompt = prompt_tokens(json, (size_t)size, &req, &m, &history);
     if (n_prompt < 0) return n_prompt;
-    if ((size_t)n_prompt > history_cap) return fail(REALM_E_INTERNAL, "more tokens than bytes in the prompt", NULL);
-    if (n_prompt == 0) return fail(REALM_E_INVALID_ARGUMENT, "the prompt is empty", NULL);
-    if (n_prompt >= ctx)
-        return fail_n(REALM_E_CONTEXT_OVERFLOW, "the prompt has ", n_prompt, " tokens; the context holds ", ctx);
-    int64_t budget = req.p.max_tokens < (int64_t)(ctx - n_prompt) ? req.p.max_tokens : (int64_t)(ctx - n_prompt);
+    int64_t budget = req.p.max_tokens < (int64_t)(m.ctx - n_prompt) ? req.p.max_tokens : (int64_t)(m.ctx - n_prompt);
 
-    vocabulary voc;
-    if ((rc = vocabulary_load(model, &voc)) < 0) return rc;
-
-    sampler smp;
-    float *logits = (float *)rt_alloc((size_t)vocab * sizeof(float));
-    if (!logits || !sampler_init(&smp, &req.p, vocab)) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the sampler", NULL);
-
+    float *logits = (float *)rt_alloc((size_t)m.vocab * sizeof(float));
+    if (!logits) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the logits", NULL);
     /* a context of exactly what this request can use: the host sizes the session's KV cache
      * by it, so many short requests at once hold little memory */
-    int32_t session = realm_session_open(model, (int32_t)(n_prompt + budget));
+    int32_t session = realm_session_open(m.id, (int32_t)(n_prompt + budget));
     if (session < 0) return session;
-    if ((rc = realm_forward(session, history, n_prompt, logits, (size_t)vocab)) < 0) return rc;
-
-    text_buf pending = {0};
-    utf8_dec decoder = {{0}, 0};
-    int32_t generated = 0, reason = REALM_FINISH_LENGTH, first = 1;
-    size_t n_history = (size_t)n_prompt;
-    for (;;) {
-        if (generated >= budget) {
-            reason = REALM_FINISH_LENGTH;
-            break;
-        }
-        int32_t token = sample(&smp, logits, history, n_history);
-        if ((uint32_t)token >= voc.n)
-            return fail_n(REALM_E_INVALID_ARGUMENT, "sampled token ", token, " is outside the vocabulary of ", voc.n);
-        if (voc.flags[token] & REALM_TOKEN_END) {
-            reason = REALM_FINISH_STOP;
-            break;
-        }
-        history[n_history++] = token;
-        generated++;
-
-        const char *piece = voc.bytes + voc.offsets[token];
-        int32_t n = (int32_t)(voc.offsets[token + 1] - voc.offsets[token]);
-        if (first) {
-            first = 0;
-            if (add_space_prefix && n > 0 && piece[0] == ' ') { piece++; n--; }
-        }
-        utf8_push(&decoder, piece, (size_t)n, &pending);
-        int stopped = 0;
-        size_t shown = split_at_stop(&pending, req.stops, req.n_stops, &stopped);
-        if ((rc = realm_emit(token, pending.data, shown)) < 0) return rc;
-        if (stopped) {
-            realm_session_close(session);
-            return realm_finish(REALM_FINISH_STOP, n_prompt, generated);
-        }
-        text_buf_drop(&pending, shown);
-        if ((rc = realm_forward(session, &token, 1, logits, (size_t)vocab)) < 0) return rc;
-    }
-    utf8_flush(&decoder, &pending);
-    if (pending.len && (rc = realm_emit(-1, pending.data, pending.len)) < 0) return rc;
-    realm_session_close(session);
-    return realm_finish(reason, n_prompt, generated);
+    if ((rc = realm_forward(session, history, n_prompt, logits, (size_t)m.vocab)) < 0) return rc;
+    return decode(&req, &m, session, history, n_prompt, budget, logits);
 }
 
 int32_t generate(void) {

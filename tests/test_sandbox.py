@@ -17,8 +17,11 @@ from realm.engine.model_store import ModelStore
 from realm.engine.sampling import SamplingParams
 from realm.errors import ContextOverflow, HashMismatch, InvalidArgument, NotFound, UnknownModel
 from realm.sandbox import abi, toolchain
+from realm.sandbox.guest_module import check_module
+from realm.sandbox.host_models import TOKEN_END
 from realm.sandbox.memory import HELD_COPY
-from realm.sandbox.runtime import ModuleCache, Runtime, check_module, wasmtime_version
+from realm.sandbox.runtime import ModuleCache, Runtime
+from realm.sandbox.wasmtime_bridge import VERSION as WASMTIME_VERSION
 
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
 
@@ -88,6 +91,37 @@ def test_max_tokens_zero_and_the_context_limit(runtime, instance):
     with pytest.raises(ContextOverflow, match="context holds 8192"):
         instance.generate(greedy_request(runtime, SMOL, "hello " * 9000, 4))
     assert instance.generate(greedy_request(runtime, SMOL, "Hello", 2)).completion_tokens == 2
+
+
+def test_the_guest_uses_the_prompt_tokens_the_host_made(runtime, instance, smollm2):
+    # prompt_tokens that are not the prompt's: the continuation is of the tokens, so the
+    # guest did not render and tokenize the text again
+    tokens = smollm2.encode_prompt("The capital of France is")
+    expected, _ = host_direct(smollm2, "The capital of France is", 12)
+    assert expected.prompt == tokens
+    unrelated, _ = host_direct(smollm2, "def fibonacci(n):", 12)
+    assert unrelated.tokens != expected.tokens  # the test can tell the two apart
+    result = instance.generate(greedy_request(runtime, SMOL, "def fibonacci(n):", 12, prompt_tokens=tokens))
+    assert (result.tokens, result.text) == (expected.tokens, expected.text)
+    assert result.prompt_tokens == len(tokens)
+
+
+def test_the_guest_checks_the_prompt_tokens(runtime, instance, smollm2):
+    vocab = smollm2.config.vocab_size
+
+    def run(tokens):
+        return instance.generate({**greedy_request(runtime, SMOL, "Hi", 2), "prompt_tokens": tokens})
+
+    with pytest.raises(InvalidArgument, match=f"prompt token {vocab} is outside the vocabulary of {vocab}"):
+        run([1, vocab])
+    for bad in ([1, -3], [1, 2.5], ["1"], "1, 2", [1, [2]]):
+        with pytest.raises(InvalidArgument, match="list of token ids"):
+            run(bad)
+    with pytest.raises(InvalidArgument, match="the prompt is empty"):
+        run([])
+    with pytest.raises(ContextOverflow, match="context holds 8192"):
+        run([1] * 8192)
+    assert run(smollm2.encode_prompt("Hi")).completion_tokens == 2
 
 
 def test_seeded_sampling_is_reproducible_in_the_guest(runtime, instance):
@@ -173,7 +207,7 @@ def test_compiled_modules_are_cached_on_disk(runtime, tmp_path):
     wasm = toolchain.default_guest().read_bytes()
     first = cache.load(wasm, "default")
     path = cache.path_for(first.sha256)
-    assert path.name == f"{first.sha256}-wasmtime{wasmtime_version()}.cwasm" and path.is_file()
+    assert path.name == f"{first.sha256}-wasmtime{WASMTIME_VERSION}.cwasm" and path.is_file()
     again = ModuleCache(tmp_path).load(wasm, "default")  # a fresh process would do this
     assert again.sha256 == first.sha256 and again.imports == first.imports
 
@@ -263,7 +297,7 @@ def test_realm_vocab_gives_every_tokens_bytes_and_end_flag(runtime, default_gues
     text = table[4 + 4 * (n + 1) + n :]
     assert n == tok.vocab_size and offsets[-1] == len(text)
     assert [text[offsets[i] : offsets[i + 1]] for i in range(n)] == [tok.token_bytes(i) for i in range(n)]
-    assert {i for i in range(n) if flags[i]} == ends and ends and set(flags) == {0, abi.TOKEN_END}
+    assert {i for i in range(n) if flags[i]} == ends and ends and set(flags) == {0, TOKEN_END}
     assert (SMOL == name) == (size <= HELD_COPY)
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import wasmtime
 
@@ -32,15 +32,13 @@ from realm.errors import (
 )
 from realm.sandbox import abi
 from realm.sandbox import state as guest_state
-from realm.sandbox.runtime import GuestModule, Limits, engine, linker, watch
-from realm.sandbox.state import Call, GuestState
-
-if TYPE_CHECKING:
-    from realm.sandbox.runtime import Runtime
+from realm.sandbox.guest_module import GuestModule
+from realm.sandbox.host_io import FINISH_REASONS
+from realm.sandbox.limits import Limits
+from realm.sandbox.state import Call, GuestState, HostServices
+from realm.sandbox.wasm_engine import engine, first_line, linker, watch
 
 log = logging.getLogger("realm.sandbox")
-
-FINISH_NAMES = abi.FINISH_REASONS
 
 
 @dataclass
@@ -60,18 +58,17 @@ class GuestResult:
 class GuestInstance:
     def __init__(
         self,
-        runtime: Runtime,
+        host: HostServices,
         module: GuestModule,
         tenant: str,
         *,
         allowed: Allowed | None,
         limits: Limits,
     ) -> None:
-        self.runtime = runtime
         self.module = module
         self.tenant = tenant
         self.limits = limits
-        self.state = GuestState(module.name, tenant, runtime, limits, allowed, module.memory64)
+        self.state = GuestState(module.name, tenant, host, limits, allowed, module.memory64)
         self.abi_version = 0
         self._busy = threading.Lock()
         self._store: wasmtime.Store | None = None
@@ -200,7 +197,7 @@ class GuestInstance:
         return GuestResult(
             text="".join(call.text),
             tokens=list(call.tokens),
-            finish_reason=FINISH_NAMES[reason],
+            finish_reason=FINISH_REASONS[reason],
             prompt_tokens=prompt,
             completion_tokens=completion,
             seconds=seconds,
@@ -222,7 +219,7 @@ class GuestInstance:
             raise GuestFault(self._describe(trap)) from None
         except wasmtime.WasmtimeError as e:  # the deadline callback stopped it, or instantiation failed
             self._fault()
-            what = st.fault or f"failed: {_first_line(e)}"
+            what = st.fault or f"failed: {first_line(e)}"
             raise GuestFault(
                 f"guest {self.module.name} (tenant {self.tenant}) {what}{self._memory_note()}; the request failed"
             ) from None
@@ -249,7 +246,7 @@ class GuestInstance:
         elif code == wasmtime.TrapCode.STACK_OVERFLOW:
             what = "trapped: stack overflow"
         else:
-            what = f"trapped: {_first_line(trap)}"
+            what = f"trapped: {first_line(trap)}"
         return f"guest {self.module.name} (tenant {self.tenant}) {what}{self._memory_note()}; the request failed"
 
     def _memory_note(self) -> str:
@@ -257,12 +254,10 @@ class GuestInstance:
         return f"; memory {used / 2**20:.1f} MiB of its {self.limits.memory_bytes / 2**20:g} MiB cap" if used else ""
 
     def _memory_bytes(self) -> int:
+        memory, store = self.state.memory, self._store
+        if memory is None or store is None:
+            return 0
         try:
-            return self.state.memory.data_len(self._store) if self.state.memory is not None else 0
+            return memory.data_len(store)
         except Exception:  # the store is gone or unusable: only the message loses a detail
             return 0
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from wasmtime import _ffi as wasmtime_ffi
+import wasmtime
 
 from realm.errors import LimitExceeded, OutOfBounds
+from realm.sandbox.wasmtime_bridge import StoreContext, memory_span
 
 MAX_TRANSFER = 64 * 1024 * 1024
 """The most bytes one host call copies in or out of guest memory (REALM_MAX_TRANSFER)."""
@@ -29,32 +30,8 @@ HELD_COPY = 1024 * 1024
 """Copies up to this size keep the GIL (a step's logits do); larger ones let other threads run."""
 
 
-def _holding_gil(library: ctypes.CDLL | None, name: str, restype: Any, argtypes: list[Any]) -> Any:
-    """`name` from `library` (None: the process's own symbols), called without giving up the GIL."""
-    function = getattr(ctypes.PyDLL(library._name if library is not None else None), name)
-    function.restype, function.argtypes = restype, argtypes
-    return function
-
-
-_memory_data = _holding_gil(
-    wasmtime_ffi.dll,
-    "wasmtime_memory_data",
-    ctypes.c_void_p,
-    [ctypes.POINTER(wasmtime_ffi.wasmtime_context_t), ctypes.POINTER(wasmtime_ffi.wasmtime_memory_t)],
-)
-_memory_data_size = _holding_gil(
-    wasmtime_ffi.dll,
-    "wasmtime_memory_data_size",
-    ctypes.c_size_t,
-    [ctypes.POINTER(wasmtime_ffi.wasmtime_context_t), ctypes.POINTER(wasmtime_ffi.wasmtime_memory_t)],
-)
-caller_context = _holding_gil(
-    wasmtime_ffi.dll,
-    "wasmtime_caller_context",
-    ctypes.POINTER(wasmtime_ffi.wasmtime_context_t),
-    [ctypes.POINTER(wasmtime_ffi.wasmtime_caller_t)],
-)
-_held_memmove = _holding_gil(None, "memmove", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t])
+_held_memmove = ctypes.PyDLL(None).memmove  # the C library's memmove, called without giving up the GIL
+_held_memmove.restype, _held_memmove.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 
 
 def _copy(dst: int, src: Any, nbytes: int) -> None:
@@ -62,12 +39,12 @@ def _copy(dst: int, src: Any, nbytes: int) -> None:
 
 
 class GuestMemory:
+    """A guest's linear memory as it is during one host call (or, from a test, between calls)."""
+
     __slots__ = ("base", "size")
 
-    def __init__(self, memory: Any, store: Any) -> None:
-        context, handle = store._context(), ctypes.byref(memory._memory)
-        self.size: int = _memory_data_size(context, handle)
-        self.base: int = (_memory_data(context, handle) or 0) if self.size else 0
+    def __init__(self, memory: wasmtime.Memory, store: StoreContext) -> None:
+        self.base, self.size = memory_span(memory, store)
 
     def address(self, ptr: int, nbytes: int, what: str = "buffer") -> int:
         """The host address of guest bytes [ptr, ptr + nbytes); OutOfBounds if outside memory."""

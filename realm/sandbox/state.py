@@ -1,7 +1,7 @@
 """What the host keeps for one guest instance while its code runs: the models it holds, the
 sessions it opened, the request in progress and the clocks of its limits.
 
-Host functions (realm/sandbox/abi.py) read and change this state; the instance
+Host functions (realm/sandbox/host_*.py) read and change this state; the instance
 (realm/sandbox/instance.py) creates it, installs it for the thread that runs the guest,
 and clears up after each request.
 """
@@ -13,15 +13,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from realm.engine.model_store import Allowed, StoredModel
+import wasmtime
+
+from realm.backends.devices import BackendRegistry
+from realm.engine.layer_step import LayerStep
+from realm.engine.model_store import Allowed, ModelStore, StoredModel
 from realm.engine.session import Session
+from realm.engine.steps import StepRunner
 from realm.errors import LimitExceeded, NotFound, UnknownModel
-from realm.models.transformer import Chunk
-
-if TYPE_CHECKING:
-    from realm.sandbox.runtime import Limits, Runtime
+from realm.sandbox.limits import Limits
 
 _session_handles = itertools.count(1)
 """Session handles are unique in the process: another instance's handle is never ours."""
@@ -41,12 +43,21 @@ def install(state: GuestState | None) -> GuestState | None:
     return previous
 
 
+@dataclass(frozen=True)
+class HostServices:
+    """The engine parts host functions reach: shared by every guest of a runtime."""
+
+    models: ModelStore
+    backends: BackendRegistry
+    steps: StepRunner
+
+
 @dataclass
 class HostSession:
     handle: int
     entry: StoredModel
     session: Session
-    pending: Chunk | None = None  # a per-layer step between realm_embed and realm_logits
+    layer_step: LayerStep | None = None  # a per-layer step between realm_embed and realm_logits
 
 
 @dataclass
@@ -68,18 +79,18 @@ class GuestState:
         self,
         name: str,
         tenant: str,
-        runtime: Runtime,
+        host: HostServices,
         limits: Limits,
         allowed: Allowed | None,
         memory64: bool,
     ) -> None:
         self.name = name
         self.tenant = tenant
-        self.runtime = runtime
+        self.host = host
         self.limits = limits
         self.allowed = allowed
         self.mask = (1 << 64) - 1 if memory64 else (1 << 32) - 1
-        self.memory: Any = None  # the instance's exported wasmtime Memory
+        self.memory: wasmtime.Memory | None = None  # the instance's exported wasmtime Memory
         self.models: dict[int, StoredModel] = {}  # ids this guest holds a reference to
         self.sessions: dict[int, HostSession] = {}
         self.call: Call | None = None
@@ -127,21 +138,21 @@ class GuestState:
         entry = self.models.get(model_id)
         if entry is not None:
             return entry
-        if self.runtime.models.was_issued(model_id):
+        if self.host.models.was_issued(model_id):
             raise NotFound(f"model id {model_id} is not held by this guest (released, or stored by another)")
         raise UnknownModel(f"no model has id {model_id}")
 
     def hold(self, entry: StoredModel) -> None:
         """Keep one reference per model per guest: a second store of it gives the extra back."""
         if entry.id in self.models:
-            self.runtime.models.release(entry.id)
+            self.host.models.release(entry.id)
         else:
             self.models[entry.id] = entry
 
     def release(self, model_id: int) -> None:
         self.model(model_id)
         del self.models[model_id]
-        self.runtime.models.release(model_id)
+        self.host.models.release(model_id)
 
     def session(self, handle: int) -> HostSession:
         s = self.sessions.get(handle)
@@ -162,4 +173,4 @@ class GuestState:
     def release_models(self) -> None:
         for model_id in list(self.models):
             del self.models[model_id]
-            self.runtime.models.release(model_id)
+            self.host.models.release(model_id)

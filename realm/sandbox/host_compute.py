@@ -1,0 +1,178 @@
+"""Host functions for compute, at every ABI level (docs/ABI.md): sessions and whole forward
+steps (level 1), per-layer steps (level 2), matrix products (level 3) and reading decoded
+tensors (level 4). Each checks sizes against the guest's buffers and the per-call caps,
+copies memory and calls the engine."""
+
+from __future__ import annotations
+
+import struct
+
+from realm.backends.devices import BackendKind
+from realm.engine import layer_step
+from realm.engine.layer_step import LayerStep
+from realm.engine.named_weights import tensor_by_name, tensor_values, weight_by_name
+from realm.errors import BackendUnavailable, InvalidArgument, LimitExceeded, Unsupported
+from realm.sandbox.host_args import check_cancel, guest_memory, name, non_negative, tokens
+from realm.sandbox.memory import MAX_TRANSFER, GuestMemory
+from realm.sandbox.state import GuestState, HostSession
+from realm.sandbox.wasmtime_bridge import StoreContext
+
+MAX_MATMUL_MACS = 1 << 33  # m * k * n of one matmul (about 8.6e9 multiply-adds)
+
+# ---------------------------------------------------------------------------- level 1: forward step
+
+
+def session_open(st: GuestState, caller: StoreContext, model_id: int, context_length: int) -> int:
+    entry = st.model(model_id)
+    non_negative(context_length, "context_length")
+    return st.open_session(entry, context_length).handle
+
+
+def session_close(st: GuestState, caller: StoreContext, handle: int) -> int:
+    st.session(handle)
+    del st.sessions[handle]
+    return 0
+
+
+def _logits_buffer(mem: GuestMemory, s: HostSession, ptr: int, cap: int) -> None:
+    vocab = s.session.vocab_size
+    if cap < vocab:
+        raise InvalidArgument(f"the logits buffer holds {cap} floats; the model has {vocab}")
+    mem.address(ptr, vocab * 4, "logits")
+
+
+def forward(st: GuestState, caller: StoreContext, handle: int, ids: int, n: int, logits: int, cap: int) -> int:
+    s = st.session(handle)
+    check_cancel(st)
+    if s.layer_step is not None:
+        raise InvalidArgument("a per-layer step is in progress on this session (finish it with realm_logits)")
+    mem = guest_memory(st, caller)
+    _logits_buffer(mem, s, logits, cap)
+    out = st.host.steps.step(s.session, tokens(mem, ids, n, s.session.context_length), st.tenant)
+    return mem.write_floats(logits, out, "logits")
+
+
+# ---------------------------------------------------------------------------- level 2: per layer
+
+
+def embed(st: GuestState, caller: StoreContext, handle: int, ids: int, n: int, x: int, cap: int) -> int:
+    s = st.session(handle)
+    check_cancel(st)
+    if s.layer_step is not None:
+        raise InvalidArgument("a per-layer step is already in progress on this session")
+    dim = s.entry.model.config.dim
+    mem = guest_memory(st, caller)
+    chunk = tokens(mem, ids, n, layer_step.MAX_TOKENS)
+    if cap < n * dim:
+        raise InvalidArgument(f"x holds {cap} floats; {n} tokens need {n * dim}")
+    mem.address(x, n * dim * 4, "x")
+    step = LayerStep(s.session, chunk, s.entry.model.backend.device)
+    hidden = step.embed()
+    s.layer_step = step
+    return mem.write_floats(x, hidden, "x")
+
+
+def _layer_step(s: HostSession, x_cap: int) -> LayerStep:
+    step = s.layer_step
+    if step is None:
+        raise InvalidArgument("no per-layer step in progress: call realm_embed first")
+    if x_cap < step.hidden_size:
+        raise InvalidArgument(f"x holds {x_cap} floats; the step needs {step.hidden_size}")
+    return step
+
+
+def forward_layer(st: GuestState, caller: StoreContext, handle: int, layer: int, x: int, cap: int) -> int:
+    s = st.session(handle)
+    check_cancel(st)
+    step = _layer_step(s, cap)
+    mem = guest_memory(st, caller)
+    hidden = step.layer(layer, mem.read_floats(x, step.hidden_size, "x"))
+    return mem.write_floats(x, hidden, "x")
+
+
+def logits_of(st: GuestState, caller: StoreContext, handle: int, x: int, x_cap: int, logits: int, cap: int) -> int:
+    s = st.session(handle)
+    step = _layer_step(s, x_cap)
+    mem = guest_memory(st, caller)
+    _logits_buffer(mem, s, logits, cap)
+    out = step.logits(mem.read_floats(x, step.hidden_size, "x"))
+    s.layer_step = None
+    return mem.write_floats(logits, out, "logits")
+
+
+# ---------------------------------------------------------------------------- level 3: per operation
+
+
+def _matmul(
+    st: GuestState, caller: StoreContext, kind: BackendKind, a: int, b: int, m: int, k: int, n: int, c: int
+) -> int:
+    backend = st.host.backends.by_kind(kind)
+    if backend is None:
+        raise BackendUnavailable(f"this host has no {kind.name} backend")
+    for v, what in ((m, "m"), (k, "k"), (n, "n")):
+        if v <= 0:
+            raise InvalidArgument(f"matmul dimension {what} must be > 0, got {v}")
+    if m * k * n > MAX_MATMUL_MACS:
+        raise LimitExceeded(f"a {m}x{k} @ {k}x{n} matmul exceeds the per-call limit of {MAX_MATMUL_MACS} multiply-adds")
+    mem = guest_memory(st, caller)
+    mem.address(c, m * n * 4, "c")
+    av = mem.read_floats(a, m * k, "a").view(m, k)
+    bv = mem.read_floats(b, k * n, "b").view(k, n)
+    mem.write_floats(c, backend.matmul(av, bv), "c")
+    return 0
+
+
+def matmul_cpu(st: GuestState, caller: StoreContext, a: int, b: int, m: int, k: int, n: int, c: int) -> int:
+    return _matmul(st, caller, BackendKind.CPU, a, b, m, k, n, c)
+
+
+def matmul_gpu(st: GuestState, caller: StoreContext, a: int, b: int, m: int, k: int, n: int, c: int) -> int:
+    return _matmul(st, caller, BackendKind.GPU, a, b, m, k, n, c)
+
+
+def matmul_weight(
+    st: GuestState, caller: StoreContext, model_id: int, name_ptr: int, name_len: int, x: int, m: int, c: int, cap: int
+) -> int:
+    entry = st.model(model_id)
+    mem = guest_memory(st, caller)
+    weight = weight_by_name(entry.model, name(mem, name_ptr, name_len, "tensor name"))
+    if m <= 0:
+        raise InvalidArgument(f"m must be > 0, got {m}")
+    d_in, d_out = weight.in_features, weight.out_features
+    if m * max(d_in, d_out) * 4 > MAX_TRANSFER:
+        raise LimitExceeded(f"{m} rows exceed the per-call transfer limit of {MAX_TRANSFER} bytes")
+    if cap < m * d_out:
+        raise InvalidArgument(f"c holds {cap} floats; the product needs {m * d_out}")
+    mem.address(c, m * d_out * 4, "c")
+    xs = mem.read_floats(x, m * d_in, "x").view(m, d_in).to(entry.model.backend.device)
+    mem.write_floats(c, weight(xs), "c")
+    return d_out
+
+
+# ---------------------------------------------------------------------------- level 4: naive
+
+
+def tensor_shape(st: GuestState, caller: StoreContext, model_id: int, name_ptr: int, name_len: int, dims: int) -> int:
+    mem = guest_memory(st, caller)
+    t = tensor_by_name(st.model(model_id).model, name(mem, name_ptr, name_len, "tensor name"))
+    if len(t.shape) > 4:
+        raise Unsupported(f"tensor {t.name} has {len(t.shape)} dimensions (at most 4 are described)")
+    mem.write(dims, struct.pack(f"<{len(t.shape)}q", *t.shape), "dims")
+    return len(t.shape)
+
+
+def tensor_read(
+    st: GuestState,
+    caller: StoreContext,
+    model_id: int,
+    name_ptr: int,
+    name_len: int,
+    offset: int,
+    count: int,
+    out: int,
+) -> int:
+    mem = guest_memory(st, caller)
+    t = tensor_by_name(st.model(model_id).model, name(mem, name_ptr, name_len, "tensor name"))
+    if count < 0 or count * 4 > MAX_TRANSFER:
+        raise InvalidArgument(f"count must be in 0..{MAX_TRANSFER // 4}, got {count}")
+    return mem.write_floats(out, tensor_values(t, offset, count), "out")
