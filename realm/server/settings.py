@@ -22,11 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 
 from realm.errors import InvalidArgument
 from realm.models.catalogue import DEFAULT_MODEL
+from realm.sandbox.limits import Limits
 from realm.settings import ENV_VARS
 
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 ALL_MODELS = "*"
+_GUEST = Limits()  # the sandbox's defaults are a tenant's defaults
 
 ENV_FIELDS: Mapping[str, str] = {
     "REALM_HOST": "host",
@@ -52,11 +54,13 @@ class TenantLimits(_Strict):
         None, gt=0, description="prompt + completion tokens per minute, None: no limit (more: 429)"
     )
     max_tokens: int = Field(1024, gt=0, description="the most max_tokens one request may ask for (more: 400)")
-    guest_memory_mb: int = Field(256, ge=1, le=65536, description="the guest's linear memory cap, MiB")
-    guest_seconds: float = Field(
-        30.0, gt=0, description="time running WebAssembly per request (host calls not counted)"
+    guest_memory_mb: int = Field(
+        _GUEST.memory_bytes >> 20, ge=1, le=65536, description="the guest's linear memory cap, MiB"
     )
-    wall_seconds: float = Field(600.0, gt=0, description="a whole request, host calls included")
+    guest_seconds: float = Field(
+        _GUEST.guest_seconds, gt=0, description="time running WebAssembly per request (host calls not counted)"
+    )
+    wall_seconds: float = Field(_GUEST.wall_seconds, gt=0, description="a whole request, host calls included")
 
 
 class TenantSettings(_Strict):
