@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from realm.engine.model import weight_bytes
+from realm.engine.memory import weight_bytes
 from realm.engine.model_store import ModelStore
 from realm.errors import (
     HashMismatch,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -11,23 +10,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from realm.backends.devices import Backend
 from realm.engine import compiled_step
 from realm.engine.generation import Generation
 from realm.engine.kv_cache import KVPool
+from realm.engine.memory import rss_bytes, weight_bytes
 from realm.engine.sampling import SamplingParams
 from realm.engine.session import Session
-from realm.engine.speed import rss_bytes
 from realm.errors import InvalidArgument
 from realm.files import sha256_file
 from realm.models import catalogue
 from realm.models import prompt as prompt_rule
 from realm.models.chat_template import ChatTemplate, chat_template_from_fields
 from realm.models.config import ModelConfig, config_from_gguf
-from realm.models.gguf_file import GGUFFile, TensorData, transient_heap
+from realm.models.gguf_file import GGUFFile, transient_heap
 from realm.models.loader import load_weights
 from realm.models.tokenizer import Tokenizer
 from realm.models.transformer import Transformer
@@ -93,7 +89,7 @@ class Model:
     ) -> Generation:
         """A streaming generation: iterate it for `Piece`s of text as tokens are made."""
         ids = prompt if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
-        return Generation(self, ids, params or SamplingParams(), max_tokens, stop or [])
+        return Generation(self.tokenizer, self.new_session(), ids, params or SamplingParams(), max_tokens, stop or [])
 
     @property
     def bytes_held(self) -> int:
@@ -125,8 +121,8 @@ class Model:
             "eos_id": tok.eos_id,
             "eot_ids": sorted(tok.eot_ids),
             "add_bos": tok.add_bos,
-            "add_space_prefix": bool(getattr(tok, "add_space_prefix", False)),
-            "clean_spaces": bool(getattr(tok, "clean_spaces", False)),
+            "add_space_prefix": tok.add_space_prefix,
+            "clean_spaces": tok.clean_spaces,
         }
 
 
@@ -178,33 +174,3 @@ def load_model(
     )
     compiled_step.attach(model, compile_mode)
     return model
-
-
-def weight_bytes(weights: Any) -> int:
-    """Bytes of the tensors reachable from a model's weights, each storage counted once.
-    Views into the file's memory map (TensorData) are not counted: those are file pages."""
-    seen_storage: set[int] = set()
-    seen_obj: set[int] = set()
-    total = 0
-    stack = [weights]
-    while stack:
-        obj = stack.pop()
-        if isinstance(obj, torch.Tensor) and obj.is_mkldnn:  # oneDNN's own layout: no storage to share
-            if id(obj) not in seen_obj:
-                seen_obj.add(id(obj))
-                total += obj.numel() * obj.element_size()
-        elif isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() not in seen_storage:
-                seen_storage.add(storage.data_ptr())
-                total += storage.nbytes()
-        elif isinstance(obj, (list, tuple)):
-            stack.extend(obj)
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif isinstance(obj, (TensorData, np.ndarray, enum.Enum, type, str, bytes, int, float)) or obj is None:
-            continue
-        elif hasattr(obj, "__dict__") and id(obj) not in seen_obj:
-            seen_obj.add(id(obj))
-            stack.extend(vars(obj).values())
-    return total
