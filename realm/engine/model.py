@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from realm.backends.devices import Backend
+from realm.backends.devices import Backend, BackendKind, cpu_backend
 from realm.engine import compiled_step
 from realm.engine.generation import Generation
 from realm.engine.kv_cache import KVPool
@@ -26,7 +27,9 @@ from realm.models.config import ModelConfig, config_from_gguf
 from realm.models.gguf_file import GGUFFile, transient_heap
 from realm.models.loader import load_weights
 from realm.models.tokenizer import Tokenizer
-from realm.models.transformer import Transformer
+from realm.models.transformer import Transformer, Weights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -140,10 +143,12 @@ def load_model(
     compile_mode: str | None = None,
 ) -> Model:
     """Open a GGUF and pack its weights for `backend`; every defect is a ModelFormatError.
-    The decode step is the compiled one if it is built, else eager (see
-    engine/compiled_step.py; `compile_mode` overrides REALM_COMPILE)."""
+    A model the GPU cannot take runs on the CPU instead (see `_place`): `Model.backend`
+    says where it runs. The decode step is the compiled one if it is built, else eager
+    (see engine/compiled_step.py; `compile_mode` overrides REALM_COMPILE)."""
     started = time.perf_counter()
     path = Path(path)
+    name = name or path.stem
     with transient_heap():
         gguf = GGUFFile(path)
         config = config_from_gguf(gguf)
@@ -153,12 +158,10 @@ def load_model(
             template = chat_template_from_fields(gguf.metadata, tokenizer)
         except InvalidArgument as e:  # a broken template only breaks chat, not completion
             template_error = f"its chat template does not compile: {e}"
-        weights = load_weights(
-            gguf, config, backend.pack_linear, backend.pack_output, backend.make_embedding, backend.make_vector
-        )
+        weights, kv_pool, backend = _place(gguf, config, backend, name)
         gguf.drop_resident_pages()
     model = Model(
-        name=name or path.stem,
+        name=name,
         path=path,
         sha256=sha256 or sha256_file(path),
         gguf=gguf,
@@ -167,10 +170,32 @@ def load_model(
         chat_template=template,
         chat_template_error=template_error,
         transformer=Transformer(config, weights),
-        kv_pool=KVPool(config, backend.device),
+        kv_pool=kv_pool,
         backend=backend,
         load_seconds=time.perf_counter() - started,
         rss_after_load=rss_bytes(),
     )
     compiled_step.attach(model, compile_mode)
     return model
+
+
+def _place(gguf: GGUFFile, config: ModelConfig, backend: Backend, name: str) -> tuple[Weights, KVPool, Backend]:
+    """The weights packed for `backend` and the KV pool on its device, and that backend.
+
+    A GPU that fails (out of memory, or any other error the device raises while it takes
+    the weights) is not the end of the chain: the model then goes to the CPU, with a
+    warning that names it and the error. An error on the CPU is the end."""
+    try:
+        return _pack(gguf, config, backend), KVPool(config, backend.device), backend
+    except RuntimeError as error:
+        if backend.kind != BackendKind.GPU:
+            raise
+        log.warning("model %s does not load on %s (%s); it runs on the CPU instead", name, backend.description, error)
+    cpu = cpu_backend()  # after the except block: the GPU's partial weights are freed by now
+    return _pack(gguf, config, cpu), KVPool(config, cpu.device), cpu
+
+
+def _pack(gguf: GGUFFile, config: ModelConfig, backend: Backend) -> Weights:
+    return load_weights(
+        gguf, config, backend.pack_linear, backend.pack_output, backend.make_embedding, backend.make_vector
+    )

@@ -16,6 +16,10 @@ Permission: every entry point takes an optional `allowed` predicate from the cal
 tenant's rule): it is asked about the model's SHA-256 hex and each of its names, and the
 model is usable if it answers True for any of them.
 
+A model the store's GPU cannot take (out of memory, or any error of the device while it
+takes the weights) is loaded on the CPU instead, with a warning (`engine/model.py`,
+`load_model`); its info says where it runs.
+
 Thread-safe: one lock guards the maps; loading runs outside it (one load per content at a
 time, others wait for it).
 """
