@@ -8,11 +8,17 @@ tests/test_sandbox.py, and a malformed blob goes through the real loader below.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
+from collections.abc import Sequence
 
 import pytest
+import torch
+from tiny_model import write_tiny_llama
 
-from realm.engine.model import weight_bytes
+from realm.backends.devices import Backend, BackendKind
+from realm.engine.memory import weight_bytes
 from realm.engine.model_store import ModelStore
 from realm.errors import (
     HashMismatch,
@@ -22,6 +28,8 @@ from realm.errors import (
     PermissionDenied,
     UnknownModel,
 )
+from realm.models.gguf_file import TensorData
+from realm.models.transformer import Linear
 
 SMOL = "smollm2-135m"
 
@@ -148,3 +156,42 @@ def test_concurrent_stores_of_one_model_load_it_once(store, loader, smollm2_path
     for t in threads:
         t.join()
     assert loader.calls == 1 and len({id(e) for e in got}) == 1 and got[0].refs == 4
+
+
+# -- a GPU that cannot take a model ------------------------------------------------------------
+# There is no GPU here: these are unit tests of the fallback, with a backend whose packing
+# fails the way a device does (torch.cuda.OutOfMemoryError is a RuntimeError raised while
+# the weights are copied over). Its tensors stay on the CPU, so nothing else is faked.
+
+
+@dataclasses.dataclass(frozen=True)
+class FailingDevice(Backend):
+    """A backend whose device refuses the weights."""
+
+    error: RuntimeError = dataclasses.field(default_factory=RuntimeError)
+
+    def pack_linear(self, tensors: Sequence[TensorData]) -> Linear:
+        raise self.error
+
+
+def test_a_model_the_gpu_cannot_take_runs_on_the_cpu(tmp_path, caplog):
+    full = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+    gpu = FailingDevice(BackendKind.GPU, torch.device("cpu"), "cuda (full)", error=full)
+    store = ModelStore(gpu, home=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="realm.engine.model"):
+        entry = store.store_path(write_tiny_llama(tmp_path / "tiny.gguf"), name="tiny")
+    assert entry.model.backend.kind == BackendKind.CPU
+    info = entry.info()
+    assert (info["backend"], info["device"]) == ("cpu", "cpu")
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1
+    assert "tiny" in warning[0].getMessage() and "CUDA out of memory" in warning[0].getMessage()
+    assert entry.model.new_session().feed([1, 2, 3]).shape == (1, entry.model.config.vocab_size)
+
+
+def test_a_cpu_that_fails_is_the_end_of_the_chain(tmp_path):
+    cpu = FailingDevice(BackendKind.CPU, torch.device("cpu"), "cpu (broken)", error=RuntimeError("no memory"))
+    store = ModelStore(cpu, home=tmp_path)
+    with pytest.raises(RuntimeError, match="no memory"):
+        store.store_path(write_tiny_llama(tmp_path / "tiny.gguf"), name="tiny")
+    assert store.models() == []

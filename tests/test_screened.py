@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import quantize as gguf_quantize
 
 from realm.backends.screened import CANDIDATES, Int8Matrix, ScreenedLinear, largest
-from realm.engine.model import weight_bytes
+from realm.engine.memory import weight_bytes
 from realm.models.gguf_file import TensorData
 
 

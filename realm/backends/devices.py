@@ -63,6 +63,11 @@ class Backend:
         return (a.to(self.device) @ b.to(self.device)).cpu()
 
 
+def cpu_backend() -> Backend:
+    """The CPU backend: always there, and where a model goes that the GPU cannot take."""
+    return Backend(BackendKind.CPU, torch.device("cpu"), f"cpu (PyTorch, {torch.get_num_threads()} threads)")
+
+
 def _gpu() -> Backend | None:
     if torch.cuda.is_available():
         return Backend(BackendKind.GPU, torch.device("cuda"), f"cuda ({torch.cuda.get_device_name(0)})")
@@ -81,7 +86,7 @@ class BackendRegistry:
         preference = preference or os.environ.get("REALM_BACKEND", "auto")
         if preference not in self.CHOICES:
             raise InvalidArgument(f"unknown backend {preference!r} (choose one of: {', '.join(self.CHOICES)})")
-        cpu = Backend(BackendKind.CPU, torch.device("cpu"), f"cpu (PyTorch, {torch.get_num_threads()} threads)")
+        cpu = cpu_backend()
         naive = Backend(BackendKind.NONE, torch.device("cpu"), "naive (no host kernels; float32 reference)")
         gpu = _gpu()
         self.available: list[Backend] = [b for b in (gpu, cpu, naive) if b is not None]

@@ -69,9 +69,8 @@ def step_logits(model: Model, tokens: Sequence[int], batch: int = 2) -> torch.Te
     for token in tokens:
         chunks = [s.chunk([token]) for s in sessions]
         model.transformer.forward(chunks)
-        for s, c in zip(sessions, chunks):
-            s.commit(c)
-        rows.append(chunks[0].logits[-1].float())
+        logits = [s.commit(c) for s, c in zip(sessions, chunks)]
+        rows.append(logits[0][-1].float())
     return torch.stack(rows)
 
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from realm.engine.sampling import Sampler, SamplingParams
+from realm.engine.session import Session
 from realm.errors import ContextOverflow, InvalidArgument
-from realm.models.tokenizer import StreamDecoder
-
-if TYPE_CHECKING:
-    from realm.engine.model import Model
+from realm.models.tokenizer import StreamDecoder, Tokenizer
 
 
 @dataclass
@@ -29,9 +26,13 @@ class Piece:
 
 @dataclass
 class Generation:
-    """Iterate for pieces; afterwards `finish_reason`, `tokens` and `text` are final."""
+    """Iterate for pieces; afterwards `finish_reason`, `tokens` and `text` are final.
 
-    model: Model
+    It knows a tokenizer and a fresh session, not the model they come from:
+    `Model.generate` makes one."""
+
+    tokenizer: Tokenizer
+    session: Session
     prompt: list[int]
     params: SamplingParams
     max_tokens: int
@@ -45,15 +46,15 @@ class Generation:
             raise InvalidArgument("the prompt is empty")
         if self.max_tokens < 0:
             raise InvalidArgument("max_tokens must be >= 0")
-        session = self.model.new_session()
+        session = self.session
         if len(self.prompt) >= session.context_length:
             raise ContextOverflow(
                 f"the prompt has {len(self.prompt)} tokens; the context holds {session.context_length}"
             )
         budget = min(self.max_tokens, session.context_length - len(self.prompt))
         sampler = Sampler(self.params)
-        decoder = StreamDecoder(self.model.tokenizer)
-        end_ids = self.model.tokenizer.eot_ids
+        decoder = StreamDecoder(self.tokenizer)
+        end_ids = self.tokenizer.eot_ids
         pending = ""  # decoded text not yet shown: it might be the start of a stop string
         logits = session.feed(self.prompt)[-1]
         while True:

@@ -21,6 +21,7 @@ import torch
 
 from realm.errors import ContextOverflow
 from realm.models.config import ModelConfig
+from realm.models.transformer import KVPoolTensors
 
 BLOCK = 16
 """Tokens per block."""
@@ -73,10 +74,14 @@ class KVPool:
 
 
 class KVCache:
-    """One sequence's blocks in a pool, grown as the sequence grows up to `max_tokens`."""
+    """One sequence's blocks in a pool, grown as the sequence grows up to `max_tokens`: the
+    `KVStore` a forward step writes this sequence's keys and values to."""
+
+    pool: KVPoolTensors  # the pool as the model reads it while it runs (KVStore's view)
 
     def __init__(self, pool: KVPool, max_tokens: int) -> None:
         self.pool = pool
+        self._pool = pool  # the same pool, as this cache allocates from it
         self.max_tokens = max_tokens
         self.blocks: list[int] = []
         weakref.finalize(self, pool.release, self.blocks)  # the list, so later blocks go too
@@ -87,15 +92,15 @@ class KVCache:
             raise ContextOverflow(f"{n_tokens} tokens do not fit in this session's context of {self.max_tokens}")
         missing = -(-n_tokens // BLOCK) - len(self.blocks)
         if missing > 0:
-            self.blocks.extend(self.pool.allocate(missing))
+            self.blocks.extend(self._pool.allocate(missing))
 
     def table(self) -> torch.Tensor:
         """The sequence's blocks in order, (blocks,) int64."""
-        return torch.tensor(self.blocks, dtype=torch.long, device=self.pool.device)
+        return torch.tensor(self.blocks, dtype=torch.long, device=self._pool.device)
 
     def slots(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Block and offset of positions [start, end), already reserved."""
-        positions = torch.arange(start, end, device=self.pool.device)
+        positions = torch.arange(start, end, device=self._pool.device)
         return self.table()[positions // BLOCK], positions % BLOCK
 
     def append(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,5 +113,9 @@ class KVCache:
         keys[blocks, :, offsets] = k.transpose(0, 1)
         values[blocks, :, offsets] = v.transpose(0, 1)
         table = self.table()[: -(-end // BLOCK)]
-        heads, _, dim = self.pool.block_shape
-        return tuple(t[table].transpose(0, 1).reshape(heads, -1, dim)[:, :end] for t in (keys, values))
+        heads, _, dim = self._pool.block_shape
+
+        def so_far(blocks: torch.Tensor) -> torch.Tensor:
+            return blocks[table].transpose(0, 1).reshape(heads, -1, dim)[:, :end]
+
+        return so_far(keys), so_far(values)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -11,26 +11,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from realm.backends.devices import Backend
+from realm.backends.devices import Backend, BackendKind, cpu_backend
 from realm.engine import compiled_step
 from realm.engine.generation import Generation
 from realm.engine.kv_cache import KVPool
+from realm.engine.memory import rss_bytes, weight_bytes
 from realm.engine.sampling import SamplingParams
 from realm.engine.session import Session
-from realm.engine.speed import rss_bytes
 from realm.errors import InvalidArgument
 from realm.files import sha256_file
 from realm.models import catalogue
 from realm.models import prompt as prompt_rule
 from realm.models.chat_template import ChatTemplate, chat_template_from_fields
 from realm.models.config import ModelConfig, config_from_gguf
-from realm.models.gguf_file import GGUFFile, TensorData, transient_heap
+from realm.models.gguf_file import GGUFFile, transient_heap
 from realm.models.loader import load_weights
 from realm.models.tokenizer import Tokenizer
-from realm.models.transformer import Transformer
+from realm.models.transformer import Transformer, Weights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,7 +92,7 @@ class Model:
     ) -> Generation:
         """A streaming generation: iterate it for `Piece`s of text as tokens are made."""
         ids = prompt if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
-        return Generation(self, ids, params or SamplingParams(), max_tokens, stop or [])
+        return Generation(self.tokenizer, self.new_session(), ids, params or SamplingParams(), max_tokens, stop or [])
 
     @property
     def bytes_held(self) -> int:
@@ -125,8 +124,8 @@ class Model:
             "eos_id": tok.eos_id,
             "eot_ids": sorted(tok.eot_ids),
             "add_bos": tok.add_bos,
-            "add_space_prefix": bool(getattr(tok, "add_space_prefix", False)),
-            "clean_spaces": bool(getattr(tok, "clean_spaces", False)),
+            "add_space_prefix": tok.add_space_prefix,
+            "clean_spaces": tok.clean_spaces,
         }
 
 
@@ -144,10 +143,12 @@ def load_model(
     compile_mode: str | None = None,
 ) -> Model:
     """Open a GGUF and pack its weights for `backend`; every defect is a ModelFormatError.
-    The decode step is the compiled one if it is built, else eager (see
-    engine/compiled_step.py; `compile_mode` overrides REALM_COMPILE)."""
+    A model the GPU cannot take runs on the CPU instead (see `_place`): `Model.backend`
+    says where it runs. The decode step is the compiled one if it is built, else eager
+    (see engine/compiled_step.py; `compile_mode` overrides REALM_COMPILE)."""
     started = time.perf_counter()
     path = Path(path)
+    name = name or path.stem
     with transient_heap():
         gguf = GGUFFile(path)
         config = config_from_gguf(gguf)
@@ -157,12 +158,10 @@ def load_model(
             template = chat_template_from_fields(gguf.metadata, tokenizer)
         except InvalidArgument as e:  # a broken template only breaks chat, not completion
             template_error = f"its chat template does not compile: {e}"
-        weights = load_weights(
-            gguf, config, backend.pack_linear, backend.pack_output, backend.make_embedding, backend.make_vector
-        )
+        weights, kv_pool, backend = _place(gguf, config, backend, name)
         gguf.drop_resident_pages()
     model = Model(
-        name=name or path.stem,
+        name=name,
         path=path,
         sha256=sha256 or sha256_file(path),
         gguf=gguf,
@@ -171,7 +170,7 @@ def load_model(
         chat_template=template,
         chat_template_error=template_error,
         transformer=Transformer(config, weights),
-        kv_pool=KVPool(config, backend.device),
+        kv_pool=kv_pool,
         backend=backend,
         load_seconds=time.perf_counter() - started,
         rss_after_load=rss_bytes(),
@@ -180,31 +179,23 @@ def load_model(
     return model
 
 
-def weight_bytes(weights: Any) -> int:
-    """Bytes of the tensors reachable from a model's weights, each storage counted once.
-    Views into the file's memory map (TensorData) are not counted: those are file pages."""
-    seen_storage: set[int] = set()
-    seen_obj: set[int] = set()
-    total = 0
-    stack = [weights]
-    while stack:
-        obj = stack.pop()
-        if isinstance(obj, torch.Tensor) and obj.is_mkldnn:  # oneDNN's own layout: no storage to share
-            if id(obj) not in seen_obj:
-                seen_obj.add(id(obj))
-                total += obj.numel() * obj.element_size()
-        elif isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() not in seen_storage:
-                seen_storage.add(storage.data_ptr())
-                total += storage.nbytes()
-        elif isinstance(obj, (list, tuple)):
-            stack.extend(obj)
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif isinstance(obj, (TensorData, np.ndarray, enum.Enum, type, str, bytes, int, float)) or obj is None:
-            continue
-        elif hasattr(obj, "__dict__") and id(obj) not in seen_obj:
-            seen_obj.add(id(obj))
-            stack.extend(vars(obj).values())
-    return total
+def _place(gguf: GGUFFile, config: ModelConfig, backend: Backend, name: str) -> tuple[Weights, KVPool, Backend]:
+    """The weights packed for `backend` and the KV pool on its device, and that backend.
+
+    A GPU that fails (out of memory, or any other error the device raises while it takes
+    the weights) is not the end of the chain: the model then goes to the CPU, with a
+    warning that names it and the error. An error on the CPU is the end."""
+    try:
+        return _pack(gguf, config, backend), KVPool(config, backend.device), backend
+    except RuntimeError as error:
+        if backend.kind != BackendKind.GPU:
+            raise
+        log.warning("model %s does not load on %s (%s); it runs on the CPU instead", name, backend.description, error)
+    cpu = cpu_backend()  # after the except block: the GPU's partial weights are freed by now
+    return _pack(gguf, config, cpu), KVPool(config, cpu.device), cpu
+
+
+def _pack(gguf: GGUFFile, config: ModelConfig, backend: Backend) -> Weights:
+    return load_weights(
+        gguf, config, backend.pack_linear, backend.pack_output, backend.make_embedding, backend.make_vector
+    )

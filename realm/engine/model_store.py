@@ -16,6 +16,10 @@ Permission: every entry point takes an optional `allowed` predicate from the cal
 tenant's rule): it is asked about the model's SHA-256 hex and each of its names, and the
 model is usable if it answers True for any of them.
 
+A model the store's GPU cannot take (out of memory, or any error of the device while it
+takes the weights) is loaded on the CPU instead, with a warning (`engine/model.py`,
+`load_model`); its info says where it runs.
+
 Thread-safe: one lock guards the maps; loading runs outside it (one load per content at a
 time, others wait for it).
 """
@@ -26,7 +30,7 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,7 +270,7 @@ class ModelStore:
             raise NotFound(f"model id {model_id} was released (ids are never reused)")
         raise UnknownModel(f"no model has id {model_id}")
 
-    def _acquire_existing(self, sha: str, allowed: Allowed | None, names: list[str] = ()) -> StoredModel | None:
+    def _acquire_existing(self, sha: str, allowed: Allowed | None, names: Sequence[str] = ()) -> StoredModel | None:
         with self._lock:
             entry = self._by_sha.get(sha)
             if entry is None:
@@ -297,7 +301,7 @@ class ModelStore:
                 self._add_names(entry, [model.name, *names])
                 return entry
 
-    def _add_names(self, entry: StoredModel, names: list[str]) -> None:
+    def _add_names(self, entry: StoredModel, names: Sequence[str]) -> None:
         for n in names:
             if n and n not in self._by_name:
                 entry.names.add(n)
@@ -317,7 +321,7 @@ def _catalogue_names(sha: str) -> list[str]:
     return [e.name for e in catalogue.CATALOGUE.values() if e.sha256.lower() == sha]
 
 
-def _check_allowed(allowed: Allowed | None, sha: str, names: list[str] | tuple[str, ...]) -> None:
+def _check_allowed(allowed: Allowed | None, sha: str, names: Sequence[str]) -> None:
     if allowed is None:
         return
     if allowed(sha) or any(allowed(n) for n in names):

@@ -34,27 +34,26 @@ class Handoff:
     the GIL once, where a Future's condition variable can wake it into a lock the runner
     still holds, one more sleep and wake-up for every guest at the end of every round."""
 
-    __slots__ = ("_done", "_value", "_error")
+    __slots__ = ("_done", "_outcome")
+    _outcome: np.ndarray | BaseException  # set once, before `_done` is released
 
     def __init__(self) -> None:
         self._done = threading.Lock()
         self._done.acquire()
-        self._value: np.ndarray | None = None
-        self._error: BaseException | None = None
 
     def set_result(self, value: np.ndarray) -> None:
-        self._value = value
+        self._outcome = value
         self._done.release()
 
     def set_exception(self, error: BaseException) -> None:
-        self._error = error
+        self._outcome = error
         self._done.release()
 
     def result(self) -> np.ndarray:
         with self._done:
-            if self._error is not None:
-                raise self._error
-            return self._value
+            if isinstance(self._outcome, BaseException):
+                raise self._outcome
+            return self._outcome
 
 
 @dataclass
@@ -186,17 +185,18 @@ class BatchScheduler:
             return
         finished, last = [], []
         for (r, n), chunk in zip(plan, chunks):
-            r.session.commit(chunk)
+            logits = r.session.commit(chunk)
             r.done += n
             if r.remaining == 0:
                 finished.append(r)
-                last.append(chunk.logits[-1:])
-        rows = torch.cat(last).float().cpu().numpy() if last else None
+                last.append(logits[-1:])
         with self._wake:
             for r in finished:
                 self._waiting.remove(r)
             waiting = len(self._waiting)
-        for i, r in enumerate(finished):
-            r.outcome.set_result(rows[i])
+        if finished:
+            rows = torch.cat(last).float().cpu().numpy()
+            for r, row in zip(finished, rows):
+                r.outcome.set_result(row)
         if self.observer is not None:
             self.observer(len(chunks), sum(n for _, n in plan), waiting)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from realm.engine.kv_cache import KVCache, KVPool
-from realm.errors import ContextOverflow, InvalidArgument
+from realm.errors import ContextOverflow, InternalError, InvalidArgument
 from realm.models.transformer import Chunk, Transformer
 
 PREFILL_CHUNK = 512
@@ -40,9 +40,12 @@ class Session:
         self.check(tokens)
         return Chunk(list(tokens), len(self.tokens), self.kv, all_logits, self.graph)
 
-    def commit(self, chunk: Chunk) -> None:
-        """Record that `chunk` has run."""
+    def commit(self, chunk: Chunk) -> torch.Tensor:
+        """Record that `chunk` has run; returns the logits the forward step gave it."""
+        if chunk.logits is None:
+            raise InternalError("a forward step returned without the logits of one of its chunks")
         self.tokens.extend(chunk.tokens)
+        return chunk.logits
 
     def feed(self, tokens: Sequence[int], all_logits: bool = False) -> torch.Tensor:
         """Run tokens through the model; logits of the last token (1, V) or of all (T, V),
@@ -56,9 +59,9 @@ class Session:
             last = i + PREFILL_CHUNK >= len(tokens)
             chunk = self.chunk(piece, all_logits)
             self.transformer.forward([chunk])
-            self.commit(chunk)
+            logits = self.commit(chunk)
             if all_logits or last:
-                out.append(chunk.logits)
+                out.append(logits)
         return torch.cat(out).float().cpu()
 
     def rewind(self, n_tokens: int) -> None:

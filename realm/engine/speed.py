@@ -7,20 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from realm.engine.memory import rss_bytes
+
 if TYPE_CHECKING:
     from realm.engine.model import Model
-
-
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux; 0 where /proc is absent)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def measure_speed(model: Model, prompt_tokens: int = 128, gen_tokens: int = 64, repeats: int = 3) -> dict:

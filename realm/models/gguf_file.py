@@ -131,7 +131,7 @@ class GGUFFile:
         if self.size_bytes < 24:
             raise ModelFormatError(f"{self.path}: not a valid GGUF file ({self.size_bytes} bytes)")
         self._map = np.memmap(self.path, mode="r")  # the whole file, memory-mapped read-only
-        reader = _Reader(memoryview(self._map))
+        reader = _Reader(self._map.data)
         where = "the header"
         try:
             n_tensors, n_kv = self._header(reader)
