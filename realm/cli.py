@@ -39,7 +39,7 @@ def _build_compiled(model) -> None:
     """Build `model`'s compiled decode step now, showing each stage as it goes."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from realm.engine import compiled_step
+    from realm.engine import compiled_build, compiled_step
 
     if not compiled_step.can_compile(model):
         raise _usage(f"the {model.backend.name} backend runs no compiled decode step")
@@ -51,7 +51,7 @@ def _build_compiled(model) -> None:
         disable=not sys.stderr.isatty(),
     ) as bar:
         task = bar.add_task(f"{model.name}: compiling the decode step", total=None)
-        directory = compiled_step.build(model, lambda what: bar.update(task, description=f"{model.name}: {what}"))
+        directory = compiled_build.build(model, lambda what: bar.update(task, description=f"{model.name}: {what}"))
     err.print(f"{model.name}: compiled decode step in {directory}")
 
 

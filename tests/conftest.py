@@ -76,12 +76,12 @@ def gemma3(gemma3_path, cpu_backend):
 
 
 def _compiled(path: Path, backend, name: str):
-    from realm.engine import compiled_step
+    from realm.engine import compiled_build
     from realm.engine.model import load_model
 
     model = load_model(path, backend, name=name, compile_mode="cached")
     if not model.transformer.compiled:
-        compiled_step.build(model)
+        compiled_build.build(model)
     assert model.transformer.compiled
     return model
 

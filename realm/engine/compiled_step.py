@@ -14,23 +14,17 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import multiprocessing
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from realm.backends import compiled
 from realm.backends.devices import BackendKind
-from realm.engine.kv_cache import BLOCK
-from realm.errors import InternalError
 
 if TYPE_CHECKING:
     from realm.engine.model import Model
@@ -49,59 +43,12 @@ def attach(model: Model, mode: str | None = None) -> str:
     mode = mode or compiled.compile_mode()
     if mode == "off" or not can_compile(model):
         return "eager"
-    if _use_artifacts(model):
+    if use_artifacts(model):
         return "compiled"
     if mode == "auto":
         BackgroundBuild(model).start()
         return "building"
     return "eager"
-
-
-def build(model: Model, on_stage: Callable[[str], None] = lambda _: None) -> Path:
-    """Build `model`'s artifacts now (unless another process just did) and switch it to
-    them: what `realm compile` runs."""
-    with _build_lock(model.sha256):
-        if not _use_artifacts(model):
-            directory = compiled.build(model.transformer, model.sha256, _graph_builder(model, on_stage))
-            if not _use_artifacts(model):
-                raise InternalError(f"the compiled decode step built in {directory} does not load")
-    return compiled.artifact_dir(model.sha256)
-
-
-def _graph_builder(model: Model, on_stage: Callable[[str], None]) -> Callable[[list, Path], dict[str, str]]:
-    """Builds a model's graphs one per core at once, each in a worker process of its own
-    (tracing and code generation are Python, one core each: on 2 cores gemma3's six graphs
-    took 182 s one after another, 121 s two at a time). A worker loads the model once."""
-
-    def build_graphs(jobs: list[tuple[str, str]], scratch: Path) -> dict[str, str]:
-        workers = min(len(jobs), os.cpu_count() or 1)
-        on_stage(f"compiling {len(jobs)} graphs, {workers} at a time")
-        if workers == 1:
-            return dict(compiled.build_graph(model.transformer, job, BLOCK, scratch) for job in jobs)
-        files: dict[str, str] = {}
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            pending = [pool.submit(_build_in_worker, str(model.path), model.sha256, job, str(scratch)) for job in jobs]
-            for done in as_completed(pending):
-                name, digest = done.result()
-                files[name] = digest
-                on_stage(f"compiled {len(files)} of {len(jobs)} graphs")
-        return files
-
-    return build_graphs
-
-
-_worker_models: dict[str, Model] = {}
-
-
-def _build_in_worker(path: str, sha256: str, job: tuple[str, str], scratch: str) -> tuple[str, str]:
-    from realm.backends.devices import BackendRegistry
-    from realm.engine.model import load_model
-
-    torch.set_num_threads(1)  # one graph a core
-    if path not in _worker_models:
-        _worker_models[path] = load_model(path, BackendRegistry("cpu").active, sha256=sha256, compile_mode="off")
-    return compiled.build_graph(_worker_models[path].transformer, job, BLOCK, Path(scratch))
 
 
 def status(sha256: str) -> str:
@@ -120,7 +67,8 @@ def status(sha256: str) -> str:
     return "none"
 
 
-def _use_artifacts(model: Model) -> bool:
+def use_artifacts(model: Model) -> bool:
+    """Switch `model` to its compiled step if its artifacts are on disk and load."""
     if not compiled.has_artifacts(model.sha256):
         return False
     t = model.transformer
@@ -137,7 +85,7 @@ def _lock_path(sha256: str) -> Path:
 
 
 @contextmanager
-def _build_lock(sha256: str) -> Iterator[None]:
+def build_lock(sha256: str) -> Iterator[None]:
     """Held by whoever builds this model's artifacts; the kernel drops it if they die."""
     path = _lock_path(sha256)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +100,7 @@ _AT_IDLE_PRIORITY = (
     "    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
     "except (AttributeError, OSError):\n"
     "    os.nice(19)\n"
-    "from realm.engine.compiled_step import main\n"
+    "from realm.engine.compiled_build import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 """The build's process, at idle priority from before it imports torch. Even at nice 10 a
@@ -207,23 +155,5 @@ class BackgroundBuild:
             log.error(
                 "%s: building the compiled decode step failed (exit %d); see %s", self.model.name, code, self.log_path
             )
-        elif _use_artifacts(self.model):
+        elif use_artifacts(self.model):
             log.warning("%s: switched to the compiled decode step", self.model.name)
-
-
-def main(argv: list[str]) -> int:
-    """The background build of the model at GGUF with this SHA-256 (argv). It takes the lock
-    before it loads the model, so that `status` says `building` from its first seconds (and
-    so does not call `build`, which would take the lock a second time)."""
-    from realm.backends.devices import BackendRegistry
-    from realm.engine.model import load_model
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    path, sha256 = argv
-    with _build_lock(sha256):
-        if compiled.has_artifacts(sha256):
-            return 0
-        model = load_model(path, BackendRegistry("cpu").active, sha256=sha256, compile_mode="off")
-        directory = compiled.build(model.transformer, sha256, _graph_builder(model, lambda what: log.info("%s", what)))
-    log.info("built %s", directory)
-    return 0
