@@ -88,7 +88,7 @@ def test_status_tells_compiled_building_and_none(home_with_artifacts, smollm2_co
     assert compiled_step.status(sha) == "compiled"
     shutil.rmtree(home_with_artifacts)
     assert compiled_step.status(sha) == "none"
-    with compiled_step._build_lock(sha):  # what a build holds while it runs
+    with compiled_step.build_lock(sha):  # what a build holds while it runs
         assert compiled_step.status(sha) == "building"
     assert compiled_step.status(sha) == "none"
 
