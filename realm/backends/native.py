@@ -34,6 +34,7 @@ import torch
 
 from realm.errors import InternalError
 from realm.models.catalogue import realm_home
+from realm.settings import host_settings
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _sha256(path: Path) -> str:
 @functools.cache
 def load() -> bool:
     """Load the kernel into this process if it is built; False (and one warning) if not."""
-    if os.environ.get("REALM_KERNELS", "").strip().lower() == "pytorch":
+    if host_settings().kernels == "pytorch":
         return False
     path = library_path()
     if path is None:

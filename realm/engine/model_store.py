@@ -48,12 +48,11 @@ from realm.errors import (
 )
 from realm.files import atomic_write, sha256_file
 from realm.models import catalogue
+from realm.settings import host_settings
 
 Allowed = Callable[[str], bool]
 """A tenant's rule: True if the model with this name (or SHA-256 hex) may be used."""
 
-MAX_MODEL_BYTES = int(os.environ.get("REALM_MAX_MODEL_BYTES", str(2 << 30)))
-"""The most GGUF bytes one `store_bytes` call accepts (2 GiB unless $REALM_MAX_MODEL_BYTES)."""
 
 ARCHITECTURE_CODES = {"llama": 1, "gemma3": 2}
 """`realm_model_info.architecture`: 0 for an architecture not listed here."""
@@ -101,7 +100,7 @@ class ModelStore:
         *,
         home: Path | None = None,
         paths: Mapping[str, str | os.PathLike[str]] | None = None,
-        max_model_bytes: int = MAX_MODEL_BYTES,
+        max_model_bytes: int | None = None,
         loader: Callable[..., Model] = load_model,
     ) -> None:
         """`paths`: names the operator configured (name -> GGUF path) that `by_name` may load;
@@ -109,7 +108,7 @@ class ModelStore:
         self.backend = backend
         self.home = home
         self.paths = {k: Path(v) for k, v in (paths or {}).items()}
-        self.max_model_bytes = max_model_bytes
+        self.max_model_bytes = max_model_bytes or host_settings().max_model_bytes
         self._loader = loader
         self._lock = threading.Lock()
         self._by_id: dict[int, StoredModel] = {}

@@ -33,6 +33,7 @@ from typing import IO
 
 from realm.errors import FetchError, ModelFormatError, UnknownModel
 from realm.files import sha256_file
+from realm.settings import host_settings
 
 __all__ = [
     "CATALOGUE",
@@ -122,10 +123,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def realm_home() -> Path:
     """``$REALM_HOME``, or ``~/.cache/realm`` when it is unset or empty."""
-    home = os.environ.get("REALM_HOME")
-    if home:
-        return Path(home).expanduser()
-    return Path.home() / ".cache" / "realm"
+    return host_settings().home
 
 
 def models_dir() -> Path:
