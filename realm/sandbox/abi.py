@@ -33,7 +33,6 @@ from realm.backends.devices import BackendKind
 from realm.engine.model_store import ARCHITECTURE_CODES, StoredModel
 from realm.engine.session import PREFILL_CHUNK
 from realm.errors import (
-    BackendUnavailable,
     Cancelled,
     InternalError,
     InvalidArgument,
@@ -425,9 +424,7 @@ def logits_of(st: GuestState, caller: Any, handle: int, x: int, x_cap: int, logi
 
 
 def _matmul(st: GuestState, caller: Any, kind: BackendKind, a: int, b: int, m: int, k: int, n: int, c: int) -> int:
-    backend = st.runtime.backends.by_kind(kind)
-    if backend is None:
-        raise BackendUnavailable(f"this host has no {kind.name} backend")
+    backend = st.runtime.backends.offered(kind)
     for v, what in ((m, "m"), (k, "k"), (n, "n")):
         if v <= 0:
             raise InvalidArgument(f"matmul dimension {what} must be > 0, got {v}")
