@@ -15,9 +15,9 @@
  *   min-p -> temperature -> draw; temperature <= 0 is greedy (argmax, lowest index on ties,
  *   the first NaN if any, like torch.argmax).
  *
- * Random draws use xoshiro256** seeded from the request's `seed` through splitmix64, so the
- * same seed gives the same tokens here (not the same tokens as the host's torch sampler;
- * greedy output is identical to the host's).
+ * The sampler is the one docs/ABI.md specifies ("Sampling"): float64 throughout, one draw
+ * a token from xoshiro256** seeded with the request's `seed` through splitmix64, so the
+ * same seed gives the same tokens here as on the host, bit for bit.
  *
  * Text is streamed without splitting a UTF-8 character and without showing text that may
  * turn out to be the start of a stop string.
@@ -256,39 +256,52 @@ static void sort_i32(int32_t *a, size_t n) {
     }
 }
 
-/* (val, idx) pairs: a min-heap on val, so heapsort leaves them in descending order */
+/* The sampler's order: larger logit first, the lower token id first on equal logits (no
+ * NaN reaches it). (v[a], ix[a]) comes after (v[b], ix[b]) in that order. */
+static int after(const float *v, const int32_t *ix, size_t a, size_t b) {
+    return v[a] < v[b] || (v[a] == v[b] && ix[a] > ix[b]);
+}
+
+/* (val, idx) pairs: a heap with the pair that comes last at the root, so heapsort leaves
+ * them in the order */
 static void sift_pairs(float *v, int32_t *ix, size_t start, size_t n) {
     size_t root = start;
     for (;;) {
         size_t child = 2 * root + 1;
         if (child >= n) return;
-        if (child + 1 < n && v[child + 1] < v[child]) child++;
-        if (v[root] <= v[child]) return;
+        if (child + 1 < n && after(v, ix, child + 1, child)) child++;
+        if (after(v, ix, root, child)) return;
         float tv = v[root]; v[root] = v[child]; v[child] = tv;
         int32_t ti = ix[root]; ix[root] = ix[child]; ix[child] = ti;
         root = child;
     }
 }
 
-static void sort_pairs_desc(float *v, int32_t *ix, size_t n) {
-    if (n < 2) return;
-    for (size_t i = n / 2; i-- > 0;) sift_pairs(v, ix, i, n);
-    for (size_t end = n - 1; end > 0; end--) {
+static void heap_to_order(float *v, int32_t *ix, size_t n) {
+    for (size_t end = n; end-- > 1;) {
         float tv = v[0]; v[0] = v[end]; v[end] = tv;
         int32_t ti = ix[0]; ix[0] = ix[end]; ix[end] = ti;
         sift_pairs(v, ix, 0, end);
     }
 }
 
-/* --- the sampler ------------------------------------------------------------------------------ */
+static void sort_pairs(float *v, int32_t *ix, size_t n) {
+    for (size_t i = n / 2; i-- > 0;) sift_pairs(v, ix, i, n);
+    heap_to_order(v, ix, n);
+}
+
+/* --- the sampler ------------------------------------------------------------------------------
+ * docs/ABI.md ("Sampling") is the specification; realm/engine/sampling.py is the same
+ * algorithm on the host, bit for bit. */
 
 typedef struct sampler {
     params p;
     rng r;
     int32_t vocab;
-    int32_t *idx; /* candidates: ids, values and probabilities, vocab entries each */
+    int32_t *idx; /* candidates: ids and logits in the order, vocab entries each */
     float *val;
-    float *prob;
+    int32_t *ids; /* top-k candidates' ids, ascending (for the total) */
+    double *cum;  /* cumulative weights of the kept candidates */
     int32_t *recent; /* the last repeat_last_n tokens, sorted to count them */
 } sampler;
 
@@ -296,14 +309,15 @@ static int sampler_init(sampler *s, const params *p, int32_t vocab) {
     s->p = *p;
     s->vocab = vocab;
     rng_seed(&s->r, p->seed);
-    s->idx = NULL;
-    s->val = s->prob = NULL;
-    s->recent = NULL;
+    s->idx = s->ids = s->recent = NULL;
+    s->val = NULL;
+    s->cum = NULL;
     if (p->temperature > 0) {
         s->idx = (int32_t *)rt_alloc((size_t)vocab * sizeof(int32_t));
         s->val = (float *)rt_alloc((size_t)vocab * sizeof(float));
-        s->prob = (float *)rt_alloc((size_t)vocab * sizeof(float));
-        if (!s->idx || !s->val || !s->prob) return 0;
+        s->ids = (int32_t *)rt_alloc((size_t)vocab * sizeof(int32_t));
+        s->cum = (double *)rt_alloc((size_t)vocab * sizeof(double));
+        if (!s->idx || !s->val || !s->ids || !s->cum) return 0;
     }
     if (p->repeat_last_n > 0) {
         s->recent = (int32_t *)rt_alloc((size_t)p->repeat_last_n * sizeof(int32_t));
@@ -312,6 +326,8 @@ static int sampler_init(sampler *s, const params *p, int32_t vocab) {
     return 1;
 }
 
+/* Each token among the last repeat_last_n, counted c times: in double from its float32
+ * logit x, (x <= 0 ? x * repeat : x / repeat) - c * frequency - presence, rounded to float32. */
 static void penalise(sampler *s, float *logits, const int32_t *history, size_t n_history) {
     const params *p = &s->p;
     if (p->repeat_last_n == 0 || n_history == 0) return;
@@ -319,15 +335,14 @@ static void penalise(sampler *s, float *logits, const int32_t *history, size_t n
     size_t n = n_history < (size_t)p->repeat_last_n ? n_history : (size_t)p->repeat_last_n;
     memcpy(s->recent, history + (n_history - n), n * sizeof(int32_t));
     sort_i32(s->recent, n);
-    float rp = (float)p->repeat_penalty, fp = (float)p->frequency_penalty, pp = (float)p->presence_penalty;
     for (size_t i = 0; i < n;) {
         size_t j = i;
         while (j < n && s->recent[j] == s->recent[i]) j++;
         int32_t id = s->recent[i];
         if (id >= 0 && id < s->vocab) {
-            float x = logits[id];
-            x = x <= 0 ? x * rp : x / rp;
-            logits[id] = x - (float)(j - i) * fp - pp;
+            double x = logits[id];
+            x = x <= 0 ? x * p->repeat_penalty : x / p->repeat_penalty;
+            logits[id] = (float)(x - (double)(j - i) * p->frequency_penalty - p->presence_penalty);
         }
         i = j;
     }
@@ -388,7 +403,7 @@ static int32_t argmax(const float *x, int32_t n) {
     return best_i;
 }
 
-/* The k largest logits, in descending order, into s->val / s->idx. */
+/* The first k tokens in the order, in the order, into s->val / s->idx. */
 static size_t top_k(sampler *s, const float *logits, size_t k) {
     float *v = s->val;
     int32_t *ix = s->idx;
@@ -399,22 +414,15 @@ static size_t top_k(sampler *s, const float *logits, size_t k) {
             v[n] = x;
             ix[n] = i;
             n++;
-            if (n == k) /* heapify the min-heap */
+            if (n == k) /* heapify */
                 for (size_t j = k / 2; j-- > 0;) sift_pairs(v, ix, j, k);
-        } else if (x > v[0]) {
+        } else if (x > v[0]) { /* equal logits: the later id comes after, so it stays out */
             v[0] = x;
             ix[0] = i;
             sift_pairs(v, ix, 0, k);
         }
     }
-    if (n < k) /* fewer tokens than k: heapify what there is */
-        for (size_t j = n / 2; j-- > 0;) sift_pairs(v, ix, j, n);
-    /* heapsort the min-heap into descending order */
-    for (size_t end = n; end-- > 1;) {
-        float tv = v[0]; v[0] = v[end]; v[end] = tv;
-        int32_t ti = ix[0]; ix[0] = ix[end]; ix[end] = ti;
-        sift_pairs(v, ix, 0, end);
-    }
+    heap_to_order(v, ix, n);
     return n;
 }
 
@@ -423,63 +431,67 @@ static int32_t sample(sampler *s, float *logits, const int32_t *history, size_t 
     int32_t V = s->vocab;
     penalise(s, logits, history, n_history);
     if (p->temperature <= 0) return argmax(logits, V);
+    for (int32_t i = 0; i < V; i++)
+        if (logits[i] != logits[i]) logits[i] = -__builtin_inf();
 
-    /* candidates: the top k (sorted), or every token */
-    size_t n;
-    double sum = 0.0;
-    float top;
-    if (p->top_k > 0 && p->top_k < V) {
-        n = top_k(s, logits, (size_t)p->top_k);
-        top = s->val[0];
-        for (size_t i = 0; i < n; i++) sum += rt_exp((double)(s->val[i] - top));
-    } else {
-        /* softmax over the whole vocabulary; only tokens that can survive min-p are sorted
-         * (min-p keeps a prefix of the sorted order, and so does top-p: their shorter wins) */
-        top = logits[argmax(logits, V)];
-        n = 0;
-        for (int32_t i = 0; i < V; i++) {
-            double e = rt_exp((double)(logits[i] - top));
-            sum += e;
-            if (p->min_p <= 0.0 || e >= p->min_p) {
-                s->val[n] = logits[i];
-                s->idx[n] = i;
-                n++;
-            }
+    /* candidates: the first top_k in the order, or every token; m, their largest logit */
+    int by_top_k = p->top_k > 0 && p->top_k < V;
+    size_t n = by_top_k ? top_k(s, logits, (size_t)p->top_k) : 0;
+    int32_t first = by_top_k ? s->idx[0] : argmax(logits, V);
+    double m = logits[first];
+    if (!(m > -__builtin_inf() && m < __builtin_inf())) return first;
+
+    /* weights e = exp(x - m); total: their sum in token id order (for top-p); min-p keeps
+     * the candidates with e >= min_p, then they are put in the order */
+    double total = 0.0;
+    if (by_top_k) {
+        if (p->top_p < 1.0) {
+            memcpy(s->ids, s->idx, n * sizeof(int32_t));
+            sort_i32(s->ids, n);
+            for (size_t i = 0; i < n; i++) total += rt_exp((double)logits[s->ids[i]] - m);
         }
-        sort_pairs_desc(s->val, s->idx, n);
+        size_t kept = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (p->min_p > 0.0 && !(rt_exp((double)s->val[i] - m) >= p->min_p)) continue;
+            s->val[kept] = s->val[i];
+            s->idx[kept] = s->idx[i];
+            kept++;
+        }
+        n = kept;
+    } else {
+        for (int32_t i = 0; i < V; i++) {
+            double e = rt_exp((double)logits[i] - m);
+            total += e;
+            if (p->min_p > 0.0 && !(e >= p->min_p)) continue;
+            s->val[n] = logits[i];
+            s->idx[n] = i;
+            n++;
+        }
+        sort_pairs(s->val, s->idx, n);
     }
-    for (size_t i = 0; i < n; i++) s->prob[i] = (float)(rt_exp((double)(s->val[i] - top)) / sum);
 
+    /* top-p: the shortest prefix whose weights reach top_p * total */
     size_t keep = n;
     if (p->top_p < 1.0) {
-        float cum = 0.0f;
+        double threshold = p->top_p * total, cum = 0.0;
         for (size_t i = 0; i < n; i++) {
-            cum += s->prob[i];
-            if (cum >= (float)p->top_p) {
-                if (i + 1 < keep) keep = i + 1;
+            cum += rt_exp((double)s->val[i] - m);
+            if (cum >= threshold) {
+                keep = i + 1;
                 break;
             }
         }
     }
-    if (p->min_p > 0.0) {
-        float threshold = (float)p->min_p * s->prob[0];
-        size_t count = 0;
-        for (size_t i = 0; i < n; i++) count += s->prob[i] >= threshold;
-        if (count < 1) count = 1;
-        if (count < keep) keep = count;
-    }
-    /* softmax(values / temperature) over what is kept, then one draw */
-    double total = 0.0;
+    /* temperature, then one draw: the first kept candidate whose cumulative weight exceeds
+     * u * the sum of the weights */
+    double sum = 0.0;
     for (size_t i = 0; i < keep; i++) {
-        double w = rt_exp((double)(s->val[i] - s->val[0]) / p->temperature);
-        s->prob[i] = (float)w;
-        total += w;
+        sum += rt_exp(((double)s->val[i] - m) / p->temperature);
+        s->cum[i] = sum;
     }
-    double u = rng_uniform(&s->r) * total, cum = 0.0;
-    for (size_t i = 0; i < keep; i++) {
-        cum += s->prob[i];
-        if (u < cum) return s->idx[i];
-    }
+    double target = rng_uniform(&s->r) * sum;
+    for (size_t i = 0; i < keep; i++)
+        if (target < s->cum[i]) return s->idx[i];
     return s->idx[keep - 1];
 }
 

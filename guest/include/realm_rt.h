@@ -78,7 +78,8 @@ static inline double rt_ldexp_int(double x, int k) { /* x * 2^k for k in [-1022,
     return x * s.d;
 }
 
-/* e^x, relative error ~1e-16. */
+/* e^x, relative error ~1e-16. The sampler's exp (docs/ABI.md, "Sampling"): the host mirrors it
+ * bit for bit (realm/engine/sampling.py, exp64), so a change here changes seeded output. */
 static double rt_exp(double x) {
     if (x != x) return x;
     if (x > 709.0) return __builtin_inf();

@@ -9,7 +9,6 @@ models of this size a GPU step is bound by kernel launches, not by reading weigh
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from realm.errors import BackendUnavailable, InvalidArgument
 from realm.models.gguf_file import TensorData
 from realm.models.quants import dequantize
 from realm.models.transformer import Embedding, Linear
+from realm.settings import host_settings
 
 
 class BackendKind(enum.IntEnum):
@@ -78,26 +78,47 @@ def _gpu() -> Backend | None:
 
 
 class BackendRegistry:
-    """Every backend this host has, initialised once at start-up, and the one in use."""
+    """Every backend this host has, initialised once at start-up, and the one in use.
+
+    `chain` is the fallback chain from the backend in use down to naive: the backends
+    guests may call per operation (`offered`). The operator's choice cuts off what comes
+    before it: under "cpu" a GPU the machine has is not used, and under "naive" guests get
+    no host kernel at all (docs/ABI.md, `realm_get_backend_type`)."""
 
     CHOICES = ("auto", "gpu", "cpu", "naive")
 
     def __init__(self, preference: str | None = None) -> None:
-        preference = preference or os.environ.get("REALM_BACKEND", "auto")
+        preference = (preference or host_settings().backend).lower()
         if preference not in self.CHOICES:
             raise InvalidArgument(f"unknown backend {preference!r} (choose one of: {', '.join(self.CHOICES)})")
         cpu = cpu_backend()
-        naive = Backend(BackendKind.NONE, torch.device("cpu"), "naive (no host kernels; float32 reference)")
+        naive = Backend(BackendKind.NONE, torch.device("cpu"), "naive (float32 reference, no kernels for guests)")
         gpu = _gpu()
         self.available: list[Backend] = [b for b in (gpu, cpu, naive) if b is not None]
         if preference == "gpu" and gpu is None:
             raise BackendUnavailable("backend 'gpu' was asked for, but PyTorch sees no CUDA or MPS device")
-        chain = {"auto": self.available, "gpu": [gpu], "cpu": [cpu], "naive": [naive]}[preference]
+        chains: dict[str, list[Backend]] = {
+            "auto": self.available,
+            "gpu": self.available,
+            "cpu": [cpu, naive],
+            "naive": [naive],
+        }
+        self.chain = chains[preference]
         self.preference = preference
-        self.active: Backend = chain[0]
+        self.active: Backend = self.chain[0]
 
-    def by_kind(self, kind: BackendKind) -> Backend | None:
-        return next((b for b in self.available if b.kind == kind), None)
+    def offered(self, kind: BackendKind) -> Backend:
+        """The backend of `kind` that guests may call per operation (realm_matmul_cpu / _gpu).
+
+        Raises BackendUnavailable when the chain in use has none: the host runs no kernel
+        it tells guests it does not have."""
+        found = next((b for b in self.chain if b.kind == kind), None)
+        if found is None:
+            raise BackendUnavailable(
+                f"no {kind.name} backend for guests: the host runs the {self.active.name} backend "
+                f"(realm_get_backend_type() = {int(self.active.kind)}); compute this product in WebAssembly"
+            )
+        return found
 
     def describe(self) -> dict:
         """What was detected and what is in use, for `realm backends` and /health."""

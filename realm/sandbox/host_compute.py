@@ -11,7 +11,7 @@ from realm.backends.devices import BackendKind
 from realm.engine import layer_step
 from realm.engine.layer_step import LayerStep
 from realm.engine.named_weights import tensor_by_name, tensor_values, weight_by_name
-from realm.errors import BackendUnavailable, InvalidArgument, LimitExceeded, Unsupported
+from realm.errors import InvalidArgument, LimitExceeded, Unsupported
 from realm.sandbox.host_args import check_cancel, guest_memory, name, non_negative, tokens
 from realm.sandbox.memory import MAX_TRANSFER, GuestMemory
 from realm.sandbox.state import GuestState, HostSession
@@ -106,9 +106,7 @@ def logits_of(st: GuestState, caller: StoreContext, handle: int, x: int, x_cap: 
 def _matmul(
     st: GuestState, caller: StoreContext, kind: BackendKind, a: int, b: int, m: int, k: int, n: int, c: int
 ) -> int:
-    backend = st.host.backends.by_kind(kind)
-    if backend is None:
-        raise BackendUnavailable(f"this host has no {kind.name} backend")
+    backend = st.host.backends.offered(kind)
     for v, what in ((m, "m"), (k, "k"), (n, "n")):
         if v <= 0:
             raise InvalidArgument(f"matmul dimension {what} must be > 0, got {v}")
