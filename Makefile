@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast bench
+.PHONY: setup lint test test-fast bench
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,13 @@ setup:
 	$(BIN)/python -m realm.backends.native
 	$(BIN)/realm guest build --all
 
-test:
+# lint and types are gates: a tree that fails them fails `make test`
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 # everything that needs no compiled decode step and no minutes of work
