@@ -372,3 +372,15 @@ def test_the_default_guests_utf8_stream_decoder_matches_python(runtime, tmp_path
             got = []
             inst.generate(request, on_token=lambda t, text, got=got: got.append((t, text)))
             assert got == expected, data
+
+
+def test_the_wasmtime_pin_is_the_range_the_bridge_was_tested_with():
+    import tomllib
+
+    from realm.sandbox import wasmtime_bridge
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    pin = next(d for d in project["dependencies"] if d.startswith("wasmtime"))
+    lo, hi = wasmtime_bridge.SUPPORTED_MAJOR.start, wasmtime_bridge.SUPPORTED_MAJOR.stop
+    assert pin.replace(" ", "") == f"wasmtime>={lo},<{hi}"
+    assert int(wasmtime_bridge.VERSION.split(".")[0]) in wasmtime_bridge.SUPPORTED_MAJOR
