@@ -2,7 +2,7 @@
 /openapi.json alone, valid ones (positive) and broken ones (negative), sent over HTTP;
 no answer may be a 5xx.
 
-    .venv/bin/python benchmarks/api_fuzz.py [--examples 160] [--seed 0]
+    .venv/bin/python benchmarks/api_fuzz.py [--examples 250] [--seed 0]
 
 It starts `realm serve` (smollm2-135m, REALM_COMPILE=cached) with one tenant whose
 requests may ask for at most 4 tokens (so generations stay short), runs `--examples`
@@ -75,15 +75,15 @@ def _fuzz_operation(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=160, help="cases per operation and mode")
+    parser.add_argument("--examples", type=int, default=250, help="cases per operation and mode")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(f"CPU: {cpu_model()}")
     with tempfile.TemporaryDirectory() as work:
-        server, base, key = start_server(Path(work), max_concurrent=4, max_tokens=4)
+        server, base, keys = start_server(Path(work), max_concurrent=4, max_tokens=4)
         try:
             started = time.perf_counter()
-            counts, failures = fuzz(base, {"Authorization": f"Bearer {key}"}, args.examples, args.seed)
+            counts, failures = fuzz(base, {"Authorization": f"Bearer {keys['flood']}"}, args.examples, args.seed)
             took = time.perf_counter() - started
         finally:
             server.terminate()

@@ -6,9 +6,10 @@ leaving mid-stream: do the rest complete, does the server give everything back?
 It starts `realm serve` (smollm2-135m, REALM_COMPILE=cached) with one tenant that may run
 all the clients at once, measures one lone client's time to first token, then starts every
 client at once (a chat request, streamed; an aborting client closes its connection after
-its first piece of text). It reports how many of the others completed, their time to
-first token (p50, p99, against the lone client's), and the gauges /metrics shows once the
-server has settled: KV cache blocks in use, steps queued, requests active (all should be 0).
+its first piece of text), and two seconds in, one request of another tenant, "bystander".
+It reports how many of the others completed, their time to first token (p50, p99, against
+the lone client's), the bystander's, and the gauges /metrics shows once the server has
+settled: KV cache blocks in use, steps queued, requests active (all should be 0).
 tests/test_server_robustness.py runs a smaller flood in the suite.
 """
 
@@ -32,18 +33,22 @@ MODEL = "smollm2-135m"
 GAUGES = ("realm_kv_blocks_in_use", "realm_queue_depth", "realm_active_requests")
 
 
-def start_server(workdir: Path, *, max_concurrent: int, max_tokens: int) -> tuple[subprocess.Popen, str, str]:
-    """`realm serve` of smollm2-135m with one tenant, "flood", of these limits, healthy:
-    (process, base URL, the tenant's key). Its log goes to `workdir`/realm.log."""
+def start_server(
+    workdir: Path, *, max_concurrent: int, max_tokens: int
+) -> tuple[subprocess.Popen, str, dict[str, str]]:
+    """`realm serve` of smollm2-135m with a tenant "flood" of these limits and a tenant
+    "bystander" of the default ones, healthy: (process, base URL, each tenant's key). Its
+    log goes to `workdir`/realm.log."""
     sys.path.insert(0, str(REPO))
     from realm.server.keys import hash_key, new_key
 
-    key, port = new_key(), free_port()
+    keys, port = {"flood": new_key(), "bystander": new_key()}, free_port()
     config = workdir / "realm.toml"
     config.write_text(
         f'port = {port}\nbackend = "cpu"\nmodels = ["{MODEL}"]\n\n'
-        f'[[tenants]]\nname = "flood"\nkeys = ["{hash_key(key)}"]\n'
-        f"[tenants.limits]\nmax_concurrent = {max_concurrent}\nmax_tokens = {max_tokens}\n"
+        f'[[tenants]]\nname = "flood"\nkeys = ["{hash_key(keys["flood"])}"]\n'
+        f"[tenants.limits]\nmax_concurrent = {max_concurrent}\nmax_tokens = {max_tokens}\n\n"
+        f'[[tenants]]\nname = "bystander"\nkeys = ["{hash_key(keys["bystander"])}"]\n'
     )
     server = subprocess.Popen(
         [sys.executable, "-m", "realm.cli", "serve", "--config", str(config), "--log-level", "warning"],
@@ -53,7 +58,7 @@ def start_server(workdir: Path, *, max_concurrent: int, max_tokens: int) -> tupl
     )
     base = f"http://127.0.0.1:{port}"
     wait_healthy([base], [server], timeout=600)
-    return server, base, key
+    return server, base, keys
 
 
 async def client(http: httpx.AsyncClient, i: int, abort: bool, max_tokens: int) -> tuple[str, float | None]:
@@ -102,12 +107,26 @@ def settled(base: str, key: str, timeout: float = 60) -> tuple[dict[str, float],
         time.sleep(0.2)
 
 
-async def flood(base: str, key: str, clients: int, abort: float, max_tokens: int) -> list[tuple[str, float | None]]:
+async def flood(
+    base: str, keys: dict[str, str], clients: int, abort: float, max_tokens: int, bystander: bool = True
+) -> tuple[list[tuple[str, float | None]], tuple[str, float | None]]:
+    """The flood's outcomes, and the bystander's (sent two seconds in; ("none", None) without one)."""
     aborting = set(range(0, clients, round(1 / abort))) if abort else set()
-    headers = {"Authorization": f"Bearer {key}"}
-    limits = httpx.Limits(max_connections=clients + 1)
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=600, limits=limits) as http:
-        return await asyncio.gather(*(client(http, i, i in aborting, max_tokens) for i in range(clients)))
+    limits = httpx.Limits(max_connections=clients + 2)
+
+    async def other_tenant(http: httpx.AsyncClient) -> tuple[str, float | None]:
+        if not bystander:
+            return "none", None
+        await asyncio.sleep(2)
+        return await client(http, -1, False, max_tokens)
+
+    def session(tenant: str) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {keys[tenant]}"}
+        return httpx.AsyncClient(base_url=base, headers=headers, timeout=600, limits=limits)
+
+    async with session("flood") as http, session("bystander") as other:
+        flooding = asyncio.gather(*(client(http, i, i in aborting, max_tokens) for i in range(clients)))
+        return await asyncio.gather(flooding, other_tenant(other))
 
 
 def main() -> None:
@@ -118,13 +137,13 @@ def main() -> None:
     args = parser.parse_args()
     print(f"CPU: {cpu_model()}")
     with tempfile.TemporaryDirectory() as work:
-        server, base, key = start_server(Path(work), max_concurrent=args.clients, max_tokens=args.max_tokens)
+        server, base, keys = start_server(Path(work), max_concurrent=args.clients, max_tokens=args.max_tokens)
         try:
-            lone = asyncio.run(flood(base, key, 1, 0, args.max_tokens))[0]
+            lone = asyncio.run(flood(base, keys, 1, 0, args.max_tokens, bystander=False))[0][0]
             started = time.perf_counter()
-            results = asyncio.run(flood(base, key, args.clients, args.abort, args.max_tokens))
+            results, other = asyncio.run(flood(base, keys, args.clients, args.abort, args.max_tokens))
             took = time.perf_counter() - started
-            after, settle_s = settled(base, key)
+            after, settle_s = settled(base, keys["flood"])
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -138,6 +157,7 @@ def main() -> None:
         p99 = ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]
         print(f"time to first token of the completing clients: p50 {statistics.median(ttft):.2f} s, p99 {p99:.2f} s "
               f"(one lone client before the flood: {lone[1]:.3f} s)")  # fmt: skip
+    print(f"another tenant's request, sent 2 s into the flood: {other[0]}, time to first token {other[1] or 0:.2f} s")
     print(f"gauges {settle_s:.1f} s after the flood: " + ", ".join(f"{k} {v:g}" for k, v in after.items()))
 
 
