@@ -148,6 +148,22 @@ class PayloadTooLarge(RealmError):
     openai_type = "invalid_request_error"
 
 
+class MethodNotAllowed(RealmError):
+    """The endpoint exists but not for this HTTP method. HTTP only: guests never see it."""
+
+    abi_code = -7
+    http_status = 405
+    openai_type = "invalid_request_error"
+
+
+class UnsupportedMediaType(RealmError):
+    """A request body that is not declared as JSON (`Content-Type: application/json`). HTTP only."""
+
+    abi_code = -7
+    http_status = 415
+    openai_type = "invalid_request_error"
+
+
 class ServiceUnavailable(RealmError):
     """The server is not ready (its models are still loading) or is shutting down. HTTP only."""
 

@@ -118,6 +118,16 @@ def test_consistency_errors(tmp_path):
         load_settings(env={"REALM_PORT": "eighty"})
 
 
+def test_metrics_keys_are_hashes_or_any_tenant(tmp_path):
+    assert load_settings(env={}).metrics_keys is None  # open by default
+    text = GOOD.replace("port = 9000\n", f'port = 9000\nmetrics_keys = ["*", "{HASH_B}"]\n')
+    assert load_settings(write(tmp_path, text), env={}).metrics_keys == ["*", HASH_B]
+    for bad, why in (('["realm-plain-key"]', "neither"), ("[]", "at least 1")):
+        text = GOOD.replace("port = 9000\n", f"port = 9000\nmetrics_keys = {bad}\n")
+        with pytest.raises(InvalidArgument, match=f"realm.toml:4: metrics_keys.*{why}"):
+            load_settings(write(tmp_path, text), env={})
+
+
 def test_field_lines_index_arrays_of_tables():
     lines = field_lines(GOOD)
     assert lines[("port",)] == 3

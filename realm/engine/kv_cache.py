@@ -50,6 +50,12 @@ class KVPool:
             taken, self._free = self._free[:n], self._free[n:]
             return taken
 
+    @property
+    def blocks_in_use(self) -> int:
+        """Blocks held by sequences now (block 0, the shared padding block, is never held)."""
+        with self.lock:
+            return self.n_blocks - 1 - len(self._free)
+
     def release(self, blocks: list[int]) -> None:
         if not blocks:
             return

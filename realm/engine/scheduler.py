@@ -171,6 +171,7 @@ class BatchScheduler:
                 plan = plan_round(self._waiting, self.max_batch_tokens)
             previous = {id(r.session) for r, n in plan if r.remaining == n}
             self._run_round(plan)
+            del plan  # hold no session while waiting: one that ends meanwhile gives its KV blocks back now
 
     def _run_round(self, plan: list[tuple[StepRequest, int]]) -> None:
         chunks = [r.session.chunk(r.tokens[r.done : r.done + n]) for r, n in plan]

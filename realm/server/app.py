@@ -16,10 +16,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from realm.errors import InternalError, InvalidArgument, LimitExceeded, NotFound, PayloadTooLarge, RealmError
+from realm.errors import (
+    InternalError,
+    InvalidArgument,
+    LimitExceeded,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RealmError,
+)
 from realm.server.host import Host
 from realm.server.metrics import Metrics, Tracker
 from realm.server.openai_format import error_body
+from realm.server.openapi import document
 from realm.server.routes import router
 from realm.server.settings import ServerSettings
 from realm.server.tenants import retry_after_header
@@ -43,6 +52,7 @@ def create_app(settings: ServerSettings | None = None, *, host: Host | None = No
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, unexpected)
     app.include_router(router)
+    app.openapi = lambda: document(app)  # type: ignore[method-assign]
     return app
 
 
@@ -81,10 +91,19 @@ async def realm_error(request: Request, error: RealmError) -> JSONResponse:
 
 
 async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such route, a method the route has not) in the error format,
+    with their headers (a 405's `Allow`)."""
+    where = f"{request.method} {request.url.path}"
+    realm: RealmError
     if error.status_code == 404:
-        return error_response(NotFound(f"no such endpoint: {request.method} {request.url.path}"))
-    response = error_response(InvalidArgument(str(error.detail)))
-    response.status_code = error.status_code  # 405 and friends keep their own status
+        realm = NotFound(f"no such endpoint: {where}")
+    elif error.status_code == 405:
+        realm = MethodNotAllowed(f"no such method: {where} (allowed: {(error.headers or {}).get('Allow', 'none')})")
+    else:
+        realm = InvalidArgument(str(error.detail))
+    response = error_response(realm)
+    response.status_code = error.status_code  # others keep their own status
+    response.headers.update(error.headers or {})
     return response
 
 

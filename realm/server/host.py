@@ -41,13 +41,15 @@ from realm.errors import (
     UnknownModel,
 )
 from realm.models import catalogue
+from realm.models import prompt as prompt_rule
+from realm.models.tokenizer import Tokenizer
 from realm.sandbox.instance import GuestResult
 from realm.sandbox.request import build_request
 from realm.sandbox.runtime import ModuleCache, Runtime
 from realm.server.keys import KeyRing
 from realm.server.metrics import Metrics
 from realm.server.schemas import ChatRequest, CompletionRequest
-from realm.server.settings import ServerSettings
+from realm.server.settings import ALL_KEYS, ServerSettings
 from realm.server.tenants import Tenant
 
 log = logging.getLogger("realm.server")
@@ -110,6 +112,8 @@ class Host:
         self.loaded_at: dict[str, int] = {}  # served name -> when it was loaded (unix time)
         self.tenants: dict[str, Tenant] = {}
         self.keys = KeyRing({})
+        self.metrics_keys = KeyRing({h: "metrics" for h in settings.metrics_keys or () if h != ALL_KEYS})
+        self.longest_token: dict[str, int] = {}  # served name -> characters of its vocabulary's longest token
         self.open_tenant: Tenant | None = None
         self.runtime: Runtime | None = None
         self.ready = threading.Event()
@@ -142,14 +146,15 @@ class Host:
             entry = store.store_source(catalogue.locate(where, name=m.name, progress=self.progress))
             self.models[m.name] = entry
             self.loaded_at[m.name] = int(time.time())
-            self.router.add(
-                BatchScheduler(
-                    entry.model.transformer,
-                    s.max_batch_tokens,
-                    self.metrics.observer(m.name),
-                    gather_s=s.batch_wait_ms / 1000,
-                )
+            scheduler = BatchScheduler(
+                entry.model.transformer,
+                s.max_batch_tokens,
+                self.metrics.observer(m.name),
+                gather_s=s.batch_wait_ms / 1000,
             )
+            self.router.add(scheduler)
+            self.metrics.serve(m.name, scheduler, entry.model.kv_pool)
+            self.longest_token[m.name] = longest_token(entry.model.tokenizer)
             log.info(
                 "model %s loaded in %.1f s (sha256 %s, %s)",
                 m.name,
@@ -200,6 +205,16 @@ class Host:
             return self.open_tenant
         raise Unauthorized("no API key given" if key is None else "invalid API key")
 
+    def check_metrics_key(self, key: str | None) -> None:
+        """Unauthorized (401) unless `metrics_keys` lets `key` (None: no key) read /metrics."""
+        allowed = self.settings.metrics_keys
+        if allowed is None:
+            return
+        if key is None:
+            raise Unauthorized("/metrics needs an API key on this server: send `Authorization: Bearer KEY`")
+        if self.metrics_keys.tenant_of(key) is None and not (ALL_KEYS in allowed and self.keys.tenant_of(key)):
+            raise Unauthorized("this key may not read /metrics")
+
     def model_name(self, tenant: Tenant, asked: str | None) -> str:
         """The model a request names, or the tenant's default if it names none."""
         return asked or self.default_model(tenant)
@@ -229,12 +244,24 @@ class Host:
                 return name
         raise UnknownModel(f"tenant {tenant.name} may use no model on this server")
 
-    def prompt_tokens(self, entry: StoredModel, prompt: str | None, messages: list[dict] | None) -> list[int]:
+    def prompt_tokens(self, served: Served, prompt: str | None, messages: list[dict] | None) -> list[int]:
         """The prompt's tokens as the default guest makes them: the chat template's rendering
-        of `messages`, or `prompt`; BOS by the model's rule, special tokens parsed."""
-        if messages is not None:
-            return entry.model.prompt_tokens(messages=messages)
-        return entry.model.prompt_tokens(prompt=prompt or "")
+        of `messages`, or `prompt`; BOS by the model's rule, special tokens parsed. A text
+        too long for the context is refused before it is tokenized (ContextOverflow)."""
+        model = served.entry.model
+        if messages is None:
+            text = prompt or ""
+        elif model.chat_template is not None:
+            text = model.chat_template.render(messages)
+        else:
+            return model.prompt_tokens(messages=messages)  # raises: says why the model cannot chat
+        fewest = -(-len(text) // self.longest_token[served.name])
+        if fewest >= model.config.context_length:
+            raise ContextOverflow(
+                f"the prompt has {len(text)} characters, at least {fewest} tokens; model {model.name}'s "
+                f"context holds {model.config.context_length} (and at least one token must be generated)"
+            )
+        return prompt_rule.encode(model.tokenizer, text)
 
     def check_context(self, entry: StoredModel, n_prompt: int) -> None:
         ctx = entry.model.config.context_length
@@ -262,7 +289,7 @@ class Host:
             prompt, messages = body.prompt_text(), None
             asked, default = body.max_tokens, COMPLETION_MAX_TOKENS
         params, stops = body.sampling(), body.stops()
-        prompt_ids = self.prompt_tokens(entry, prompt, messages)
+        prompt_ids = self.prompt_tokens(served, prompt, messages)
         n_prompt = len(prompt_ids)
         self.check_context(entry, n_prompt)
         if asked is not None:
@@ -356,6 +383,13 @@ async def _events(queue: asyncio.Queue[Event], cancel: threading.Event) -> Async
                 return
     finally:
         cancel.set()  # a no-op once the guest has finished; stops it if the consumer left
+
+
+def longest_token(tokenizer: Tokenizer) -> int:
+    """Characters of the vocabulary's longest token text: no token covers more characters of
+    a prompt (byte-level BPE writes one character a byte; SentencePiece writes a space as one
+    `▁`), so a text of n characters has at least n / this many tokens."""
+    return max(1, max(len(tokenizer.token_text(i)) for i in range(tokenizer.vocab_size)))
 
 
 def describe_failure(error: BaseException) -> RealmError:

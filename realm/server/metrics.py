@@ -1,5 +1,10 @@
 """Prometheus metrics of one server, in a registry of its own (several apps may share a
-process, e.g. in tests), and the accounting of one generation request."""
+process, e.g. in tests), and the accounting of one generation request.
+
+Every label value comes from a bounded set the operator configured: tenant names, served
+model names (a request for any other model counts under `UNKNOWN_MODEL`) and HTTP
+statuses. A client's text never becomes a label, so no request can grow the label set or
+put into the exposition what it cannot encode."""
 
 from __future__ import annotations
 
@@ -9,10 +14,14 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from realm.engine.scheduler import StepObserver
+from realm.engine.kv_cache import KVPool
+from realm.engine.scheduler import BatchScheduler, StepObserver
 
 _LATENCY = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 _BATCH = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+
+UNKNOWN_MODEL = "(unknown)"
+"""The model label of a request for a model that is not served (no served name has parentheses)."""
 
 
 class Metrics:
@@ -52,8 +61,9 @@ class Metrics:
             buckets=_BATCH + (256, 512),
             registry=r,
         )
-        self.queue_depth = Gauge(
-            "realm_queue_depth", "Forward steps waiting after the last call", ["model"], registry=r
+        self.queue_depth = Gauge("realm_queue_depth", "Forward steps waiting to run now", ["model"], registry=r)
+        self.kv_blocks = Gauge(
+            "realm_kv_blocks_in_use", "KV cache blocks held by live sequences now", ["model"], registry=r
         )
         self.active = Gauge("realm_active_requests", "Requests running now", ["tenant"], registry=r)
         self.guest_traps = Counter(
@@ -62,21 +72,27 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self._served: set[str] = set()
 
     def observer(self, model: str) -> StepObserver:
-        """A BatchScheduler observer for `model`: batch size, tokens and queue depth."""
-        size, tokens, depth = (
-            self.batch_size.labels(model),
-            self.batch_tokens.labels(model),
-            self.queue_depth.labels(model),
-        )
+        """A BatchScheduler observer for `model`: batch size and tokens."""
+        size, tokens = self.batch_size.labels(model), self.batch_tokens.labels(model)
 
-        def observe(sequences: int, n_tokens: int, waiting: int) -> None:
+        def observe(sequences: int, n_tokens: int, _waiting: int) -> None:
             size.observe(sequences)
             tokens.observe(n_tokens)
-            depth.set(waiting)
 
         return observe
+
+    def serve(self, model: str, scheduler: BatchScheduler, pool: KVPool) -> None:
+        """Count `model` as served (a label of its own); its gauges are read at each scrape."""
+        self._served.add(model)
+        self.queue_depth.labels(model).set_function(lambda: scheduler.queue_depth)
+        self.kv_blocks.labels(model).set_function(lambda: pool.blocks_in_use)
+
+    def model_label(self, name: str) -> str:
+        """`name` if it is a served model's, else UNKNOWN_MODEL."""
+        return name if name in self._served else UNKNOWN_MODEL
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -93,6 +109,9 @@ class Tracker:
     started: float = field(default_factory=time.perf_counter)
     last: float | None = None  # when the last token came
     done: bool = False
+
+    def __post_init__(self) -> None:
+        self.model = self.metrics.model_label(self.model)
 
     def token(self) -> None:
         now = time.perf_counter()

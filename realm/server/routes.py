@@ -20,10 +20,21 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from realm.errors import InternalError, InvalidArgument, RealmError, Unauthorized
+from realm.errors import InternalError, InvalidArgument, RealmError, Unauthorized, UnsupportedMediaType
 from realm.server.host import Emitted, Event, Failed, Finished, Host, describe_failure, is_guest_trap
 from realm.server.metrics import Tracker
 from realm.server.openai_format import Reply, model_card
+from realm.server.openapi import (
+    ChatCompletion,
+    Completion,
+    Health,
+    ModelCard,
+    ModelList,
+    Text,
+    Tokens,
+    answers,
+    request_body,
+)
 from realm.server.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from realm.server.settings import dotted
 from realm.server.tenants import Tenant
@@ -37,19 +48,28 @@ def get_host(request: Request) -> Host:
     return host
 
 
+def bearer_key(request: Request) -> str | None:
+    """The key of the request's `Authorization: Bearer KEY`, None if it has no such header."""
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise Unauthorized("send the API key as `Authorization: Bearer KEY`")
+    return value.strip()
+
+
 async def authenticate(request: Request, host: Annotated[Host, Depends(get_host)]) -> Tenant:
     """The tenant of the request's `Authorization: Bearer KEY` (401 if none is)."""
     host.check_ready()
-    header = request.headers.get("authorization")
-    key = None
-    if header:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            raise Unauthorized("send the API key as `Authorization: Bearer KEY`")
-        key = value.strip()
-    tenant = host.tenant_for_key(key)
+    tenant = host.tenant_for_key(bearer_key(request))
     request.state.tenant = tenant.name
     return tenant
+
+
+async def metrics_reader(request: Request, host: Annotated[Host, Depends(get_host)]) -> None:
+    """Lets the request read /metrics if the server's `metrics_keys` allow its key (401 if not)."""
+    host.check_metrics_key(bearer_key(request))
 
 
 HostDep = Annotated[Host, Depends(get_host)]
@@ -64,12 +84,20 @@ def invalid(message: str, param: str | None) -> InvalidArgument:
 
 
 async def parse_body(request: Request, schema: type[Body]) -> Body:
-    """The request's JSON body as `schema`; InvalidArgument (400) naming the first bad field."""
+    """The request's JSON body as `schema`: UnsupportedMediaType (415) unless it is declared
+    JSON, InvalidArgument (400) naming the first bad field."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(
+            f"the request body must be JSON, sent with `Content-Type: application/json` (not {media_type or 'none'})"
+        )
     raw = await request.body()
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise invalid(f"the request body is not valid JSON: {e}", None) from None
+    except RecursionError:  # the C parser's guard against deep nesting (about 1000 levels)
+        raise invalid("the request body's JSON nests too deeply", None) from None
     if not isinstance(data, dict):
         raise invalid("the request body must be a JSON object", None)
     try:
@@ -84,12 +112,22 @@ async def parse_body(request: Request, schema: type[Body]) -> Body:
 # ---------------------------------------------------------------------------- generation
 
 
-@router.post("/v1/completions")
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    openapi_extra=request_body(CompletionRequest),
+    responses=answers(Completion, stream=True),
+)
 async def completions(request: Request, host: HostDep, tenant: TenantDep) -> Response:
     return await generate(request, host, tenant, await parse_body(request, CompletionRequest))
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    openapi_extra=request_body(ChatRequest),
+    responses=answers(ChatCompletion, stream=True),
+)
 async def chat_completions(request: Request, host: HostDep, tenant: TenantDep) -> Response:
     return await generate(request, host, tenant, await parse_body(request, ChatRequest))
 
@@ -205,7 +243,7 @@ async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> As
 # ---------------------------------------------------------------------------- models, tokens, health, metrics
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=None, responses=answers(ModelList, errors=(401, 503)))
 async def list_models(host: HostDep, tenant: TenantDep) -> dict[str, Any]:
     data = [
         model_card(name, e, host.loaded_at.get(name, 0))
@@ -215,13 +253,18 @@ async def list_models(host: HostDep, tenant: TenantDep) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@router.get("/v1/models/{model:path}")
+@router.get("/v1/models/{model:path}", response_model=None, responses=answers(ModelCard, errors=(401, 403, 404, 503)))
 async def get_model(model: str, host: HostDep, tenant: TenantDep) -> dict[str, Any]:
     served = host.resolve(tenant, model)
     return model_card(served.name, served.entry, host.loaded_at.get(served.name, 0))
 
 
-@router.post("/tokenize")
+@router.post(
+    "/tokenize",
+    response_model=None,
+    openapi_extra=request_body(TokenizeRequest),
+    responses=answers(Tokens, errors=(400, 401, 403, 404, 413, 415, 503)),
+)
 async def tokenize(request: Request, host: HostDep, tenant: TenantDep) -> dict[str, Any]:
     body = await parse_body(request, TokenizeRequest)
     served = host.resolve(tenant, host.model_name(tenant, body.model))
@@ -232,7 +275,12 @@ async def tokenize(request: Request, host: HostDep, tenant: TenantDep) -> dict[s
     return {"model": served.name, "tokens": tokens}
 
 
-@router.post("/detokenize")
+@router.post(
+    "/detokenize",
+    response_model=None,
+    openapi_extra=request_body(DetokenizeRequest),
+    responses=answers(Text, errors=(400, 401, 403, 404, 413, 415, 503)),
+)
 async def detokenize(request: Request, host: HostDep, tenant: TenantDep) -> dict[str, Any]:
     body = await parse_body(request, DetokenizeRequest)
     served = host.resolve(tenant, host.model_name(tenant, body.model))
@@ -243,7 +291,7 @@ async def detokenize(request: Request, host: HostDep, tenant: TenantDep) -> dict
     return {"model": served.name, "content": await asyncio.to_thread(tok.decode, body.tokens)}
 
 
-@router.get("/health")
+@router.get("/health", response_model=None, responses=answers(Health, errors=(503,)))
 async def health(host: HostDep) -> dict[str, Any]:
     host.check_ready()
     return {
@@ -254,6 +302,9 @@ async def health(host: HostDep) -> dict[str, Any]:
     }
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics", response_model=None, dependencies=[Depends(metrics_reader)], responses=answers(None, errors=(401,))
+)
 async def prometheus(host: HostDep) -> Response:
-    return Response(host.metrics.render(), media_type=host.metrics.content_type)
+    """Rendered on a worker thread: the live gauges take the model runners' locks."""
+    return Response(await asyncio.to_thread(host.metrics.render), media_type=host.metrics.content_type)

@@ -3,6 +3,10 @@
 Sampling fields the caller leaves out get the host's defaults (llama.cpp's); every field
 the caller gives reaches the guest unchanged. Fields of OpenAI's API that Realm does not
 implement are refused (400) when they ask for something, ignored when they are inert.
+
+Every model is strict (`true` is not 1, `"0.5"` is not 0.5) and refuses NaN and infinities
+(JSON's `1e999` parses as infinity): what passes here is what the guest gets. Integers
+that reach a guest are bounded to what its fields hold.
 """
 
 from __future__ import annotations
@@ -15,26 +19,29 @@ from realm.engine.sampling import SamplingParams
 from realm.errors import Unsupported
 
 MAX_STOPS = 16
+INT32_MAX = 2**31 - 1
+STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(**STRICT, extra="allow")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
-    repeat_last_n: int | None = Field(None, ge=0)
+    repeat_last_n: int | None = Field(None, ge=0, le=INT32_MAX)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="taken modulo 2^64")
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -86,7 +93,7 @@ _UNSUPPORTED: dict[str, tuple] = {
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=0, le=INT32_MAX)  # OpenAI's default for completions
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
@@ -97,13 +104,13 @@ class CompletionRequest(_Sampling):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(**STRICT, extra="allow")
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(**STRICT, extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
@@ -122,7 +129,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
 
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
@@ -132,7 +139,7 @@ class ChatRequest(_Sampling):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**STRICT, extra="forbid")
     model: str | None = None
     content: str
     add_special: bool = Field(True, description="BOS by the model's rule")
@@ -140,6 +147,6 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**STRICT, extra="forbid")
     model: str | None = None
     tokens: list[int] = Field(max_length=1 << 20)

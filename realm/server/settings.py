@@ -28,6 +28,7 @@ from realm.settings import ENV_VARS
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 ALL_MODELS = "*"
+ALL_KEYS = "*"  # in metrics_keys: any tenant's API key
 _GUEST = Limits()  # the sandbox's defaults are a tenant's defaults
 
 ENV_FIELDS: Mapping[str, str] = {
@@ -120,12 +121,27 @@ class ServerSettings(_Strict):
         description="compute threads of the model runners; default: one per CPU this process may use",
     )
     tenants: list[TenantSettings] = Field(default_factory=list)
+    metrics_keys: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="who may read /metrics: None, anyone (the default); else the keys whose hashes are listed, "
+        '"sha256:<64 hex>", and, if "*" is listed, any tenant\'s key',
+    )
     config_dir: Path | None = Field(None, exclude=True, description="where relative guest and model paths start")
 
     @field_validator("models", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @field_validator("metrics_keys")
+    @classmethod
+    def _metrics_keys(cls, keys: list[str] | None) -> list[str] | None:
+        for k in keys or ():
+            if k != ALL_KEYS and not KEY_HASH.match(k):
+                shown = k[:10] + "…"
+                raise ValueError(f'{shown!r} is neither "*" (any tenant\'s key) nor a key hash "sha256:<64 hex>"')
+        return keys
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerSettings:
