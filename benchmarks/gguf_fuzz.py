@@ -3,7 +3,8 @@
     PYTHONPATH=. .venv/bin/python benchmarks/gguf_fuzz.py --cases 100000 --minutes 60
 
 Cases are drawn by hypothesis in rounds of --round, alternating between the two real
-models (--models to choose), until --cases have run or --minutes have passed. It prints
+models (--models to choose), until --cases have run or --minutes have passed (checked
+between rounds). It prints
 the outcome counts (the stage that refused a case, or "loaded"), cases per second, the
 slowest case, and every case that ended in anything but a ModelFormatError: its exception,
 where it was raised and the mutated file kept for replay under --keep.
@@ -38,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=100_000)
     parser.add_argument("--minutes", type=float, default=60.0)
-    parser.add_argument("--round", type=int, default=200, help="cases per hypothesis run")
+    parser.add_argument("--round", type=int, default=100, help="cases per hypothesis run")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--keep", type=Path, default=Path("fuzz-failures"), help="where failing files are kept")
     args = parser.parse_args()
@@ -52,13 +53,11 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="gguf-fuzz-"))
     started = time.perf_counter()
 
-    def run_round(model: str) -> None:
-        @settings(max_examples=args.round, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def run_round(model: str, n: int) -> None:
+        @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(data=st.data())
         def one(data: st.DataObject) -> None:
             nonlocal slowest
-            if sum(outcomes.values()) >= args.cases or time.monotonic() > deadline:
-                return
             case = data.draw(cases(headers[model]))
             path = workdir / "case.gguf"
             t0 = time.perf_counter()
@@ -79,10 +78,12 @@ def main() -> None:
 
         one()
 
-    for i in itertools.count():
-        if sum(outcomes.values()) >= args.cases or time.monotonic() > deadline:
+    for i in itertools.count():  # the limits are checked between rounds, so a round may overrun them
+        left = args.cases - sum(outcomes.values())
+        if left <= 0 or time.monotonic() > deadline:
             break
-        run_round(args.models[i % len(args.models)])
+        run_round(args.models[i % len(args.models)], min(args.round, left))
+        print(f"{sum(outcomes.values())} cases, {len(failures)} failures", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - started
     total = sum(outcomes.values())
     print(

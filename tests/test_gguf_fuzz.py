@@ -29,8 +29,10 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from realm.engine.model import load_model
 from realm.errors import InvalidArgument, ModelFormatError
 from realm.models.chat_template import chat_template_from_fields
+from realm.models.config import ModelConfig
 from realm.models.gguf_file import GGUFFile, _Reader
 from realm.models.loader import checked_config
 from realm.models.tokenizer import Tokenizer
@@ -245,7 +247,7 @@ class Baseline:
     """What a real file's stages produce: a mutated file that matches passes them too."""
 
     tokenizer_fields: dict[str, Any]
-    config: Any
+    config: ModelConfig
     tensors: dict[str, tuple[int, tuple[int, ...]]]
 
 
@@ -301,8 +303,6 @@ _counter = itertools.count()
 
 
 def _check(case: Case, workdir: Path, backend: Any) -> None:
-    from realm.engine.model import load_model
-
     path = workdir / f"case{next(_counter)}.gguf"
     try:
         outcome = open_and_build(case, path, lambda p: load_model(p, backend, sha256="0" * 64, compile_mode="off"))
@@ -412,3 +412,14 @@ def test_inspect_refuses_an_impossible_header(smollm2_path, tmp_path, capsys):
     with pytest.raises(typer.Exit):
         inspect(str(path), as_json=True)
     assert "llama.attention.head_count is 0" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_gemma3_without_its_qk_norms_is_refused(gemma3_path, tmp_path):
+    """gemma3 normalises q and k per head: a file that lacks those norms would load and then
+    compute something else, so it is refused."""
+    header = real_header(gemma3_path)
+    at = next(i for i, t in enumerate(header.tensors) if t.name == b"blk.0.attn_q_norm.weight")
+    path = tmp_path / "bad.gguf"
+    Case(_tensor(at, name=b"blk.0.unused.weight")(header), None, None).write(path)
+    with pytest.raises(ModelFormatError, match="required tensor 'blk.0.attn_q_norm.weight' is missing"):
+        checked_config(GGUFFile(path))

@@ -65,13 +65,15 @@ def checked_config(gguf: GGUFFile) -> ModelConfig:
     expected = {"token_embd.weight": ("vocab", "dim"), "output_norm.weight": ("dim",)}
     if "output.weight" in gguf.tensors:
         expected["output.weight"] = ("vocab", "dim")
-    layer_shapes = dict(_LAYER_SHAPES)
+    required = dict(_LAYER_SHAPES)
     if config.qk_norm:
-        layer_shapes |= _QK_NORM_SHAPES
+        required |= _QK_NORM_SHAPES
     if config.sandwich_norms:
-        layer_shapes |= _SANDWICH_NORM_SHAPES
-    for i in range(config.n_layers):
-        expected |= {f"blk.{i}.{name}.weight": shape for name, shape in layer_shapes.items()}
+        required |= _SANDWICH_NORM_SHAPES
+    for i in range(config.n_layers):  # an optional norm the file has is used, so it is checked too
+        for name, shape in (_LAYER_SHAPES | _QK_NORM_SHAPES | _SANDWICH_NORM_SHAPES).items():
+            if name in required or f"blk.{i}.{name}.weight" in gguf.tensors:
+                expected[f"blk.{i}.{name}.weight"] = shape
     for name, shape in expected.items():
         got = gguf.tensor(name).shape
         want = tuple(sizes[size][0] for size in shape)
