@@ -142,12 +142,15 @@ def _value(draw: st.DrawFn) -> tuple[int, bytes]:
 
 
 def _resized_array(value: bytes, count: int) -> bytes:
-    """An array value's bytes with only its first `count` items (at most as many as it has)."""
+    """An array value's bytes with only its first `count` items, or as many as it really
+    holds (an earlier mutation may have given it a count its items do not back)."""
     reader = _Reader(memoryview(value))
     kind, have = reader.scalar("I"), reader.scalar("Q")
-    for _ in range(min(count, have)):
+    kept = 0
+    while kept < min(count, have) and reader.pos < len(value):
         reader.value(kind)
-    return struct.pack("<IQ", kind, min(count, have)) + value[12 : reader.pos]
+        kept += 1
+    return struct.pack("<IQ", kind, kept) + value[12 : reader.pos]
 
 
 @st.composite
@@ -162,7 +165,7 @@ def _mutate_header(draw: st.DrawFn, header: Header) -> Header:
             del kvs[i]
         elif what == "array" and kind == GGUFValueType.ARRAY:
             have = struct.unpack_from("<Q", value, 4)[0]
-            count = draw(st.sampled_from([0, 1, have // 2, have - 1, have + 1, 2**40]))
+            count = draw(st.sampled_from([0, 1, have // 2, max(have - 1, 0), have + 1, 2**40]))
             if count <= have:
                 kvs[i] = (key, kind, _resized_array(value, count))
             else:  # a count the items that follow do not back
