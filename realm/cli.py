@@ -233,12 +233,12 @@ def inspect(
 ) -> None:
     """Print a model's metadata and a summary of its tensors."""
     from realm.models.catalogue import resolve
-    from realm.models.config import config_from_gguf
     from realm.models.gguf_file import GGUFFile
+    from realm.models.loader import checked_config
 
     try:
         g = GGUFFile(resolve(model))
-        config = config_from_gguf(g)
+        config = checked_config(g)
     except RealmError as e:
         _fail(e)
     meta = {

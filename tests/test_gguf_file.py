@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFWriter
 
 from realm.errors import ModelFormatError
+from realm.models import gguf_file
 from realm.models.config import config_from_gguf
 from realm.models.gguf_file import GGUFFile
 
@@ -188,3 +189,12 @@ def test_a_hand_made_file_reads(tmp_path):
 def test_a_malformed_header_is_named(tmp_path, make, message):
     with pytest.raises(ModelFormatError, match=message):
         GGUFFile(make(tmp_path))
+
+
+def test_metadata_arrays_are_capped(tmp_path, monkeypatch):
+    """Each array item becomes a Python object: past the cap a file is refused, not read."""
+    monkeypatch.setattr(gguf_file, "MAX_ARRAY_ITEMS", 5)
+    items = _kv(b"x.list", 9, struct.pack("<IQ", 0, 4) + bytes(4))
+    GGUFFile(_file(tmp_path, ARCH, items))
+    with pytest.raises(ModelFormatError, match="the metadata arrays hold more than 5 items in all"):
+        GGUFFile(_file(tmp_path, ARCH, items, _kv(b"x.more", 9, struct.pack("<IQ", 0, 2) + bytes(2))))

@@ -23,9 +23,9 @@ from realm.files import sha256_file
 from realm.models import catalogue
 from realm.models import prompt as prompt_rule
 from realm.models.chat_template import ChatTemplate, chat_template_from_fields
-from realm.models.config import ModelConfig, config_from_gguf
+from realm.models.config import ModelConfig
 from realm.models.gguf_file import GGUFFile, transient_heap
-from realm.models.loader import load_weights
+from realm.models.loader import checked_config, load_weights
 from realm.models.tokenizer import Tokenizer
 from realm.models.transformer import Transformer, Weights
 
@@ -151,7 +151,7 @@ def load_model(
     name = name or path.stem
     with transient_heap():
         gguf = GGUFFile(path)
-        config = config_from_gguf(gguf)
+        config = checked_config(gguf)
         tokenizer = Tokenizer.from_gguf_fields(gguf.metadata)
         template, template_error = None, None
         try:

@@ -32,6 +32,11 @@ _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
 _DEFAULT_ALIGNMENT = 32
 _MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_ELEMENTS = 2**63 - 1  # ggml counts a tensor's elements in an int64
+MAX_ARRAY_ITEMS = 1 << 23
+"""The most metadata array items one file may hold, all arrays together. Each becomes a
+Python object (tens of bytes where the file spends one to eight); the largest real
+vocabularies need about a million (gemma3: 3 x 262144)."""
 
 _SCALARS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "B",
@@ -48,6 +53,17 @@ _SCALARS: dict[GGUFValueType, str] = {
 }
 
 
+def _check_no_overlap(spans: list[tuple[int, int, str]]) -> None:
+    """Each byte of tensor data belongs to one tensor at most (`spans`: start, length, name):
+    tensors that share bytes were not written by a GGUF writer."""
+    spans = sorted(spans)
+    for (start, length, before), (next_start, _, name) in zip(spans, spans[1:], strict=False):
+        if next_start < start + length:
+            raise ValueError(
+                f"tensor {name}'s data at {next_start} overlaps tensor {before}'s ({length} bytes at {start})"
+            )
+
+
 class _Truncated(Exception):
     """A read past the end of the file (turned into a ModelFormatError naming what was read)."""
 
@@ -58,6 +74,7 @@ class _Reader:
     def __init__(self, data: memoryview) -> None:
         self.data = data
         self.pos = 0
+        self.array_items = 0  # read so far, against MAX_ARRAY_ITEMS
 
     def skip(self, n: int) -> int:
         """Advance over `n` bytes; return where they start."""
@@ -87,9 +104,13 @@ class _Reader:
 
     def array(self) -> list[Any]:
         kind, count = _value_type(self.scalar("I")), self.scalar("Q")
+        least = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}.get(kind) or struct.calcsize(_SCALARS[kind])
+        if count * least > len(self.data) - self.pos:  # the bytes each item takes at least
+            raise _Truncated
+        self.array_items += count
+        if self.array_items > MAX_ARRAY_ITEMS:
+            raise ValueError(f"the metadata arrays hold more than {MAX_ARRAY_ITEMS} items in all")
         if kind == GGUFValueType.STRING:
-            if count * 8 > len(self.data) - self.pos:  # each string takes 8 bytes or more
-                raise _Truncated
             return [self.string() for _ in range(count)]
         if kind == GGUFValueType.ARRAY:
             return [self.array() for _ in range(count)]
@@ -149,11 +170,15 @@ class GGUFFile:
             alignment = self._alignment()
             data_start = -(-reader.pos // alignment) * alignment
             self.tensors: dict[str, TensorData] = {}
+            spans = []
             for name, dims, qtype, offset in described:
                 where = f"tensor {name}"
                 if name in self.tensors:
                     raise ValueError("the name appears twice")
                 self.tensors[name] = self._tensor(name, dims, qtype, data_start, offset, alignment)
+                spans.append((data_start + offset, self.tensors[name].raw.nbytes, name))
+            where = "the tensor data"
+            _check_no_overlap(spans)
         except _Truncated:
             raise ModelFormatError(
                 f"{self.path}: not a valid GGUF file (it ends inside {where}: truncated or corrupt)"
@@ -191,7 +216,7 @@ class GGUFFile:
 
     def _alignment(self) -> int:
         alignment = self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
             raise ValueError(f"{alignment!r} is not a power of two")
         return alignment
 
@@ -207,6 +232,10 @@ class GGUFFile:
                 f"{self.path}: tensor {name} has quantization type {qtype.name}, which Realm does "
                 f"not support (supported: {', '.join(sorted(t.name for t in SUPPORTED))})"
             )
+        if 0 in dims:
+            raise ValueError(f"its dimensions {dims} include a 0")
+        if math.prod(dims) > _MAX_ELEMENTS:
+            raise ValueError(f"its dimensions {dims} make more elements than an int64 counts")
         block, block_bytes = GGML_QUANT_SIZES[qtype]
         if dims[0] % block:
             raise ValueError(f"its rows of {dims[0]} are not whole {block}-element blocks of {qtype.name}")

@@ -6,11 +6,13 @@ tensor is stored (int4, int8, bf16, which device) is the backend's choice, passe
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import torch
 
-from realm.models.config import ModelConfig
+from realm.errors import ModelFormatError
+from realm.models.config import ModelConfig, config_from_gguf
 from realm.models.gguf_file import GGUFFile, TensorData
 from realm.models.transformer import Embedding, LayerWeights, Linear, Weights
 
@@ -30,6 +32,71 @@ _OPTIONAL_NORMS = {
 }
 
 
+_LAYER_SHAPES = {  # each layer tensor's (rows, columns), in sizes that `_sizes` names
+    "attn_norm": ("dim",),
+    "attn_q": ("q", "dim"),
+    "attn_k": ("kv", "dim"),
+    "attn_v": ("kv", "dim"),
+    "attn_output": ("dim", "q"),
+    "ffn_norm": ("dim",),
+    "ffn_gate": ("ffn", "dim"),
+    "ffn_up": ("ffn", "dim"),
+    "ffn_down": ("dim", "ffn"),
+}
+_QK_NORM_SHAPES = {"attn_q_norm": ("head",), "attn_k_norm": ("head",)}
+_SANDWICH_NORM_SHAPES = {"post_attention_norm": ("dim",), "post_ffw_norm": ("dim",)}
+_BLOCK = re.compile(r"blk\.(\d{1,9})\.")  # longer numbers name no block Realm would load
+
+
+def checked_config(gguf: GGUFFile) -> ModelConfig:
+    """The file's config, checked against its tensors before anything is allocated: every
+    tensor the model needs is there with the shape the metadata implies, and the blocks
+    present are exactly `block_count`. A defect is a ModelFormatError naming the key or
+    tensor and the values that disagree."""
+    config = config_from_gguf(gguf)
+    blocks = {int(m.group(1)) for name in gguf.tensors if (m := _BLOCK.match(name))}
+    extra = sorted(b for b in blocks if b >= config.n_layers)
+    if extra or len(blocks) < config.n_layers:
+        has = f"tensors for block {extra[0]}" if extra else f"tensors for {len(blocks)} blocks"
+        raise ModelFormatError(
+            f"{gguf.path}: {config.architecture}.block_count is {config.n_layers} but the file has {has}"
+        )
+    sizes = _sizes(config)
+    expected = {"token_embd.weight": ("vocab", "dim"), "output_norm.weight": ("dim",)}
+    if "output.weight" in gguf.tensors:
+        expected["output.weight"] = ("vocab", "dim")
+    required = dict(_LAYER_SHAPES)
+    if config.qk_norm:
+        required |= _QK_NORM_SHAPES
+    if config.sandwich_norms:
+        required |= _SANDWICH_NORM_SHAPES
+    for i in range(config.n_layers):  # an optional norm the file has is used, so it is checked too
+        for name, shape in (_LAYER_SHAPES | _QK_NORM_SHAPES | _SANDWICH_NORM_SHAPES).items():
+            if name in required or f"blk.{i}.{name}.weight" in gguf.tensors:
+                expected[f"blk.{i}.{name}.weight"] = shape
+    for name, shape in expected.items():
+        got = gguf.tensor(name).shape
+        want = tuple(sizes[size][0] for size in shape)
+        if got != want:
+            raise ModelFormatError(
+                f"{gguf.path}: tensor {name} has shape {got} where the metadata makes it {want} "
+                f"({' x '.join(sizes[size][1] for size in shape)})"
+            )
+    return config
+
+
+def _sizes(config: ModelConfig) -> dict[str, tuple[int, str]]:
+    """Each size a tensor's shape is made of, and where the metadata says it."""
+    return {
+        "dim": (config.dim, "embedding_length"),
+        "q": (config.n_heads * config.head_dim, "head_count * head_dim"),
+        "kv": (config.n_kv_heads * config.head_dim, "head_count_kv * head_dim"),
+        "head": (config.head_dim, "head_dim"),
+        "ffn": (config.ffn_dim, "feed_forward_length"),
+        "vocab": (config.vocab_size, "the tokenizer's token count"),
+    }
+
+
 def load_weights(
     gguf: GGUFFile,
     config: ModelConfig,
@@ -38,7 +105,7 @@ def load_weights(
     make_embedding: MakeEmbedding,
     make_vector: MakeVector,
 ) -> Weights:
-    """Build `Weights` for `config` from the file; a missing tensor is a ModelFormatError."""
+    """Build `Weights` for `config` (from `checked_config`, so every tensor fits it)."""
     layers = []
     for i in range(config.n_layers):
         t = lambda name, i=i: gguf.tensor(f"blk.{i}.{name}.weight")  # noqa: E731
