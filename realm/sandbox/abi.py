@@ -26,7 +26,7 @@ from realm.sandbox import host_compute as compute
 from realm.sandbox import host_io as io
 from realm.sandbox import host_models as models
 from realm.sandbox import state as guest_state
-from realm.sandbox.state import GuestState
+from realm.sandbox.state import CANCEL_GRACE_S, GuestState
 from realm.sandbox.wasmtime_bridge import HostImpl, StopGuest, StoreContext
 
 log = logging.getLogger("realm.guest")
@@ -34,7 +34,6 @@ log = logging.getLogger("realm.guest")
 ABI_MAJOR = 1
 ABI_MINOR = 1
 ABI_VERSION = (ABI_MAJOR << 16) | ABI_MINOR
-CANCEL_GRACE_S = 1.0  # guest time left to a guest told that its caller went away
 
 
 @dataclass(frozen=True)
@@ -107,10 +106,8 @@ def invoke(fn: HostFunction, st: GuestState, store: StoreContext, args: list[Any
         return int(fn.impl(st, store, *args))
     except RealmError as e:
         st.last_error = f"{fn.name}: {e}"
-        if isinstance(e, Cancelled) and st.cancelled_at is None:  # one more second, then it is stopped
-            st.cancelled_at = entered
-            st.wall_deadline = min(st.wall_deadline, entered + CANCEL_GRACE_S)
-            st.guest_seconds = max(st.guest_seconds, st.limits.guest_seconds - CANCEL_GRACE_S)
+        if isinstance(e, Cancelled):
+            st.told_to_stop(entered)
         log.debug("[%s/%s] %s -> %s: %s", st.tenant, st.name, fn.name, type(e).__name__, e)
         return e.abi_code
     except Exception as e:  # a fault in Realm itself: the guest gets a code, we get the log
@@ -130,6 +127,7 @@ def host_call(fn: HostFunction) -> HostImpl:
         if st is None:
             log.error("host function %s called with no guest running on this thread", fn.name)
             return InternalError.abi_code
+        st.cpu.pause()
         result = invoke(fn, st, context, args)
         if st.fault is not None and not st.stopping:
             st.stopping = True

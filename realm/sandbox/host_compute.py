@@ -49,6 +49,7 @@ def forward(st: GuestState, caller: StoreContext, handle: int, ids: int, n: int,
     mem = guest_memory(st, caller)
     _logits_buffer(mem, s, logits, cap)
     out = st.host.steps.step(s.session, tokens(mem, ids, n, s.session.context_length), st.tenant)
+    st.cpu.rested()
     return mem.write_floats(logits, out, "logits")
 
 

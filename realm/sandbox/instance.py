@@ -225,6 +225,7 @@ class GuestInstance:
             ) from None
         finally:
             st.guest_seconds += time.perf_counter() - st.resumed_at
+            st.cpu.end()
             guest_state.install(previous)
 
     def _fault(self) -> None:

@@ -23,7 +23,11 @@ from realm.engine.model_store import Allowed, ModelStore, StoredModel
 from realm.engine.session import Session
 from realm.engine.steps import StepRunner
 from realm.errors import LimitExceeded, NotFound, UnknownModel
+from realm.sandbox.cpu_share import CpuShare
 from realm.sandbox.limits import Limits
+
+CANCEL_GRACE_S = 1.0
+"""Time left to a guest told that its caller went away, then it is stopped."""
 
 _session_handles = itertools.count(1)
 """Session handles are unique in the process: another instance's handle is never ours."""
@@ -103,6 +107,7 @@ class GuestState:
         self.fault: str | None = None  # why the host stopped the guest (limits), if it did
         self.cancelled_at: float | None = None  # when the guest was first told to stop
         self.stopping = False  # its deadline is set to stop it (after a fault)
+        self.cpu = CpuShare()  # its share of the CPU: demoted when it runs on its own too long
 
     # -- clocks ---------------------------------------------------------------------
 
@@ -113,12 +118,24 @@ class GuestState:
         self.stopping = False
         self.resumed_at = time.perf_counter()
         self.wall_deadline = self.resumed_at + self.limits.wall_seconds
+        self.cpu.start()
+
+    def told_to_stop(self, now: float) -> None:
+        """Its caller went away: the guest has CANCEL_GRACE_S more, then it is stopped."""
+        if self.cancelled_at is None:
+            self.cancelled_at = now
+            self.wall_deadline = min(self.wall_deadline, now + CANCEL_GRACE_S)
+            self.guest_seconds = max(self.guest_seconds, self.limits.guest_seconds - CANCEL_GRACE_S)
 
     def over_limit(self) -> str | None:
-        """Why the guest must stop now (while it runs WebAssembly), or None."""
+        """Why the guest must stop now (while it runs WebAssembly), or None. A guest that
+        makes no host call learns of a cancelled request here too."""
         if self.fault is not None:
             return self.fault
         now = time.perf_counter()
+        call = self.call
+        if call is not None and call.cancel is not None and call.cancel.is_set():
+            self.told_to_stop(now)
         if self.guest_seconds + (now - self.resumed_at) > self.limits.guest_seconds:
             return (
                 f"ran past its time limit of {self.limits.guest_seconds:g} s running WebAssembly "
@@ -126,7 +143,7 @@ class GuestState:
             )
         if now > self.wall_deadline:
             if self.cancelled_at is not None:
-                return "did not stop within 1 s of being told that its caller went away"
+                return f"did not stop within {CANCEL_GRACE_S:g} s of being told that its caller went away"
             return f"ran past its wall-clock limit of {self.limits.wall_seconds:g} s"
         return None
 
