@@ -1,6 +1,6 @@
 """Noisy neighbours: does a tenant running hostile guests slow another tenant down?
 
-    .venv/bin/python benchmarks/noisy_neighbours.py [--rounds 3] [--repo DIR]
+    .venv/bin/python benchmarks/noisy_neighbours.py [--rounds 3] [--repo DIR ...]
 
 One `realm serve` with a victim tenant (the default guest) and three hostile tenants, each
 with a guest from tests/guests/: `loop.wat` (a busy loop in WebAssembly), `host_flood.wat`
@@ -12,8 +12,9 @@ reports the victim's time per output token (p50, p99: the gaps between a stream'
 pooled per phase), each hostile phase's ratio to the alone phase of the same round, the
 median ratio over the rounds, and whether the victim's text was the same in every phase.
 
-`--repo DIR` runs the server from another checkout (e.g. main before a change), with this
-script's hostile guests.
+`--repo DIR ...` runs one server from each checkout (e.g. main before a change and this one
+after it), with this script's hostile guests; their phases take turns in every round, so
+the figures of both come from the same minutes of the machine.
 """
 
 from __future__ import annotations
@@ -146,43 +147,53 @@ def main() -> None:
     parser.add_argument("--hostile", type=int, default=4, help="hostile requests at once")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--hostile-seconds", type=float, default=10.0, help="the hostile tenants' time limits")
-    parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose server runs")
+    parser.add_argument("--repo", type=Path, nargs="+", default=[REPO], help="the checkouts whose servers run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    print(f"{cpu_model()}; server from {args.repo}", flush=True)
+    print(f"{cpu_model()}; servers from {', '.join(map(str, args.repo))}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="realm-noisy-") as tmp:
-        proc, base, keys = start_server(args.repo, args.model, Path(tmp), args.hostile_seconds)
+        servers = []
+        for i, repo in enumerate(args.repo):
+            (Path(tmp) / str(i)).mkdir()
+            servers.append((str(repo), *start_server(repo, args.model, Path(tmp) / str(i), args.hostile_seconds)))
         try:
-            wait_healthy([base], [proc], 600)
-            asyncio.run(phase(base, keys, args.model, None, args))  # warm up
+            for _, proc, base, keys in servers:
+                wait_healthy([base], [proc], 600)
+                asyncio.run(phase(base, keys, args.model, None, args))  # warm up
             for round_ in range(args.rounds):
                 for hostile in [None, *HOSTILE]:
-                    row = asyncio.run(phase(base, keys, args.model, hostile, args)) | {"round": round_}
-                    rows.append(row)
-                    print(
-                        f"  round {round_} {row['hostile']:6}: victim TPOT p50 {row['p50_ms']:6.1f} ms "
-                        f"p99 {row['p99_ms']:6.1f} ms ({row['hostile_requests']} hostile requests, "
-                        f"wind-down {row['wind_down_s']:.1f} s)",
-                        flush=True,
-                    )
+                    for repo, _, base, keys in servers:
+                        row = asyncio.run(phase(base, keys, args.model, hostile, args))
+                        rows.append(row | {"round": round_, "server": repo})
+                        print(
+                            f"  round {round_} {repo} {row['hostile']:6}: victim TPOT p50 {row['p50_ms']:6.1f} ms "
+                            f"p99 {row['p99_ms']:6.1f} ms ({row['hostile_requests']} hostile requests, "
+                            f"wind-down {row['wind_down_s']:.1f} s)",
+                            flush=True,
+                        )
         finally:
-            stop([proc])
-    alone = {r["round"]: r for r in rows if r["hostile"] == "alone"}
-    same_text = all(r["texts"] == alone[r["round"]]["texts"] for r in rows) and all(
-        a["texts"] == alone[0]["texts"] for a in alone.values()
-    )
-    summary = {}
+            stop([proc for _, proc, _, _ in servers])
+    same_text, summary = True, {}
     print(f"\n{cpu_model()}; victim beside {args.hostile} hostile requests / alone, same round; median over rounds")
-    for hostile in HOSTILE:
-        ratios = {
-            q: [r[q] / alone[r["round"]][q] for r in rows if r["hostile"] == hostile] for q in ("p50_ms", "p99_ms")
-        }
-        summary[hostile] = {q: statistics.median(v) for q, v in ratios.items()} | {"rounds": ratios}
+    for repo in map(str, args.repo):
+        mine = [r for r in rows if r["server"] == repo]
+        alone = {r["round"]: r for r in mine if r["hostile"] == "alone"}
+        same_text &= all(r["texts"] == alone[r["round"]]["texts"] == alone[0]["texts"] for r in mine)
         print(
-            f"  {hostile:6}: TPOT p50 x{summary[hostile]['p50_ms']:.2f} p99 x{summary[hostile]['p99_ms']:.2f} "
-            f"(p99 rounds: {', '.join(f'{x:.2f}' for x in ratios['p99_ms'])})"
+            f"  {repo}: alone TPOT p50 {statistics.median(a['p50_ms'] for a in alone.values()):.1f} ms "
+            f"p99 {statistics.median(a['p99_ms'] for a in alone.values()):.1f} ms (medians)"
         )
+        for hostile in HOSTILE:
+            ratios = {
+                q: [r[q] / alone[r["round"]][q] for r in mine if r["hostile"] == hostile] for q in ("p50_ms", "p99_ms")
+            }
+            summary[f"{repo}:{hostile}"] = {q: statistics.median(v) for q, v in ratios.items()} | {"rounds": ratios}
+            print(
+                f"    {hostile:6}: TPOT p50 x{statistics.median(ratios['p50_ms']):.2f} "
+                f"p99 x{statistics.median(ratios['p99_ms']):.2f} "
+                f"(p99 rounds: {', '.join(f'{x:.2f}' for x in ratios['p99_ms'])})"
+            )
     print(f"  victim's text the same in every phase: {same_text}")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_model(), "rows": rows, "summary": summary}, indent=2))
