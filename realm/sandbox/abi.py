@@ -41,6 +41,7 @@ class HostFunction:
     name: str
     params: tuple[str, ...]  # "ptr" / "size" (i32 in wasm32, i64 in wasm64), "i32", "i64", "f32"
     impl: Callable[..., int]  # impl(state, caller, *args) -> int (>= 0 result, < 0 error code)
+    model_work: bool = False  # runs the model for the guest: not charged to its CPU share
 
 
 def abi_version(st: GuestState, caller: StoreContext) -> int:
@@ -66,13 +67,18 @@ TABLE: tuple[HostFunction, ...] = (
     HostFunction("realm_chat_template", ("i32", "ptr", "size", "ptr", "size"), models.chat_template),
     HostFunction("realm_session_open", ("i32", "i32"), compute.session_open),
     HostFunction("realm_session_close", ("i32",), compute.session_close),
-    HostFunction("realm_forward", ("i32", "ptr", "i32", "ptr", "size"), compute.forward),
-    HostFunction("realm_embed", ("i32", "ptr", "i32", "ptr", "size"), compute.embed),
-    HostFunction("realm_forward_layer", ("i32", "i32", "ptr", "size"), compute.forward_layer),
-    HostFunction("realm_logits", ("i32", "ptr", "size", "ptr", "size"), compute.logits_of),
-    HostFunction("realm_matmul_cpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_cpu),
-    HostFunction("realm_matmul_gpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_gpu),
-    HostFunction("realm_matmul_weight", ("i32", "ptr", "size", "ptr", "i32", "ptr", "size"), compute.matmul_weight),
+    HostFunction("realm_forward", ("i32", "ptr", "i32", "ptr", "size"), compute.forward, model_work=True),
+    HostFunction("realm_embed", ("i32", "ptr", "i32", "ptr", "size"), compute.embed, model_work=True),
+    HostFunction("realm_forward_layer", ("i32", "i32", "ptr", "size"), compute.forward_layer, model_work=True),
+    HostFunction("realm_logits", ("i32", "ptr", "size", "ptr", "size"), compute.logits_of, model_work=True),
+    HostFunction("realm_matmul_cpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_cpu, model_work=True),
+    HostFunction("realm_matmul_gpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_gpu, model_work=True),
+    HostFunction(
+        "realm_matmul_weight",
+        ("i32", "ptr", "size", "ptr", "i32", "ptr", "size"),
+        compute.matmul_weight,
+        model_work=True,
+    ),
     HostFunction("realm_tensor_shape", ("i32", "ptr", "size", "ptr"), compute.tensor_shape),
     HostFunction("realm_tensor_read", ("i32", "ptr", "size", "i64", "i32", "ptr"), compute.tensor_read),
 )
@@ -103,6 +109,8 @@ def invoke(fn: HostFunction, st: GuestState, store: StoreContext, args: list[Any
         for i, kind in enumerate(fn.params):
             if kind == "ptr" or kind == "size":
                 args[i] &= st.mask
+        if fn.model_work:
+            return int(st.cpu.waiting(lambda: fn.impl(st, store, *args)))
         return int(fn.impl(st, store, *args))
     except RealmError as e:
         st.last_error = f"{fn.name}: {e}"

@@ -48,8 +48,7 @@ def forward(st: GuestState, caller: StoreContext, handle: int, ids: int, n: int,
         raise InvalidArgument("a per-layer step is in progress on this session (finish it with realm_logits)")
     mem = guest_memory(st, caller)
     _logits_buffer(mem, s, logits, cap)
-    ids_list = tokens(mem, ids, n, s.session.context_length)
-    out = st.cpu.waiting(lambda: st.host.steps.step(s.session, ids_list, st.tenant))
+    out = st.host.steps.step(s.session, tokens(mem, ids, n, s.session.context_length), st.tenant)
     return mem.write_floats(logits, out, "logits")
 
 
