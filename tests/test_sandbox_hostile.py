@@ -4,6 +4,7 @@ greedy output."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -175,3 +176,56 @@ def test_an_instance_runs_one_request_at_a_time(runtime):
     cancel.set()
     thread.join(10)
     assert not errors
+
+
+def _spin_in_background(instance, cancel: threading.Event) -> tuple[threading.Thread, list]:
+    """Run `instance` on a thread of its own; the list gets (its thread id, its outcome)."""
+    seen: list = []
+
+    def run() -> None:
+        seen.append(threading.get_native_id())
+        try:
+            instance.generate({}, cancel=cancel)
+        except Exception as e:
+            seen.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, seen
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("name", ["loop", "host_flood"])
+def test_a_guest_over_its_tenants_cpu_share_is_demoted_and_its_neighbour_is_unchanged(runtime, smollm2, name):
+    expected, _ = host_direct(smollm2, "The capital of France is", 8)
+    module = runtime.load_module(GUESTS / f"{name}.wat")
+    hog = runtime.instance(module, tenant=f"cpu-hog-{name}", limits=Limits(guest_seconds=30, wall_seconds=30))
+    cancel = threading.Event()
+    thread, seen = _spin_in_background(hog, cancel)
+    try:
+        # its slice (0.25 s of CPU time without a model step) is spent within seconds, even on a loaded machine
+        assert _wait_for(lambda: hog.state.cpu.demoted, 10.0), "the hog was never demoted"
+        if hasattr(os, "SCHED_IDLE"):
+            assert os.sched_getscheduler(seen[0]) == os.SCHED_IDLE
+        calls = hog.state.host_calls
+        neighbour = runtime.instance(runtime.default_module(), tenant="neighbour")
+        result = neighbour.generate(greedy_request(runtime, SMOL, "The capital of France is", 8))
+        assert result.tokens == expected.tokens and result.text == expected.text
+        assert neighbour.state.cpu.demotions == 0
+        neighbour.close()
+        if name == "host_flood":  # each host call of a demoted guest first sleeps 1 ms
+            assert hog.state.host_calls - calls <= 1000 * result.seconds + 50
+    finally:
+        cancel.set()
+        thread.join(10)
+    # a cancelled guest that makes no host call is stopped too, a second later
+    assert not thread.is_alive()
+    assert isinstance(seen[-1], GuestFault) and "did not stop within 1 s" in str(seen[-1])

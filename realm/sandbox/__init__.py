@@ -12,6 +12,7 @@ only through the Realm ABI (docs/ABI.md).
     host_compute.py     host functions: forward steps, per-layer steps, matmuls, tensors
     host_args.py        argument checks shared by host functions
     state.py            what the host keeps for a running guest (models, sessions, clocks)
+    cpu_share.py        a tenant's share of the CPU: its guests are demoted beyond it
     memory.py           bounds-checked access to guest memory
     wasmtime_bridge.py  the only module that touches wasmtime-py's internals
     request.py          the request a guest reads

@@ -26,7 +26,7 @@ from realm.sandbox import host_compute as compute
 from realm.sandbox import host_io as io
 from realm.sandbox import host_models as models
 from realm.sandbox import state as guest_state
-from realm.sandbox.state import GuestState
+from realm.sandbox.state import CANCEL_GRACE_S, GuestState
 from realm.sandbox.wasmtime_bridge import HostImpl, StopGuest, StoreContext
 
 log = logging.getLogger("realm.guest")
@@ -34,7 +34,6 @@ log = logging.getLogger("realm.guest")
 ABI_MAJOR = 1
 ABI_MINOR = 1
 ABI_VERSION = (ABI_MAJOR << 16) | ABI_MINOR
-CANCEL_GRACE_S = 1.0  # guest time left to a guest told that its caller went away
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,7 @@ class HostFunction:
     name: str
     params: tuple[str, ...]  # "ptr" / "size" (i32 in wasm32, i64 in wasm64), "i32", "i64", "f32"
     impl: Callable[..., int]  # impl(state, caller, *args) -> int (>= 0 result, < 0 error code)
+    model_work: bool = False  # runs the model for the guest: not charged to its CPU share
 
 
 def abi_version(st: GuestState, caller: StoreContext) -> int:
@@ -67,13 +67,18 @@ TABLE: tuple[HostFunction, ...] = (
     HostFunction("realm_chat_template", ("i32", "ptr", "size", "ptr", "size"), models.chat_template),
     HostFunction("realm_session_open", ("i32", "i32"), compute.session_open),
     HostFunction("realm_session_close", ("i32",), compute.session_close),
-    HostFunction("realm_forward", ("i32", "ptr", "i32", "ptr", "size"), compute.forward),
-    HostFunction("realm_embed", ("i32", "ptr", "i32", "ptr", "size"), compute.embed),
-    HostFunction("realm_forward_layer", ("i32", "i32", "ptr", "size"), compute.forward_layer),
-    HostFunction("realm_logits", ("i32", "ptr", "size", "ptr", "size"), compute.logits_of),
-    HostFunction("realm_matmul_cpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_cpu),
-    HostFunction("realm_matmul_gpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_gpu),
-    HostFunction("realm_matmul_weight", ("i32", "ptr", "size", "ptr", "i32", "ptr", "size"), compute.matmul_weight),
+    HostFunction("realm_forward", ("i32", "ptr", "i32", "ptr", "size"), compute.forward, model_work=True),
+    HostFunction("realm_embed", ("i32", "ptr", "i32", "ptr", "size"), compute.embed, model_work=True),
+    HostFunction("realm_forward_layer", ("i32", "i32", "ptr", "size"), compute.forward_layer, model_work=True),
+    HostFunction("realm_logits", ("i32", "ptr", "size", "ptr", "size"), compute.logits_of, model_work=True),
+    HostFunction("realm_matmul_cpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_cpu, model_work=True),
+    HostFunction("realm_matmul_gpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_gpu, model_work=True),
+    HostFunction(
+        "realm_matmul_weight",
+        ("i32", "ptr", "size", "ptr", "i32", "ptr", "size"),
+        compute.matmul_weight,
+        model_work=True,
+    ),
     HostFunction("realm_tensor_shape", ("i32", "ptr", "size", "ptr"), compute.tensor_shape),
     HostFunction("realm_tensor_read", ("i32", "ptr", "size", "i64", "i32", "ptr"), compute.tensor_read),
 )
@@ -104,13 +109,13 @@ def invoke(fn: HostFunction, st: GuestState, store: StoreContext, args: list[Any
         for i, kind in enumerate(fn.params):
             if kind == "ptr" or kind == "size":
                 args[i] &= st.mask
+        if fn.model_work:
+            return int(st.cpu.waiting(lambda: fn.impl(st, store, *args)))
         return int(fn.impl(st, store, *args))
     except RealmError as e:
         st.last_error = f"{fn.name}: {e}"
-        if isinstance(e, Cancelled) and st.cancelled_at is None:  # one more second, then it is stopped
-            st.cancelled_at = entered
-            st.wall_deadline = min(st.wall_deadline, entered + CANCEL_GRACE_S)
-            st.guest_seconds = max(st.guest_seconds, st.limits.guest_seconds - CANCEL_GRACE_S)
+        if isinstance(e, Cancelled):
+            st.told_to_stop(entered)
         log.debug("[%s/%s] %s -> %s: %s", st.tenant, st.name, fn.name, type(e).__name__, e)
         return e.abi_code
     except Exception as e:  # a fault in Realm itself: the guest gets a code, we get the log
@@ -130,6 +135,7 @@ def host_call(fn: HostFunction) -> HostImpl:
         if st is None:
             log.error("host function %s called with no guest running on this thread", fn.name)
             return InternalError.abi_code
+        st.cpu.pause()
         result = invoke(fn, st, context, args)
         if st.fault is not None and not st.stopping:
             st.stopping = True

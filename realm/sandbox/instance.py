@@ -32,6 +32,7 @@ from realm.errors import (
 )
 from realm.sandbox import abi
 from realm.sandbox import state as guest_state
+from realm.sandbox.cpu_share import CpuBudget
 from realm.sandbox.guest_module import GuestModule
 from realm.sandbox.host_io import FINISH_REASONS
 from realm.sandbox.limits import Limits
@@ -64,11 +65,14 @@ class GuestInstance:
         *,
         allowed: Allowed | None,
         limits: Limits,
+        cpu: CpuBudget | None = None,
     ) -> None:
+        """`cpu`: the tenant's CPU budget, shared by all its instances (realm/sandbox/cpu_share.py);
+        None gives this instance one of its own."""
         self.module = module
         self.tenant = tenant
         self.limits = limits
-        self.state = GuestState(module.name, tenant, host, limits, allowed, module.memory64)
+        self.state = GuestState(module.name, tenant, host, limits, allowed, module.memory64, cpu or CpuBudget())
         self.abi_version = 0
         self._busy = threading.Lock()
         self._store: wasmtime.Store | None = None
@@ -225,6 +229,7 @@ class GuestInstance:
             ) from None
         finally:
             st.guest_seconds += time.perf_counter() - st.resumed_at
+            st.cpu.end()
             guest_state.install(previous)
 
     def _fault(self) -> None:

@@ -4,7 +4,8 @@ instances it makes.
 
 The parts live beside it: the Wasmtime engine and linkers (wasm_engine.py), module
 compiling, checking and caching (guest_module.py), one instance per tenant (instance.py),
-the host functions (abi.py) and the limits (limits.py).
+the host functions (abi.py), the limits (limits.py) and each tenant's CPU share
+(cpu_share.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from realm.backends.devices import BackendRegistry
 from realm.engine.model_store import Allowed, ModelStore
 from realm.engine.steps import DirectStepRunner, StepRunner
 from realm.errors import GuestFault
+from realm.sandbox.cpu_share import CpuBudget
 from realm.sandbox.guest_module import GuestModule, ModuleCache
 from realm.sandbox.instance import GuestInstance
 from realm.sandbox.limits import Limits
@@ -44,6 +46,7 @@ class Runtime:
         self.steps: StepRunner = steps or DirectStepRunner()
         self.limits = limits or Limits()
         self.modules = modules or ModuleCache()
+        self._cpu_budgets: dict[str, CpuBudget] = {}  # per tenant, shared by its instances
         engine()
 
     @classmethod
@@ -90,6 +93,8 @@ class Runtime:
         allowed: Allowed | None = None,
         limits: Limits | None = None,
     ) -> GuestInstance:
-        """A fresh instance of `module` in its own store, for one tenant."""
+        """A fresh instance of `module` in its own store, for one tenant; the tenant's
+        instances share one CPU budget (realm/sandbox/cpu_share.py)."""
         services = HostServices(self.models, self.backends, self.steps)
-        return GuestInstance(services, module, tenant, allowed=allowed, limits=limits or self.limits)
+        cpu = self._cpu_budgets.setdefault(tenant, CpuBudget())
+        return GuestInstance(services, module, tenant, allowed=allowed, limits=limits or self.limits, cpu=cpu)

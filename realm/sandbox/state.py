@@ -23,7 +23,11 @@ from realm.engine.model_store import Allowed, ModelStore, StoredModel
 from realm.engine.session import Session
 from realm.engine.steps import StepRunner
 from realm.errors import LimitExceeded, NotFound, UnknownModel
+from realm.sandbox.cpu_share import CpuBudget, CpuShare
 from realm.sandbox.limits import Limits
+
+CANCEL_GRACE_S = 1.0
+"""Time left to a guest told that its caller went away, then it is stopped."""
 
 _session_handles = itertools.count(1)
 """Session handles are unique in the process: another instance's handle is never ours."""
@@ -83,6 +87,7 @@ class GuestState:
         limits: Limits,
         allowed: Allowed | None,
         memory64: bool,
+        cpu: CpuBudget,
     ) -> None:
         self.name = name
         self.tenant = tenant
@@ -103,6 +108,7 @@ class GuestState:
         self.fault: str | None = None  # why the host stopped the guest (limits), if it did
         self.cancelled_at: float | None = None  # when the guest was first told to stop
         self.stopping = False  # its deadline is set to stop it (after a fault)
+        self.cpu = CpuShare(cpu)  # its tenant's share of the CPU: demoted beyond it
 
     # -- clocks ---------------------------------------------------------------------
 
@@ -113,20 +119,34 @@ class GuestState:
         self.stopping = False
         self.resumed_at = time.perf_counter()
         self.wall_deadline = self.resumed_at + self.limits.wall_seconds
+        self.cpu.start()
+
+    def told_to_stop(self, now: float, running: float = 0.0) -> None:
+        """Its caller went away: the guest has CANCEL_GRACE_S more, then it is stopped.
+        `running`: WebAssembly seconds it has run that guest_seconds does not hold yet."""
+        if self.cancelled_at is None:
+            self.cancelled_at = now
+            self.wall_deadline = min(self.wall_deadline, now + CANCEL_GRACE_S)
+            self.guest_seconds = max(self.guest_seconds, self.limits.guest_seconds - CANCEL_GRACE_S - running)
 
     def over_limit(self) -> str | None:
-        """Why the guest must stop now (while it runs WebAssembly), or None."""
+        """Why the guest must stop now (while it runs WebAssembly), or None. A guest that
+        makes no host call learns of a cancelled request here too."""
         if self.fault is not None:
             return self.fault
         now = time.perf_counter()
-        if self.guest_seconds + (now - self.resumed_at) > self.limits.guest_seconds:
+        call = self.call
+        if call is not None and call.cancel is not None and call.cancel.is_set():
+            self.told_to_stop(now, now - self.resumed_at)
+        over_time = self.guest_seconds + (now - self.resumed_at) > self.limits.guest_seconds
+        if self.cancelled_at is not None and (over_time or now > self.wall_deadline):
+            return f"did not stop within {CANCEL_GRACE_S:g} s of being told that its caller went away"
+        if over_time:
             return (
                 f"ran past its time limit of {self.limits.guest_seconds:g} s running WebAssembly "
                 "(host calls not counted)"
             )
         if now > self.wall_deadline:
-            if self.cancelled_at is not None:
-                return "did not stop within 1 s of being told that its caller went away"
             return f"ran past its wall-clock limit of {self.limits.wall_seconds:g} s"
         return None
 

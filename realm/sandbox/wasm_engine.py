@@ -4,7 +4,7 @@
   interruption on; a daemon thread advances the epoch every `TICK_S` (Python signal
   handlers do not run while wasm runs, so no timer signal could stop a guest). Every
   `CHECK_TICKS` a running guest reaches its epoch deadline, whose callback checks the
-  guest's limits and stops it or lets it go on. (Lowering a deadline from a host call would
+  guest's CPU share and limits and demotes it, stops it or lets it go on. (Lowering a deadline from a host call would
   not do: compiled code caches the deadline until it is reached.)
 * Two linkers built from the one ABI table (realm/sandbox/abi.py): pointers and sizes are
   i32 for wasm32 guests and i64 for wasm64 guests. No WASI: a guest imports `env.realm_*`
@@ -56,11 +56,14 @@ def _tick(eng: wasmtime.Engine) -> None:
 
 
 def _stop_reason() -> str | None:
-    """Every CHECK_TICKS while a guest runs WebAssembly: why it must stop (it broke a limit),
-    or None to let it run on."""
+    """Every CHECK_TICKS while a guest runs WebAssembly: demote it if it is over its CPU slice
+    (realm/sandbox/cpu_share.py); why it must stop (it broke a limit), or None to run on."""
     st = guest_state.current()
-    reason = st.over_limit() if st is not None else None
-    if st is None or reason is None:
+    if st is None:
+        return None
+    st.cpu.check()
+    reason = st.over_limit()
+    if reason is None:
         return None
     st.fault = reason
     st.stopping = True

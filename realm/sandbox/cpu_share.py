@@ -1,0 +1,151 @@
+"""A tenant's share of the CPU: its guests may run on their own for a share of one core;
+beyond it they are demoted, so they take no core and no GIL that anyone else wants.
+
+Guests run on threads of their own, beside the model runners' compute threads and every
+other tenant's guests. An honest guest waits for model steps and runs for tens of
+microseconds between them (sampling); a hostile one spins in WebAssembly, floods the host
+with cheap calls, or sweeps its memory. The CPU time a guest's thread uses, WebAssembly and
+host calls alike, except the model work it asks of the host (steps, layers, matmuls: the
+ABI table marks them), is taken from its tenant's
+`CpuBudget`, which every guest of the tenant shares (so short requests do not each get a
+fresh allowance): it refills at `TENANT_SHARE` of a core and holds at most `BURST_S`. A
+guest is demoted for the rest of its run when it has used more than `SLICE_S` since it last
+waited for a model step (a spinning or flooding guest), or finds its tenant's budget spent
+(many guests, or many short requests); it is checked when it starts, at every model step
+and every few epoch ticks while it runs WebAssembly. Demoted:
+
+* its thread runs at idle priority (Linux `SCHED_IDLE`: the OS gives it a core only when no
+  other thread wants one), so a spinning guest takes no core from anyone else;
+* each of its host calls first sleeps `PAUSE_S`, holding no GIL, so a flood of host calls
+  cannot keep the host's Python threads (the event loop, the model runners, other guests)
+  waiting for the GIL.
+
+An honest guest stays well inside both and is never demoted; what it pays is a clock read
+and a lock per model step and per check. The thread gets its priority back when the run
+ends, where the OS lets it (leaving `SCHED_IDLE` needs CAP_SYS_NICE or RLIMIT_NICE; the server runs
+each request on a thread of its own, which ends with the request).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+log = logging.getLogger("realm.sandbox")
+
+TENANT_SHARE = 0.5
+"""The fraction of one core a tenant's guests may use on their own before they are demoted.
+Honest guests are not cheap: a request of the default guest on gemma3-270m (a 262k-token
+vocabulary) used about 130 ms of CPU time on its own for 32 tokens, setting up included."""
+
+BURST_S = 0.5
+"""The most CPU time a tenant's guests may use on their own in one burst."""
+
+SLICE_S = 0.25
+"""The most CPU time one guest may use on its own without waiting for a model step."""
+
+PAUSE_S = 0.001
+"""How long each host call of a demoted guest first sleeps."""
+
+_IDLE = getattr(os, "SCHED_IDLE", None)  # Linux only; elsewhere a demoted guest only pauses
+_restore_refused = False
+T = TypeVar("T")
+
+
+class CpuBudget:
+    """One tenant's CPU time on its own: refills at TENANT_SHARE, holds BURST_S; its debt
+    is bounded by BURST_S too, so a tenant that stops abusing it is trusted again within
+    2 * BURST_S / TENANT_SHARE seconds."""
+
+    def __init__(self) -> None:
+        self._level = BURST_S
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, seconds: float) -> bool:
+        """Charge `seconds` of CPU time; whether any budget is left."""
+        with self._lock:
+            now = time.monotonic()
+            self._level = max(-BURST_S, min(BURST_S, self._level + (now - self._at) * TENANT_SHARE - seconds))
+            self._at = now
+            return self._level > 0
+
+
+class CpuShare:
+    """One guest's CPU clock and whether it is demoted; used on the thread that runs it."""
+
+    def __init__(self, budget: CpuBudget) -> None:
+        self.budget = budget
+        self.demoted = False
+        self.demotions = 0  # over the instance's life: a guest demoted at least once shows here
+        self._charged_at = 0.0  # thread CPU time up to which the guest has been charged
+        self._rested_at = 0.0  # thread CPU time when the guest last waited for a model step
+        self._thread_id = 0
+        self._policy: int | None = None  # the thread's scheduling policy before demotion
+
+    def start(self) -> None:
+        """A run of guest code begins on this thread."""
+        self._thread_id = threading.get_native_id()
+        self._charged_at = self._rested_at = time.thread_time()
+        self.check()
+
+    def check(self) -> None:
+        """Charge the CPU used since the last charge; demote the guest if it is over its slice
+        or its tenant's budget is spent (on the guest's thread)."""
+        now = time.thread_time()
+        left = self.budget.take(now - self._charged_at)
+        self._charged_at = now
+        if not self.demoted and (not left or now - self._rested_at > SLICE_S):
+            self._demote()
+
+    def waiting(self, step: Callable[[], T]) -> T:
+        """Run `step`, model work the guest asked of the host (a batched step, a layer, a
+        matmul), without charging the guest for it: a direct step runner and the per-layer
+        and per-operation functions compute on the guest's thread."""
+        self.check()
+        try:
+            return step()
+        finally:
+            self._charged_at = self._rested_at = time.thread_time()
+
+    def pause(self) -> None:
+        """Before a host call: a demoted guest waits, holding no GIL."""
+        if self.demoted:
+            time.sleep(PAUSE_S)
+
+    def _demote(self) -> None:
+        self.demoted = True
+        self.demotions += 1
+        if _IDLE is None:
+            return
+        try:
+            policy = os.sched_getscheduler(self._thread_id)
+            os.sched_setscheduler(self._thread_id, _IDLE, os.sched_param(0))
+            self._policy = policy
+        except OSError as e:  # e.g. a container that forbids it: the pauses still hold
+            log.debug("cannot demote guest thread %d: %s", self._thread_id, e)
+
+    def end(self) -> None:
+        """The run is over: charge its last CPU time and give the thread its scheduling
+        policy back (where the OS allows it)."""
+        global _restore_refused
+        self.budget.take(time.thread_time() - self._charged_at)
+        if not self.demoted:
+            return
+        self.demoted = False
+        if self._policy is None:
+            return
+        policy, self._policy = self._policy, None
+        try:
+            os.sched_setscheduler(self._thread_id, policy, os.sched_param(0))
+        except PermissionError:
+            if not _restore_refused:
+                _restore_refused = True
+                log.warning(
+                    "a demoted guest's thread stays at idle priority: the OS refuses to raise it back "
+                    "(needs CAP_SYS_NICE or RLIMIT_NICE)"
+                )
