@@ -14,6 +14,7 @@ class RealmError(Exception):
     abi_code: int = -1
     http_status: int = 500
     openai_type: str = "server_error"
+    param: str | None = None  # the request field at fault, when one is (the error body's `param`)
 
 
 class InvalidArgument(RealmError):

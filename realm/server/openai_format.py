@@ -27,7 +27,7 @@ def error_body(error: RealmError) -> dict[str, Any]:
         "error": {
             "message": str(error),
             "type": error.openai_type,
-            "param": getattr(error, "param", None),
+            "param": error.param,
             "code": re.sub(r"(?<!^)(?=[A-Z])", "_", type(error).__name__).lower(),
         }
     }

@@ -79,7 +79,7 @@ TenantDep = Annotated[Tenant, Depends(authenticate)]
 def invalid(message: str, param: str | None) -> InvalidArgument:
     """InvalidArgument naming the request field at fault (the error body's `param`)."""
     error = InvalidArgument(message)
-    error.param = param  # type: ignore[attr-defined]
+    error.param = param
     return error
 
 
