@@ -33,7 +33,7 @@ from realm.engine.model import load_model
 from realm.errors import InvalidArgument, ModelFormatError
 from realm.models.chat_template import chat_template_from_fields
 from realm.models.config import ModelConfig
-from realm.models.gguf_file import GGUFFile, _Reader
+from realm.models.gguf_file import _SCALARS, GGUFFile, _Reader
 from realm.models.loader import checked_config
 from realm.models.tokenizer import Tokenizer
 
@@ -100,16 +100,7 @@ def real_header(path: Path) -> Header:
 
 _INTS = [0, 1, -1, 2, 3, 32, 2**15, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**53, 2**62, 2**63 - 1, -(2**63)]
 _FLOATS = [0.0, -1.0, 1e-30, 1e30, math.nan, math.inf, -math.inf]
-_NUMBER_CODES = {
-    GGUFValueType.UINT8: "B",
-    GGUFValueType.INT8: "b",
-    GGUFValueType.UINT16: "H",
-    GGUFValueType.INT16: "h",
-    GGUFValueType.UINT32: "I",
-    GGUFValueType.INT32: "i",
-    GGUFValueType.UINT64: "Q",
-    GGUFValueType.INT64: "q",
-}
+_NUMBER_CODES = {t: code for t, code in _SCALARS.items() if code in "BbHhIiQq"}  # the integer types
 
 
 def _encode_int(kind: GGUFValueType, value: int) -> bytes:
