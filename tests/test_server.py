@@ -14,7 +14,9 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -93,6 +95,20 @@ def wait_ready(server: Server, timeout: float = 600) -> None:
     raise AssertionError(f"the server was not ready in {timeout} s: {server.app.state.host.load_error}")
 
 
+@contextmanager
+def serving(settings: ServerSettings) -> Iterator[Server]:
+    """A server for `settings`, ready; stopped after. The server sets torch's thread count
+    for itself; other test modules get theirs back."""
+    threads = torch.get_num_threads()
+    s = start(create_app(settings))
+    try:
+        wait_ready(s)
+        yield s
+    finally:
+        stop(s)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def guests(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("guests")
@@ -125,14 +141,8 @@ def server(smollm2_path, guests):
             tenant("slow", guest=str(guests["loop"]), limits={"guest_seconds": 0.2, "guest_memory_mb": 16}),
         ],
     })  # fmt: skip
-    threads = torch.get_num_threads()  # the server sets its own; other test modules keep theirs
-    s = start(create_app(settings))
-    try:
-        wait_ready(s)
+    with serving(settings) as s:
         yield s
-    finally:
-        stop(s)
-        torch.set_num_threads(threads)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -562,14 +572,8 @@ def test_health_is_503_until_loaded():
 def test_default_settings_serve_one_open_tenant(smollm2_path):
     """What `realm serve` with no arguments serves: the default model, no key needed (the
     openai client always sends one: any key is the open tenant's on a server with no keys)."""
-    threads = torch.get_num_threads()
-    s = start(create_app(ServerSettings(port=0)))
-    try:
-        wait_ready(s)
+    with serving(ServerSettings(port=0)) as s:
         r = httpx.post(s.base + "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
         client = openai.OpenAI(base_url=s.base + "/v1", api_key="anything", max_retries=0)
         assert [m.id for m in client.models.list().data] == [MODEL]
-    finally:
-        stop(s)
-        torch.set_num_threads(threads)

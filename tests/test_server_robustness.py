@@ -16,10 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from test_server import MODEL, error_of, metric, start, stop, wait_ready
+from test_server import MODEL, error_of, metric, serving
 
-from realm.server import create_app
 from realm.server.keys import hash_key
 from realm.server.metrics import UNKNOWN_MODEL
 from realm.server.openapi import REQUESTS
@@ -43,14 +41,8 @@ def server(smollm2_path):
             {"name": "fuzz", "keys": [hash_key(KEYS["fuzz"])], "limits": {"max_tokens": 2}},
         ],
     })  # fmt: skip
-    threads = torch.get_num_threads()
-    s = start(create_app(settings))
-    try:
-        wait_ready(s)
+    with serving(settings) as s:
         yield s
-    finally:
-        stop(s)
-        torch.set_num_threads(threads)
 
 
 def auth(tenant: str) -> dict[str, str]:
