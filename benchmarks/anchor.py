@@ -12,6 +12,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,6 +97,16 @@ def start_llama_server(
     ]  # by default one per CPU: streams beyond that were dropped
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     return proc, f"http://127.0.0.1:{port}"
+
+
+def start_realm_server(config: str, workdir: Path, repo: Path = REPO) -> subprocess.Popen:
+    """`realm serve` of the checkout `repo` with this TOML config, written to
+    `workdir`/realm.toml; its log goes to `workdir`/realm.log. Not waited for: see wait_healthy."""
+    path = workdir / "realm.toml"
+    path.write_text(config)
+    log = (workdir / "realm.log").open("w")
+    cmd = [sys.executable, "-m", "realm.cli", "serve", "--config", str(path), "--log-level", "warning"]
+    return subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=log)
 
 
 def wait_healthy(urls: list[str], procs: list[subprocess.Popen], timeout: float) -> None:

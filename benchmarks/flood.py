@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
-from anchor import REPO, cpu_model, free_port, wait_healthy
+from anchor import REPO, cpu_model, free_port, start_realm_server, wait_healthy
 
 MODEL = "smollm2-135m"
 GAUGES = ("realm_kv_blocks_in_use", "realm_queue_depth", "realm_active_requests")
@@ -43,19 +43,13 @@ def start_server(
     from realm.server.keys import hash_key, new_key
 
     keys, port = {"flood": new_key(), "bystander": new_key()}, free_port()
-    config = workdir / "realm.toml"
-    config.write_text(
+    config = (
         f'port = {port}\nbackend = "cpu"\nmodels = ["{MODEL}"]\n\n'
         f'[[tenants]]\nname = "flood"\nkeys = ["{hash_key(keys["flood"])}"]\n'
         f"[tenants.limits]\nmax_concurrent = {max_concurrent}\nmax_tokens = {max_tokens}\n\n"
         f'[[tenants]]\nname = "bystander"\nkeys = ["{hash_key(keys["bystander"])}"]\n'
     )
-    server = subprocess.Popen(
-        [sys.executable, "-m", "realm.cli", "serve", "--config", str(config), "--log-level", "warning"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=(workdir / "realm.log").open("w"),
-    )
+    server = start_realm_server(config, workdir)
     base = f"http://127.0.0.1:{port}"
     wait_healthy([base], [server], timeout=600)
     return server, base, keys

@@ -23,14 +23,13 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from anchor import REPO, cpu_model, free_port, stop, wait_healthy
+from anchor import REPO, cpu_model, free_port, start_realm_server, stop, wait_healthy
 
 GUESTS = REPO / "tests" / "guests"
 HOSTILE = {"busy": "loop.wat", "flood": "host_flood.wat", "memory": "fill_memory.wat"}
@@ -56,11 +55,7 @@ def start_server(repo: Path, model: str, work: Path, hostile_seconds: float) -> 
         if name in HOSTILE:
             lines += [f"guest_seconds = {hostile_seconds}", f"wall_seconds = {hostile_seconds}"]
         lines.append("")
-    config = work / "realm.toml"
-    config.write_text("\n".join(lines))
-    log = (work / "realm.log").open("w")
-    cmd = [sys.executable, "-m", "realm.cli", "serve", "--config", str(config), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=log)
+    proc = start_realm_server("\n".join(lines), work, repo)
     return proc, f"http://127.0.0.1:{port}", keys
 
 

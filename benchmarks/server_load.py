@@ -36,7 +36,17 @@ import time
 from pathlib import Path
 
 import httpx
-from anchor import REPO, cpu_model, free_port, llama_bin, rss, start_llama_server, stop, wait_healthy
+from anchor import (
+    REPO,
+    cpu_model,
+    free_port,
+    llama_bin,
+    rss,
+    start_llama_server,
+    start_realm_server,
+    stop,
+    wait_healthy,
+)
 
 # Each runs the full max_tokens (greedy, both catalogue models): a prompt answered with EOS at
 # once would leave its client idle and the batch short of one sequence per client.
@@ -222,7 +232,6 @@ def start_realm(
 
     keys = [new_key() for _ in range(tenants)]
     port = free_port()
-    config = workdir / "realm.toml"
     lines = [f"port = {port}", 'backend = "cpu"', f'models = [{{ name = "bench", path = "{model_path}" }}]']
     lines += [f"threads = {threads}", ""] if threads else [""]
     for i, key in enumerate(keys):
@@ -234,13 +243,7 @@ def start_realm(
             "max_concurrent = 8",
             "",
         ]
-    config.write_text("\n".join(lines))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "realm.cli", "serve", "--config", str(config), "--log-level", "warning"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=(workdir / "realm.log").open("w"),
-    )
+    proc = start_realm_server("\n".join(lines), workdir)
     base = f"http://127.0.0.1:{port}"
     return proc, [(base, k) for k in keys]
 
