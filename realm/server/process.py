@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -25,6 +26,13 @@ from realm.server.host import Host
 from realm.server.settings import ServerSettings
 
 log = logging.getLogger("realm.server")
+
+GIL_SWITCH_S = 0.0005
+"""How long a thread may hold the GIL while another waits for it (Python's default: 5 ms).
+The model runner releases the GIL in every tensor operation and takes it back after; with
+a hundred streams' guests and the event loop wanting it too, each take-back waited up to
+the interval, and an eager prefill round of a few hundred operations took 3-6 times longer
+than alone. At 0.5 ms a 100-client flood ran in half the time (benchmarks/flood.py)."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -63,6 +71,7 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: ServerSettings, reread: Callable[[], ServerSettings], log_level: str) -> BaseException | None:
     """Run the server for `settings` until it is told to stop; `reread` reads the config
     again on SIGHUP. Returns the error that kept it from starting, if one did."""
+    sys.setswitchinterval(GIL_SWITCH_S)
     application = create_app(settings)
     host: Host = application.state.host
     server = DrainingServer(
