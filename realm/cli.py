@@ -23,7 +23,7 @@ MODEL_HELP = "a catalogue name (see `realm models`) or a path to a .gguf file"
 BACKEND_HELP = "compute backend: auto (GPU -> CPU -> naive), gpu, cpu or naive"
 
 
-def _fail(error: Exception) -> None:
+def _fail(error: BaseException) -> None:
     err.print(f"[bold red]error:[/] {error}")
     raise typer.Exit(1)
 
@@ -421,39 +421,19 @@ def serve(
     os.environ.setdefault("GOMP_SPINCOUNT", "20000")
     from realm.server.settings import load_settings
 
+    overrides = {"host": host, "port": port, "models": model or None, "backend": backend, "threads": threads}
     try:
-        settings = load_settings(
-            config,
-            overrides={"host": host, "port": port, "models": model or None, "backend": backend, "threads": threads},
-        )
+        settings = load_settings(config, overrides=overrides)
     except RealmError as e:
         _fail(e)
-    import uvicorn
-
-    from realm.server.app import create_app
+    from realm.server.process import serve as run_server
 
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         _fail(_usage(f"unknown log level {log_level!r}"))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    application = create_app(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            application,
-            host=settings.host,
-            port=settings.port,
-            log_level=log_level.lower(),
-            timeout_graceful_shutdown=5,
-        )
-    )
-
-    def stop(error: BaseException) -> None:
-        server.should_exit = True
-
-    application.state.on_load_error = stop
     err.print(f"realm: serving on http://{settings.host}:{settings.port} (loading {', '.join(settings.model_names())})")
-    server.run()
-    failure = application.state.host.load_error
+    failure = run_server(settings, lambda: load_settings(config, overrides=overrides), log_level.lower())
     if failure is not None:
         _fail(failure)
 

@@ -44,7 +44,15 @@ def create_app(settings: ServerSettings | None = None, *, host: Host | None = No
     every other endpoint but /metrics. `app.state.on_load_error`, if set, is called with a
     loading failure."""
     settings = settings or ServerSettings()
-    app = FastAPI(title="Realm", description="OpenAI-compatible multi-tenant LLM serving", lifespan=_lifespan)
+    docs = settings.docs
+    app = FastAPI(
+        title="Realm",
+        description="OpenAI-compatible multi-tenant LLM serving",
+        lifespan=_lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.host = host or Host(settings, Metrics())
     app.state.on_load_error = None
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

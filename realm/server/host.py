@@ -31,6 +31,7 @@ from realm.engine.scheduler import BatchScheduler
 from realm.engine.step_router import SchedulerRouter
 from realm.errors import (
     AbiVersionMismatch,
+    Cancelled,
     ContextOverflow,
     GuestFault,
     InternalError,
@@ -49,7 +50,7 @@ from realm.sandbox.runtime import ModuleCache, Runtime
 from realm.server.keys import KeyRing
 from realm.server.metrics import Metrics
 from realm.server.schemas import ChatRequest, CompletionRequest
-from realm.server.settings import ALL_KEYS, ServerSettings
+from realm.server.settings import ALL_KEYS, ServerSettings, TenantSettings
 from realm.server.tenants import Tenant
 
 log = logging.getLogger("realm.server")
@@ -112,12 +113,17 @@ class Host:
         self.loaded_at: dict[str, int] = {}  # served name -> when it was loaded (unix time)
         self.tenants: dict[str, Tenant] = {}
         self.keys = KeyRing({})
-        self.metrics_keys = KeyRing({h: "metrics" for h in settings.metrics_keys or () if h != ALL_KEYS})
+        self.metrics_keys_allowed = settings.metrics_keys
+        self.metrics_keys = _metrics_ring(settings)
         self.longest_token: dict[str, int] = {}  # served name -> characters of its vocabulary's longest token
         self.open_tenant: Tenant | None = None
         self.runtime: Runtime | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
+        self.draining = False  # shutting down: new requests get 503, running ones finish
+        self._stopping = False  # shutting down, past the grace period: running ones are stopped
+        self._running: set[threading.Event] = set()  # the cancel events of the guests running now
+        self._running_lock = threading.Lock()
         self._closed = False
 
     # ------------------------------------------------------------------------- loading
@@ -164,7 +170,6 @@ class Host:
             )
         served = list(self.models.items())
         modules: dict[str, Any] = {}
-        hashes: dict[str, str] = {}
         for t in s.effective_tenants():
             if t.guest not in modules:
                 modules[t.guest] = (
@@ -174,12 +179,52 @@ class Host:
                 )
             tenant = Tenant.build(t, modules[t.guest], served)
             self.tenants[t.name] = tenant
-            hashes.update({k: t.name for k in t.keys})
             if t.open:
                 self.open_tenant = tenant
             self.runtime.instance(tenant.module, t.name, allowed=tenant.allowed, limits=tenant.limits).close()
-        self.keys = KeyRing(hashes)
+        self.keys = _tenant_ring(s.effective_tenants())
         log.info("serving %s to tenants %s", ", ".join(self.models), ", ".join(self.tenants))
+
+    def reload_keys(self, settings: ServerSettings) -> list[str]:
+        """Take the API keys, the tenants' and /metrics', from `settings` (a fresh read of the
+        config): a key removed there is refused from the next request on, one added is
+        accepted. Only keys change: what else differs (a tenant added or removed, a limit,
+        a model) needs a restart, and is returned as warnings."""
+        old = {t.name: t for t in self.settings.effective_tenants()}
+        new = {t.name: t for t in settings.effective_tenants()}
+        warnings = [f"tenant {name} is new: it is served after a restart" for name in new.keys() - old.keys()]
+        warnings += [f"tenant {name} was removed: its keys are refused now" for name in old.keys() - new.keys()]
+        warnings += [
+            f"tenant {name}: changes other than its keys need a restart"
+            for name in new.keys() & old.keys()
+            if new[name].model_copy(update={"keys": []}) != old[name].model_copy(update={"keys": []})
+        ]
+        unchanged = {"tenants", "metrics_keys"}
+        if settings.model_dump(exclude=unchanged) != self.settings.model_dump(exclude=unchanged):
+            warnings.append("server settings other than keys changed: they need a restart")
+        self.keys = _tenant_ring([t for t in settings.effective_tenants() if t.name in self.tenants])
+        self.metrics_keys_allowed = settings.metrics_keys
+        self.metrics_keys = _metrics_ring(settings)
+        return warnings
+
+    # ------------------------------------------------------------------------- shutting down
+
+    def drain(self) -> None:
+        """Refuse new requests (503, /health too, so a load balancer stops sending) and let
+        the running ones finish."""
+        self.draining = True
+
+    def running(self) -> int:
+        """Requests whose guests are still running."""
+        with self._running_lock:
+            return len(self._running)
+
+    def stop_running(self) -> None:
+        """Stop every running guest at its next host call; their clients get a 503 error."""
+        self._stopping = True
+        with self._running_lock:
+            for cancel in self._running:
+                cancel.set()
 
     def close(self) -> None:
         if self._closed:
@@ -190,6 +235,8 @@ class Host:
     # ------------------------------------------------------------------------- lookups
 
     def check_ready(self) -> None:
+        if self.draining:
+            raise ServiceUnavailable("the server is shutting down; retry on another replica or after its restart")
         if self.load_error is not None:
             raise ServiceUnavailable(f"the server failed to start: {self.load_error}")
         if not self.ready.is_set():
@@ -207,7 +254,7 @@ class Host:
 
     def check_metrics_key(self, key: str | None) -> None:
         """Unauthorized (401) unless `metrics_keys` lets `key` (None: no key) read /metrics."""
-        allowed = self.settings.metrics_keys
+        allowed = self.metrics_keys_allowed
         if allowed is None:
             return
         if key is None:
@@ -355,21 +402,29 @@ class Host:
             except BaseException as e:  # every failure goes to the caller; the thread ends
                 if not isinstance(e, RealmError):
                     log.exception("[%s] request failed in the host", tenant.name)
+                if isinstance(e, Cancelled) and self._stopping:
+                    e = ServiceUnavailable("the server shut down before this request finished")
                 event = Failed(e)
             finally:
                 admission.release(prompt_tokens + emitted[0])
                 active.dec()
+                with self._running_lock:
+                    self._running.discard(cancel)
             try:
                 put(event)
             except RuntimeError:  # the event loop has closed: nobody is listening
                 pass
 
         active.inc()
+        with self._running_lock:
+            self._running.add(cancel)
         try:
             threading.Thread(target=work, name=f"realm-guest-{tenant.name}", daemon=True).start()
         except BaseException:
             admission.release(0)
             active.dec()
+            with self._running_lock:
+                self._running.discard(cancel)
             raise
         return _events(queue, cancel)
 
@@ -383,6 +438,14 @@ async def _events(queue: asyncio.Queue[Event], cancel: threading.Event) -> Async
                 return
     finally:
         cancel.set()  # a no-op once the guest has finished; stops it if the consumer left
+
+
+def _tenant_ring(tenants: list[TenantSettings]) -> KeyRing:
+    return KeyRing({k: t.name for t in tenants for k in t.keys})
+
+
+def _metrics_ring(settings: ServerSettings) -> KeyRing:
+    return KeyRing({h: "metrics" for h in settings.metrics_keys or () if h != ALL_KEYS})
 
 
 def longest_token(tokenizer: Tokenizer) -> int:

@@ -127,6 +127,14 @@ class ServerSettings(_Strict):
         description="who may read /metrics: None, anyone (the default); else the keys whose hashes are listed, "
         '"sha256:<64 hex>", and, if "*" is listed, any tenant\'s key',
     )
+    docs: StrictBool = Field(True, description="serve /docs, /redoc and /openapi.json; false hides all three")
+    shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="on SIGTERM, how long running requests may take to finish (new ones get 503) before they "
+        "are stopped and the server exits",
+    )
     config_dir: Path | None = Field(None, exclude=True, description="where relative guest and model paths start")
 
     @field_validator("models", mode="before")
