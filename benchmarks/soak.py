@@ -9,10 +9,10 @@ prompt longer than the context, the wrong content type), and three hostile tenan
 guests spin, flood the host with calls, or fill their memory. Every answer is checked
 against what it should be (a stream ends in [DONE] with no error event; a bad request gets
 its own 4xx; a hostile guest's request 502 or 429); anything else is counted as unexpected
-and printed. The server's resident memory is sampled every 5 s: the drift is the least sample of the
-last eighth of the run after warm-up (its first fifth) against the least of the first
-eighth (the least, because the memory a hostile guest takes comes and goes). At the end the live
-gauges must settle to 0 (KV blocks, queued steps, active requests).
+and printed. The drift of the server's resident memory is measured with nothing running (the load
+paused until the gauges are 0): after the warm-up (the first fifth of the run) and at the
+end; under load it is sampled every 5 s (a hostile guest's memory comes and goes). At the
+end the live gauges must settle to 0 (KV blocks, queued steps, active requests).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import httpx
 from anchor import REPO, cpu_model, free_port, rss, start_realm_server, stop, wait_healthy
+from flood import gauges as flood_gauges
 from flood import settled
 from noisy_neighbours import GUESTS, HOSTILE
 
@@ -139,6 +142,13 @@ class Soak:
         )
 
 
+def quiet_rss(proc: subprocess.Popen, base: str, key: str) -> int:
+    """The server's resident bytes once nothing runs (gauges at 0, its guests' threads gone)."""
+    settled(base, key)
+    time.sleep(2)
+    return rss([proc.pid])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10)
@@ -150,35 +160,38 @@ def main() -> None:
         try:
             wait_healthy([base], [proc], 600)
             duration = args.minutes * 60
+            soak = Soak(base, keys, args.model, time.monotonic() + duration / 5)
+            asyncio.run(soak.run())  # warm-up
+            quiet_before = quiet_rss(proc, base, keys["users"])
             started = time.monotonic()
-            soak = Soak(base, keys, args.model, started + duration)
-            samples: list[tuple[float, int]] = []
+            soak.until = started + duration * 4 / 5
+            samples: list[int] = []
 
             async def sample_memory() -> None:
                 while time.monotonic() < soak.until:
-                    samples.append((time.monotonic() - started, rss([proc.pid])))
+                    samples.append(rss([proc.pid]))
                     await asyncio.sleep(5)
 
             async def everything() -> None:
                 await asyncio.gather(soak.run(), sample_memory())
 
             asyncio.run(everything())
-            gauges, settle_s = settled(base, keys["users"])
+            settle_started = time.monotonic()
+            quiet_after = quiet_rss(proc, base, keys["users"])
+            settle_s = time.monotonic() - settle_started
+            gauges = flood_gauges(base, keys["users"])
         finally:
             stop([proc])
     mib = 1 << 20
-    after_warm_up = [m for t, m in samples if t >= duration / 5]
-    window = max(1, len(after_warm_up) // 8)  # the least of a window: a hostile guest's memory comes and goes
-    first, last = min(after_warm_up[:window]), min(after_warm_up[-window:])
-    drift = (last - first) / first
+    drift = (quiet_after - quiet_before) / quiet_before
     print(f"\n{cpu_model()}; {args.minutes:g} minutes")
     for outcome, n in sorted(soak.outcomes.items()):
         print(f"  {outcome}: {n}")
     print(f"  unexpected answers: {len(soak.unexpected)}")
     print(
-        f"  RSS: {samples[0][1] / mib:.0f} MiB at the start; after warm-up, the least of the first and the last "
-        f"{window} samples: {first / mib:.0f} and {last / mib:.0f} MiB (drift {drift:+.2%}); "
-        f"max {max(m for _, m in samples) / mib:.0f} MiB"
+        f"  RSS with no request running: {quiet_before / mib:.0f} MiB after the warm-up, {quiet_after / mib:.0f} MiB "
+        f"at the end (drift {drift:+.2%}); under load: median {statistics.median(samples) / mib:.0f}, "
+        f"max {max(samples) / mib:.0f} MiB (hostile guests' memory included)"
     )
     print(f"  gauges {settle_s:.1f} s after the load: " + ", ".join(f"{k} {v:g}" for k, v in gauges.items()))
     if soak.unexpected or any(gauges.values()):

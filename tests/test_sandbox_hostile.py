@@ -11,6 +11,7 @@ import time
 import pytest
 from sandbox_helpers import GUESTS, greedy_request, host_direct, make_runtime
 
+from realm.engine.memory import rss_bytes
 from realm.errors import AbiVersionMismatch, Cancelled, GuestFault, LimitExceeded, ModelFormatError
 from realm.sandbox.runtime import Limits, Runtime
 
@@ -106,6 +107,20 @@ def test_asking_for_more_memory_than_the_cap(runtime, still_serving):
     with pytest.raises(GuestFault, match="1 MiB"):
         _guest(runtime, "big_memory", memory_bytes=1 << 20)
     still_serving()
+
+
+def test_a_faulted_guest_gives_its_memory_back_while_its_error_is_still_held(runtime):
+    """The error a server keeps until it has answered must not keep the guest's memory
+    (wasmtime's own error, and the store its traceback holds, are not attached to it)."""
+    before = rss_bytes()
+    errors = []
+    for _ in range(3):
+        with _guest(runtime, "fill_memory", memory_bytes=64 << 20, guest_seconds=0.3) as inst:
+            with pytest.raises(GuestFault, match="64 MiB cap") as caught:
+                inst.generate({})
+        errors.append(caught.value)
+    assert all(e.__context__ is None and e.__cause__ is None for e in errors)
+    assert rss_bytes() - before < 48 << 20, "three faulted 64 MiB guests are still resident"
 
 
 def test_a_guest_for_another_abi_major_is_refused_naming_both_versions(runtime):

@@ -220,17 +220,21 @@ class GuestInstance:
             return fn()
         except wasmtime.Trap as trap:
             self._fault()
-            raise GuestFault(self._describe(trap)) from None
+            fault = GuestFault(self._describe(trap))
         except wasmtime.WasmtimeError as e:  # the deadline callback stopped it, or instantiation failed
             self._fault()
             what = st.fault or f"failed: {first_line(e)}"
-            raise GuestFault(
+            fault = GuestFault(
                 f"guest {self.module.name} (tenant {self.tenant}) {what}{self._memory_note()}; the request failed"
-            ) from None
+            )
         finally:
             st.guest_seconds += time.perf_counter() - st.resumed_at
             st.cpu.end()
             guest_state.install(previous)
+        # Raised here, outside the except clause, so it carries no context: wasmtime's error
+        # and its traceback hold the store, and with it the guest's memory, for as long as
+        # this error lives (a server keeps it until the response is sent, or a cycle is collected).
+        raise fault
 
     def _fault(self) -> None:
         """After a trap the guest's memory may be inconsistent: the next request starts afresh."""
