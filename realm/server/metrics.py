@@ -90,6 +90,11 @@ class Metrics:
         self.queue_depth.labels(model).set_function(lambda: scheduler.queue_depth)
         self.kv_blocks.labels(model).set_function(lambda: pool.blocks_in_use)
 
+    def unserve(self, model: str) -> None:
+        """`model` was unloaded: its live gauges go (its counters stay, and so does its label)."""
+        self.queue_depth.remove(model)
+        self.kv_blocks.remove(model)
+
     def model_label(self, name: str) -> str:
         """`name` if it is a served model's, else UNKNOWN_MODEL."""
         return name if name in self._served else UNKNOWN_MODEL

@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from realm.engine.model_store import StoredModel
 from realm.errors import InvalidArgument, LimitExceeded, PermissionDenied
 from realm.sandbox.runtime import GuestModule, Limits
 from realm.server.settings import ALL_MODELS, TenantSettings
@@ -60,19 +59,25 @@ class TokenBucket:
 class Tenant:
     settings: TenantSettings
     module: GuestModule
-    allowed_names: frozenset[str]  # names and SHA-256 hex of the served models it may use
+    allowed_names: set[str]  # names and SHA-256 hex of the served models it may use (hashes as they become known)
     bucket: TokenBucket | None
     _active: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def build(cls, settings: TenantSettings, module: GuestModule, served: Iterable[tuple[str, StoredModel]]) -> Tenant:
-        allowed: set[str] = set()
-        for name, entry in served:
-            if ALL_MODELS in settings.models or name in settings.models:
-                allowed |= {name, entry.sha256}
+    def build(cls, settings: TenantSettings, module: GuestModule, served: Iterable[tuple[str, str | None]]) -> Tenant:
+        """`served`: each served model's name and SHA-256 hex (None until it is known: a
+        model loaded on demand from a path is hashed when it loads, see `grant`)."""
         per_minute = settings.limits.tokens_per_minute
-        return cls(settings, module, frozenset(allowed), TokenBucket(per_minute) if per_minute else None)
+        tenant = cls(settings, module, set(), TokenBucket(per_minute) if per_minute else None)
+        for name, sha in served:
+            tenant.grant(name, sha)
+        return tenant
+
+    def grant(self, name: str, sha256: str | None) -> None:
+        """Let the tenant use served model `name` (and its content hash) if its settings allow it."""
+        if ALL_MODELS in self.settings.models or name in self.settings.models:
+            self.allowed_names.update((name, sha256) if sha256 else (name,))
 
     @property
     def name(self) -> str:
@@ -90,8 +95,9 @@ class Tenant:
         it was given, by name or SHA-256; nothing else (no uploads, no other cached models)."""
         return name_or_sha in self.allowed_names
 
-    def check_model(self, name: str, entry: StoredModel) -> None:
-        if name not in self.allowed_names and entry.sha256 not in self.allowed_names:
+    def check_allowed(self, name: str, sha256: str) -> None:
+        """PermissionDenied (403) unless the tenant may use the model `name` with content `sha256`."""
+        if name not in self.allowed_names and sha256 not in self.allowed_names:
             raise PermissionDenied(f"tenant {self.name} may not use model {name}")
 
     def check_max_tokens(self, max_tokens: int) -> None:
