@@ -113,6 +113,9 @@ class RaySettings(_Strict):
         4.0, gt=0, description="autoscaling: requests per replica it aims for (more: it adds replicas)"
     )
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs Ray reserves for each replica")
+    max_ongoing_requests: int = Field(
+        64, ge=1, le=65536, description="requests one replica takes at once (Ray queues the others)"
+    )
     limits_timeout_s: float = Field(
         2.0, gt=0, le=60, description="how long a replica waits for the cluster's limits actor before it falls back"
     )
