@@ -1,8 +1,9 @@
 """Models loaded on their first request, unloaded past the budget, and the operator's
-/admin endpoints: a real server, the real models, the official `openai` client.
+/admin endpoints: a real server, real guests, the official `openai` client.
 
-The server serves smollm2-135m and gemma3-270m, loads neither at startup and holds one at
-a time (max_loaded_models = 1)."""
+The server serves two tiny models (a llama and a gemma3, real GGUF files that load in
+milliseconds; tests/test_ray.py loads the real ones on demand), loads neither at startup
+and holds one at a time (max_loaded_models = 1)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import time
 import httpx
 import openai
 import pytest
-from test_server import KEYS, MODEL, error_of, serving
+from test_server import KEYS, LOOP_WAT, MODEL, error_of, serving
+from tiny_model import write_tiny_gemma3, write_tiny_llama
 
 from realm.errors import InvalidArgument, ServiceUnavailable
 from realm.server.host import Host
@@ -20,22 +22,29 @@ from realm.server.keys import hash_key
 from realm.server.metrics import Metrics
 from realm.server.settings import ServerSettings, load_settings
 
-GEMMA = "gemma3-270m"
+LLAMA, GEMMA = "tiny-llama", "tiny-gemma3"
 OPERATOR = "realm-test-operator-key"
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
+    files = tmp_path_factory.mktemp("models")
+    loop = files / "loop.wat"
+    loop.write_text(LOOP_WAT)
     settings = ServerSettings.model_validate({
         "port": 0,
         "backend": "cpu",
-        "models": [MODEL, GEMMA],
+        "models": [
+            {"name": LLAMA, "path": str(write_tiny_llama(files / "llama.gguf"))},
+            {"name": GEMMA, "path": str(write_tiny_gemma3(files / "gemma3.gguf"))},
+        ],
         "preload": [],
         "max_loaded_models": 1,
         "admin_keys": [hash_key(OPERATOR)],
         "tenants": [
             {"name": "alpha", "keys": [hash_key(KEYS["alpha"])]},
-            {"name": "beta", "keys": [hash_key(KEYS["beta"])], "models": [MODEL]},
+            {"name": "beta", "keys": [hash_key(KEYS["beta"])], "models": [LLAMA]},
+            {"name": "slow", "keys": [hash_key(KEYS["slow"])], "guest": str(loop), "limits": {"guest_seconds": 3}},
         ],
     })  # fmt: skip
     with serving(settings) as s:
@@ -58,14 +67,14 @@ def say(server, tenant: str, model: str, **kw):
 
 
 def test_nothing_is_loaded_at_startup_and_every_model_is_listed(server):
-    admin(server, "POST", f"/models/{MODEL}/unload")
+    admin(server, "POST", f"/models/{LLAMA}/unload")
     admin(server, "POST", f"/models/{GEMMA}/unload")
     health = httpx.get(server.base + "/health")
     assert health.status_code == 200 and health.json()["models"] == []
     cards = {m.id: m for m in server.client("alpha").models.list().data}
-    assert set(cards) == {MODEL, GEMMA}
+    assert set(cards) == {LLAMA, GEMMA}
     assert all(c.model_extra["info"] == {"loaded": False} for c in cards.values())
-    assert [m.id for m in server.client("beta").models.list().data] == [MODEL]
+    assert [m.id for m in server.client("beta").models.list().data] == [LLAMA]
 
 
 def test_the_first_request_loads_its_model_and_health_stays_up(server):
@@ -74,10 +83,10 @@ def test_the_first_request_loads_its_model_and_health_stays_up(server):
     worker = threading.Thread(target=lambda: done.append(say(server, "alpha", GEMMA).choices[0].text))
     worker.start()
     polls = []
-    while worker.is_alive():
+    while not polls or worker.is_alive():
         started = time.perf_counter()
         polls.append((httpx.get(server.base + "/health").status_code, time.perf_counter() - started))
-        time.sleep(0.05)
+        time.sleep(0.02)
     worker.join()
     assert done and done[0], "the request for a model not loaded got no text"
     assert polls and all(status == 200 and took < 2 for status, took in polls), polls
@@ -88,8 +97,8 @@ def test_the_first_request_loads_its_model_and_health_stays_up(server):
 
 def test_past_max_loaded_models_the_least_recently_used_goes(server):
     say(server, "alpha", GEMMA)
-    assert say(server, "alpha", MODEL).choices[0].text
-    assert loaded(server) == {MODEL}
+    assert say(server, "alpha", LLAMA).choices[0].text
+    assert loaded(server) == {LLAMA}
     assert say(server, "alpha", GEMMA).choices[0].text
     assert loaded(server) == {GEMMA}
 
@@ -104,20 +113,20 @@ def test_a_tenant_never_loads_a_model_it_may_not_use(server):
 
 
 def test_a_busy_model_is_never_unloaded(server):
-    admin(server, "POST", f"/models/{MODEL}/load")
-    stream = server.client("alpha").completions.create(
-        model=MODEL, prompt="Count: one, two,", max_tokens=40, temperature=0, stream=True
-    )
-    first = next(iter(stream))
-    assert first.choices[0].text is not None
-    r = admin(server, "POST", f"/models/{MODEL}/unload")
+    """A request holds its model (here a guest that spins for 3 s, then is stopped)."""
+    admin(server, "POST", f"/models/{LLAMA}/load")
+    spinning = threading.Thread(target=lambda: pytest.raises(openai.APIStatusError, say, server, "slow", LLAMA))
+    spinning.start()
+    deadline = time.monotonic() + 2
+    while not any(m["busy"] for m in admin(server, "GET", "/models").json()["data"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    r = admin(server, "POST", f"/models/{LLAMA}/unload")
     assert r.status_code == 503 and "running 1 requests" in error_of(r)["message"]
     with pytest.raises(openai.InternalServerError) as refused:  # 503: no room, the one loaded is busy
         say(server, "alpha", GEMMA)
     assert "every loaded model is running requests" in str(refused.value)
-    rest = "".join(c.choices[0].text for c in stream)
-    assert rest
-    assert say(server, "alpha", GEMMA).choices[0].text  # the stream is over: room now
+    spinning.join()
+    assert say(server, "alpha", GEMMA).choices[0].text  # the request is over: room now
     assert loaded(server) == {GEMMA}
 
 
@@ -128,13 +137,13 @@ def test_the_operator_endpoint_needs_an_operator_key(server):
     r = admin(server, "POST", "/models/no-such-model/load")
     assert r.status_code == 404 and "no-such-model" in error_of(r)["message"]
     listed = admin(server, "GET", "/models").json()["data"]
-    assert [m["name"] for m in listed] == [MODEL, GEMMA]
+    assert [m["name"] for m in listed] == [LLAMA, GEMMA]
     assert all(len(m["sha256"]) == 64 for m in listed)
-    r = admin(server, "POST", f"/models/{MODEL}/load")
+    r = admin(server, "POST", f"/models/{LLAMA}/load")
     assert r.status_code == 200 and r.json()["loaded"] and r.json()["bytes_held"] > 0
-    r = admin(server, "POST", f"/models/{MODEL}/unload")
+    r = admin(server, "POST", f"/models/{LLAMA}/unload")
     assert r.status_code == 200 and not r.json()["loaded"] and r.json()["bytes_held"] == 0
-    assert MODEL not in httpx.get(server.base + "/health").json()["models"]
+    assert LLAMA not in httpx.get(server.base + "/health").json()["models"]
 
 
 def test_admin_is_closed_without_admin_keys(smollm2_path):
@@ -156,6 +165,6 @@ def test_a_model_over_the_memory_budget_is_refused_clearly(smollm2_path):
 
 def test_preloading_more_than_max_loaded_models_is_a_settings_error():
     with pytest.raises(InvalidArgument, match="max_loaded_models is 1"):
-        load_settings(env={}, overrides={"models": f"{MODEL},{GEMMA}", "max_loaded_models": 1})
+        load_settings(env={}, overrides={"models": f"{LLAMA},{GEMMA}", "max_loaded_models": 1})
     with pytest.raises(InvalidArgument, match="preload names"):
-        load_settings(env={}, overrides={"models": MODEL, "preload": [GEMMA]})
+        load_settings(env={}, overrides={"models": LLAMA, "preload": [GEMMA]})
