@@ -163,8 +163,9 @@ def test_a_model_over_the_memory_budget_is_refused_clearly(smollm2_path):
         host.close()
 
 
-def test_preloading_more_than_max_loaded_models_is_a_settings_error():
+def test_preload_is_checked_against_max_loaded_models():
     with pytest.raises(InvalidArgument, match="max_loaded_models is 1"):
-        load_settings(env={}, overrides={"models": f"{LLAMA},{GEMMA}", "max_loaded_models": 1})
+        load_settings(env={}, overrides={"models": f"{MODEL},x.gguf", "preload": [MODEL, "x"], "max_loaded_models": 1})
+    assert load_settings(env={}, overrides={"models": f"{MODEL},x.gguf", "max_loaded_models": 1}).preloaded() == [MODEL]
     with pytest.raises(InvalidArgument, match="preload names"):
         load_settings(env={}, overrides={"models": LLAMA, "preload": [GEMMA]})

@@ -19,9 +19,10 @@ exist at the same place on every node; catalogue models are fetched on each node
 A replica that dies mid-stream ends that stream with an error event (503); Ray restarts
 it, and other streams and new requests go on on the other replicas. /metrics on the
 ingress merges every replica's metrics, each sample labelled with its `replica`.
-"""
 
-from __future__ import annotations
+Not `from __future__ import annotations` here: Ray's class-based FastAPI view reads the
+routes' parameter annotations as objects (a string `Request` would be a query parameter).
+"""
 
 import asyncio
 import json
@@ -82,10 +83,14 @@ class RealmReplica:
                 )
         self.app = create_app(self.settings, host=self.host)
         per_replica = self.settings.max_loaded_models or len(self.host.slots.slots)
-        self.load_model = serve.multiplexed(max_num_models_per_replica=per_replica)(self._load)
+
+        async def load(model_id: str) -> LoadedModel:  # a function: Ray keeps its model cache on it
+            return await self._load(model_id)
+
+        self.load_model = serve.multiplexed(max_num_models_per_replica=per_replica)(load)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
-    async def _load(self, model_id: str) -> LoadedModel:
+    async def _load(self, model_id: str) -> "LoadedModel":
         name = self._slot_name(model_id)
         if name is None:
             raise ServiceUnavailable(f"no served model is {model_id!r}")
@@ -154,6 +159,32 @@ class LoadedModel:
             log.info("model %s stays loaded: %s", self.name, e)
 
 
+async def _rest(stream: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
+    """The rest of a streamed answer; a replica that dies mid-stream ends it with an error event."""
+    try:
+        async for chunk in stream:
+            if isinstance(chunk, bytes):
+                yield chunk
+    except RayError as e:
+        log.warning("a replica stopped mid-stream: %s", e)
+        for event in Reply.failure(ServiceUnavailable("the replica serving this stream stopped; retry the request")):
+            yield event
+    finally:
+        stream.cancel()  # a no-op once it has ended; stops the replica's generation if the client left
+
+
+def _model_of(body: bytes) -> str | None:
+    """The `model` of a JSON request body, if it names one (the replica validates the rest)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_NAME else None
+
+
+# Above the class: Ray pickles the ingress class when it is decorated, with the module's
+# globals as they are then.
 ingress_app = FastAPI(title="Realm on Ray", docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -210,30 +241,6 @@ class RealmIngress:
         except RayError:
             return error_response(ServiceUnavailable("the replica answering this request stopped; retry"))
         return Response(content, status_code=head.status, headers=headers)
-
-
-async def _rest(stream: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
-    """The rest of a streamed answer; a replica that dies mid-stream ends it with an error event."""
-    try:
-        async for chunk in stream:
-            if isinstance(chunk, bytes):
-                yield chunk
-    except RayError as e:
-        log.warning("a replica stopped mid-stream: %s", e)
-        for event in Reply.failure(ServiceUnavailable("the replica serving this stream stopped; retry the request")):
-            yield event
-    finally:
-        stream.cancel()  # a no-op once it has ended; stops the replica's generation if the client left
-
-
-def _model_of(body: bytes) -> str | None:
-    """The `model` of a JSON request body, if it names one (the replica validates the rest)."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_NAME else None
 
 
 # ---------------------------------------------------------------------------- deploying

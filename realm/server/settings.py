@@ -158,7 +158,8 @@ class ServerSettings(_Strict):
     )
     preload: list[str] | None = Field(
         None,
-        description="models loaded at startup; None: every served model; the others load on their first request",
+        description="models loaded at startup (None: every served model, at most max_loaded_models); "
+        "the others load on their first request",
     )
     max_loaded_models: int | None = Field(
         None, ge=1, le=1024, description="models held at once; past it the least recently used idle one is unloaded"
@@ -210,11 +211,14 @@ class ServerSettings(_Strict):
         not_served = [m for m in self.preload or () if m not in served]
         if not_served:
             raise ValueError(f"preload names {not_served}, which this server does not serve (models: {served})")
-        preloaded = len(served if self.preload is None else self.preload)
-        if self.max_loaded_models is not None and preloaded > self.max_loaded_models:
+        if (
+            self.preload is not None
+            and self.max_loaded_models is not None
+            and len(self.preload) > self.max_loaded_models
+        ):
             raise ValueError(
-                f"{preloaded} models load at startup but max_loaded_models is {self.max_loaded_models}: "
-                "list fewer in preload (the others load on demand), or raise max_loaded_models"
+                f"preload lists {len(self.preload)} models but max_loaded_models is {self.max_loaded_models}: "
+                "list fewer (the others load on demand), or raise max_loaded_models"
             )
         seen: dict[str, str] = {}
         for t in self.tenants:
@@ -248,8 +252,11 @@ class ServerSettings(_Strict):
         return [m.name for m in self.model_entries()]
 
     def preloaded(self) -> list[str]:
-        """The models loaded at startup (every served one unless `preload` names some)."""
-        return self.model_names() if self.preload is None else list(self.preload)
+        """The models loaded at startup: `preload`, else every served one (the first
+        max_loaded_models of them if that is fewer)."""
+        if self.preload is not None:
+            return list(self.preload)
+        return self.model_names()[: self.max_loaded_models]
 
     def effective_tenants(self) -> list[TenantSettings]:
         """The configured tenants, or the one open tenant "default" when there are none."""
