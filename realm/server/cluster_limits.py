@@ -99,9 +99,10 @@ class RemoteQuota:
                         else InvalidArgument(message)
                     )
                 return self._settle_remote(reserve)
+        settle = self.local.admit(reserve)
         if self.on_fallback is not None:
             self.on_fallback()
-        return self.local.admit(reserve)
+        return settle
 
     def _settle_remote(self, reserve: int) -> Settle:
         actor, tenant = self.actor, self.tenant

@@ -52,6 +52,7 @@ from realm.server.settings import ServerSettings
 log = logging.getLogger("realm.server")
 
 APP_NAME = "realm"
+REPLICA_HEADER = b"x-realm-replica"  # on every answer: the replica that gave it
 MAX_MODEL_NAME = 256  # a longer `model` is no served name: the replica answers it (404)
 
 
@@ -126,6 +127,8 @@ class RealmReplica:
             except RealmError:
                 pass  # the app answers the request with the same error, in its format
         async for part in call(self.app, request):
+            if isinstance(part, ResponseHead):
+                part.headers.append((REPLICA_HEADER, self.replica_id.encode()))
             yield part
 
     async def metrics_text(self, key: str | None) -> tuple[str, bytes]:
