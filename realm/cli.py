@@ -477,6 +477,9 @@ def _serve_on_ray(settings: ServerSettings, address: str | None, replicas: int |
     import signal
     import threading
 
+    from ray.exceptions import RayError
+
+    from realm.errors import ServiceUnavailable
     from realm.server import ray_serve
     from realm.server.settings import RaySettings
 
@@ -490,7 +493,10 @@ def _serve_on_ray(settings: ServerSettings, address: str | None, replicas: int |
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ray_serve.connect(settings)
     try:
-        ray_serve.deploy(settings)
+        try:
+            ray_serve.deploy(settings)
+        except (RayError, TimeoutError) as e:
+            _fail(ServiceUnavailable(f"could not deploy on the Ray cluster: {type(e).__name__}: {e}"))
         where = f"cluster {ray.address}" if ray.address else "a local Ray cluster"
         scale = f"{ray.min_replicas}-{ray.max_replicas}" if ray.min_replicas is not None else str(ray.replicas)
         err.print(f"realm: serving on http://{settings.host}:{settings.port} ({scale} replicas on {where})")

@@ -21,7 +21,9 @@ import ray
 import torch
 from ray import serve
 from test_server import KEYS, MODEL, QUESTION, metric, streamed_text
+from typer.testing import CliRunner
 
+from realm.cli import app
 from realm.errors import LimitExceeded
 from realm.server import ray_serve
 from realm.server.cluster_limits import ClusterLimits, RemoteQuota
@@ -31,6 +33,7 @@ from realm.server.settings import ServerSettings, TenantSettings
 pytestmark = pytest.mark.ray
 
 GEMMA = "gemma3-270m"
+MAX_BODY = 64 * 1024
 REPLICA = ray_serve.REPLICA_HEADER.decode()
 
 
@@ -71,6 +74,7 @@ def cluster(smollm2_path, gemma3_path) -> Iterator[Cluster]:
         "models": [MODEL, GEMMA],
         "threads": 1,
         "max_loaded_models": 1,
+        "max_body_bytes": MAX_BODY,
         "tenants": [
             tenant("alpha"),
             tenant("beta", models=[MODEL]),
@@ -125,6 +129,14 @@ def test_tenants_keys_and_permissions_hold_on_the_cluster(cluster):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=cluster.base + "/v1", api_key="realm-wrong", max_retries=0).models.list()
     assert [m.id for m in cluster.client("beta").models.list().data] == [MODEL]
+    big = {"model": MODEL, "prompt": "x" * MAX_BODY}
+    r = httpx.post(cluster.base + "/v1/completions", json=big, headers={"Authorization": f"Bearer {KEYS['alpha']}"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_ray_options_go_with_ray():
+    result = CliRunner().invoke(app, ["serve", "--replicas", "2"])
+    assert result.exit_code != 0 and "--ray-address and --replicas go with --ray" in result.output
 
 
 def test_a_tenants_concurrency_limit_holds_across_replicas(cluster):

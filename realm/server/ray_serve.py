@@ -53,6 +53,7 @@ log = logging.getLogger("realm.server")
 
 APP_NAME = "realm"
 REPLICA_HEADER = b"x-realm-replica"  # on every answer: the replica that gave it
+START_ATTEMPTS = 3  # on a machine too busy for Ray's health checks, its first HTTP proxy may be replaced
 MAX_MODEL_NAME = 256  # a longer `model` is no served name: the replica answers it (404)
 
 
@@ -217,11 +218,15 @@ class RealmIngress:
 
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     async def forward(self, path: str, request: Request) -> Response:
+        too_large = PayloadTooLarge(
+            f"the request body is larger than this server's limit of {self.max_body_bytes} bytes"
+        )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return error_response(too_large)
         body = await request.body()
         if len(body) > self.max_body_bytes:
-            return error_response(
-                PayloadTooLarge(f"the request body is larger than this server's limit of {self.max_body_bytes} bytes")
-            )
+            return error_response(too_large)
         model = _model_of(body) if request.method == "POST" else None
         handle = self.replicas.options(stream=True, multiplexed_model_id=model or "")
         forwarded = HttpRequest(request.method, "/" + path, request.url.query.encode(), request.headers.raw, body)
@@ -272,7 +277,14 @@ def deploy(settings: ServerSettings) -> DeploymentHandle:
     ingress = serve.deployment(
         name="RealmIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=r.max_ongoing_requests * 64
     )(RealmIngress).bind(replicas, settings.max_body_bytes)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            serve.start(http_options={"host": settings.host, "port": settings.port})
+            break
+        except (RayError, TimeoutError) as e:  # a proxy that failed its health checks is replaced: wait for it
+            if attempt == START_ATTEMPTS:
+                raise
+            log.warning("Ray Serve's HTTP proxy did not come up (%s); waiting for the next one", type(e).__name__)
     return serve.run(ingress, name=APP_NAME, route_prefix="/")
 
 
