@@ -57,6 +57,8 @@ def main() -> None:
                 config = (
                     f'port = {port}\nmodels = ["{args.model}"]\nthreads = {args.threads}\n'
                     f"[ray]\ncpus_per_replica = {args.threads}\n"
+                    f'[[tenants]]\nname = "bench"\nopen = true\n'
+                    f"[tenants.limits]\nmax_concurrent = {max(args.clients)}\n"
                 )
                 procs.append(start(Path(tmp) / name, config, ray=name == "ray"))
                 servers[name] = f"http://127.0.0.1:{port}"

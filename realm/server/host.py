@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import sys
 import threading
 from collections.abc import AsyncIterator
@@ -44,16 +43,13 @@ from realm.sandbox.request import build_request
 from realm.sandbox.runtime import ModuleCache, Runtime
 from realm.server.keys import KeyRing
 from realm.server.metrics import Metrics
-from realm.server.model_slots import ModelSlots, longest_token, unloaded_card
+from realm.server.model_slots import SHA256_MODEL, ModelSlots, longest_token, unloaded_card
 from realm.server.openai_format import model_card
 from realm.server.schemas import ChatRequest, CompletionRequest
 from realm.server.settings import ALL_KEYS, ServerSettings
 from realm.server.tenants import Tenant
 
 log = logging.getLogger("realm.server")
-
-SHA256_MODEL = re.compile(r"sha256:([0-9a-f]{64})", re.IGNORECASE)
-"""A request's `model` that names a served model by the SHA-256 of its content."""
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions (chat: the tenant's max_tokens)
 
@@ -214,21 +210,21 @@ class Host:
         """The served model `name` (a served name, or `sha256:<hex>` of its content) if
         `tenant` may use it: UnknownModel (404) if no such model is served,
         PermissionDenied (403) if the tenant may not use it."""
+        served, pinned = self._served_name(tenant, name)  # before loading: no tenant loads what it may not use
+        return Served(served, self.slots.get(served), pinned)
+
+    def _served_name(self, tenant: Tenant, name: str) -> tuple[str, str | None]:
+        """The served name `name` stands for (a served name, or `sha256:<hex>` of its
+        content) and the hash the client pinned, if `tenant` may use it (404/403 as resolve)."""
+        names = self.slots.names_for(name)
         pinned = SHA256_MODEL.fullmatch(name)
-        slots = self.slots.slots
-        if pinned is None:
-            slot = slots.get(name)
-            if slot is None:
-                raise UnknownModel(f"the model {name!r} does not exist on this server")
-            tenant.check_allowed(name, slot.sha256)  # before loading: no tenant loads what it may not use
-            return Served(name, self.slots.get(name))
-        sha = pinned.group(1).lower()
-        names = [n for n, slot in slots.items() if slot.sha256 == sha]
+        sha = pinned.group(1).lower() if pinned else None
         if not names:
+            if sha is None:
+                raise UnknownModel(f"the model {name!r} does not exist on this server")
             raise UnknownModel(f"no model with SHA-256 {sha} is served here ({name!r})")
-        chosen = next((n for n in names if tenant.allowed(n)), names[0])
-        tenant.check_allowed(name, sha)
-        return Served(chosen, self.slots.get(chosen), sha)
+        tenant.check_allowed(name, self.slots.slots[names[0]].sha256)
+        return next((n for n in names if tenant.allowed(n)), names[0]), sha
 
     def default_model(self, tenant: Tenant) -> str:
         for name, slot in self.slots.slots.items():
@@ -243,19 +239,7 @@ class Host:
     def model_card(self, tenant: Tenant, name: str) -> dict[str, Any]:
         """/v1/models/{name}: a served model (by name or `sha256:<hex>`) `tenant` may use,
         without loading it."""
-        pinned = SHA256_MODEL.fullmatch(name)
-        if pinned is None:
-            slot = self.slots.slots.get(name)
-            if slot is None:
-                raise UnknownModel(f"the model {name!r} does not exist on this server")
-            tenant.check_allowed(name, slot.sha256)
-            return self._card(name)
-        sha = pinned.group(1).lower()
-        names = [n for n, slot in self.slots.slots.items() if slot.sha256 == sha]
-        if not names:
-            raise UnknownModel(f"no model with SHA-256 {sha} is served here ({name!r})")
-        tenant.check_allowed(name, sha)
-        return self._card(next((n for n in names if tenant.allowed(n)), names[0]))
+        return self._card(self._served_name(tenant, name)[0])
 
     def _card(self, name: str) -> dict[str, Any]:
         entry = self.models.get(name)

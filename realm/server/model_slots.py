@@ -17,6 +17,7 @@ swaps them.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +35,9 @@ from realm.server.metrics import Metrics
 from realm.server.settings import ServerSettings
 
 log = logging.getLogger("realm.server")
+
+SHA256_MODEL = re.compile(r"sha256:([0-9a-f]{64})", re.IGNORECASE)
+"""A request's `model` that names a served model by the SHA-256 of its content."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,15 @@ class ModelSlots:
                 self.slots[m.name] = Slot(m.name, m.name, catalogue.CATALOGUE[m.name].sha256.lower())
             else:
                 catalogue.resolve(m.name, progress=False)  # raises UnknownModel, naming the catalogue
+
+    def names_for(self, name: str) -> list[str]:
+        """The served names `name` stands for: itself if served, else every served model
+        whose content is `sha256:<hex>` (none: an empty list)."""
+        if name in self.slots:
+            return [name]
+        pinned = SHA256_MODEL.fullmatch(name)
+        sha = pinned.group(1).lower() if pinned else None
+        return [n for n, slot in self.slots.items() if slot.sha256 == sha]
 
     # ------------------------------------------------------------------------- loading
 

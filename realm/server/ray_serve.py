@@ -32,7 +32,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
@@ -43,7 +42,7 @@ from realm.errors import InternalError, PayloadTooLarge, RealmError, ServiceUnav
 from realm.server.app import create_app, error_response
 from realm.server.asgi_call import HttpRequest, ResponseHead, call
 from realm.server.cluster_limits import RemoteQuota, start_limits_actor
-from realm.server.host import SHA256_MODEL, Host
+from realm.server.host import Host
 from realm.server.metrics import Metrics, merge_expositions
 from realm.server.openai_format import Reply
 from realm.server.routes import bearer_key
@@ -70,18 +69,16 @@ class RealmReplica:
     def __init__(self, settings: dict[str, Any], config_dir: str | None, limits: Any) -> None:
         loaded = ServerSettings.model_validate(settings | {"config_dir": config_dir})
         self.settings = replica_settings(loaded)
-        torch.set_num_threads(self.settings.compute_threads())
         self.metrics = Metrics()
         self.host = Host(self.settings, self.metrics, progress=False)
-        self.host.load()  # tenants and guests; no model yet
-        self.fallbacks = self.metrics.limits_fallbacks
+        self.host.load()  # compute threads, tenants and guests; no model yet
         if limits is not None:
             for tenant in self.host.tenants.values():
                 tenant.quota = RemoteQuota(
                     limits,
                     tenant.settings,
                     self.settings.ray.limits_timeout_s,
-                    on_fallback=self.fallbacks.labels(tenant.name).inc,
+                    on_fallback=self.metrics.limits_fallbacks.labels(tenant.name).inc,
                 )
         self.app = create_app(self.settings, host=self.host)
         per_replica = self.settings.max_loaded_models or len(self.host.slots.slots)
@@ -100,12 +97,8 @@ class RealmReplica:
         return LoadedModel(self.host, name)
 
     def _slot_name(self, model_id: str) -> str | None:
-        slots = self.host.slots.slots
-        if model_id in slots:
-            return model_id
-        pinned = SHA256_MODEL.fullmatch(model_id)
-        sha = pinned.group(1).lower() if pinned else None
-        return next((n for n, s in slots.items() if s.sha256 == sha), None)
+        names = self.host.slots.names_for(model_id)
+        return names[0] if names else None
 
     def _may_load(self, request: HttpRequest, model_id: str) -> bool:
         """Load the request's model before the app runs it only for a tenant that may use
