@@ -52,14 +52,15 @@ class Cluster:
         return raw.parse().choices[0].text, raw.headers[REPLICA]
 
 
-def _ray_processes() -> list[str]:
+def _ray_processes() -> set[str]:
+    """Ray's processes on this machine now (pid and command line)."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "raylet" in line or "gcs_server" in line or "ray::" in line]
+    return {line.strip() for line in out.splitlines() if "raylet" in line or "gcs_server" in line or "ray::" in line}
 
 
 @pytest.fixture(scope="module")
 def cluster(smollm2_path, gemma3_path) -> Iterator[Cluster]:
-    assert not _ray_processes(), "a Ray cluster is already running on this machine"
+    before = _ray_processes()  # another cluster on this machine is not this test's to clean up
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -91,9 +92,9 @@ def cluster(smollm2_path, gemma3_path) -> Iterator[Cluster]:
         ray_serve.shutdown()
         torch.set_num_threads(threads)
         deadline = time.monotonic() + 30
-        while _ray_processes() and time.monotonic() < deadline:
+        while _ray_processes() - before and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _ray_processes(), _ray_processes()
+        assert not _ray_processes() - before, _ray_processes() - before
 
 
 def test_chat_streamed_and_whole_through_the_cluster(cluster):
@@ -170,7 +171,7 @@ def test_a_replica_outside_the_limits_actor_keeps_to_its_own_limits(cluster):
     actor = ray.remote(num_cpus=0)(ClusterLimits).remote([tenant.model_dump()])
     fallbacks: list[int] = []
     assert ray.get(actor.active.remote(), timeout=60) == {"tiny": 0}  # started
-    quota = RemoteQuota(actor, tenant, timeout_s=2, on_fallback=lambda: fallbacks.append(1))
+    quota = RemoteQuota(actor, tenant, timeout_s=10, on_fallback=lambda: fallbacks.append(1))
     settle = quota.admit(10)
     assert ray.get(actor.active.remote()) == {"tiny": 1} and not fallbacks
     with pytest.raises(LimitExceeded):
