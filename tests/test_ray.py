@@ -8,6 +8,8 @@ test kills a replica mid-stream. Marked `ray`: `pytest -m "not ray"` leaves it o
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import socket
 import subprocess
 import threading
@@ -20,7 +22,7 @@ import pytest
 import ray
 import torch
 from ray import serve
-from test_server import KEYS, MODEL, QUESTION, metric, streamed_text
+from test_server import KEYS, MODEL, QUESTION, TRAP_WAT, metric, streamed_text
 from typer.testing import CliRunner
 
 from realm.cli import app
@@ -52,6 +54,32 @@ class Cluster:
         return raw.parse().choices[0].text, raw.headers[REPLICA]
 
 
+CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGILL, signal.SIGFPE, signal.SIGBUS)
+
+
+def _native_handlers() -> dict[int, ctypes.Array]:
+    """This process's C-level handlers of the signals Wasmtime turns into guest traps (each
+    `struct sigaction` kept as opaque bytes)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = {}
+    for sig in CRASH_SIGNALS:
+        action = ctypes.create_string_buffer(256)  # struct sigaction is 152 bytes on x86-64 glibc
+        if libc.sigaction(sig, None, action) != 0:
+            raise OSError(ctypes.get_errno(), f"sigaction({sig})")
+        saved[sig] = action
+    return saved
+
+
+def _restore_native_handlers(saved: dict[int, ctypes.Array]) -> None:
+    """ray.init in this process installs Ray's crash handlers over Wasmtime's, and a later
+    guest trap in this process (other test modules) would then kill it: put them back. (A
+    replica is not affected: Ray is there first, and Wasmtime chains to Ray's handlers.)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for sig, action in saved.items():
+        if libc.sigaction(sig, action, None) != 0:
+            raise OSError(ctypes.get_errno(), f"sigaction({sig})")
+
+
 def _ray_processes() -> set[str]:
     """Ray's processes on this machine now (pid and command line)."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
@@ -59,12 +87,15 @@ def _ray_processes() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(smollm2_path, gemma3_path) -> Iterator[Cluster]:
+def cluster(smollm2_path, gemma3_path, tmp_path_factory) -> Iterator[Cluster]:
     before = _ray_processes()  # another cluster on this machine is not this test's to clean up
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
+
+    trap = tmp_path_factory.mktemp("guests") / "trap.wat"
+    trap.write_text(TRAP_WAT)
 
     def tenant(name: str, **kw) -> dict:
         return {"name": name, "keys": [hash_key(KEYS[name])], **kw}
@@ -80,16 +111,21 @@ def cluster(smollm2_path, gemma3_path) -> Iterator[Cluster]:
             tenant("alpha"),
             tenant("beta", models=[MODEL]),
             tenant("tiny", limits={"max_concurrent": 1}),
+            tenant("trap", guest=str(trap)),
         ],
         "ray": {"replicas": 2, "cpus_per_replica": 1},
     })  # fmt: skip
     threads = torch.get_num_threads()
+    handlers = _native_handlers()
     ray_serve.connect(settings, num_cpus=2)
+    _restore_native_handlers(handlers)
     try:
         ray_serve.deploy(settings)
+        _restore_native_handlers(handlers)
         yield Cluster(port)
     finally:
         ray_serve.shutdown()
+        _restore_native_handlers(handlers)
         torch.set_num_threads(threads)
         deadline = time.monotonic() + 30
         while _ray_processes() - before and time.monotonic() < deadline:
@@ -133,6 +169,13 @@ def test_tenants_keys_and_permissions_hold_on_the_cluster(cluster):
     big = {"model": MODEL, "prompt": "x" * MAX_BODY}
     r = httpx.post(cluster.base + "/v1/completions", json=big, headers={"Authorization": f"Bearer {KEYS['alpha']}"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_a_guest_trap_in_a_replica_is_a_502_and_the_replica_serves_on(cluster):
+    with pytest.raises(openai.APIStatusError) as trapped:
+        cluster.complete("trap", MODEL)
+    assert trapped.value.status_code == 502
+    assert cluster.complete("alpha", MODEL)[0]
 
 
 def test_ray_options_go_with_ray():
