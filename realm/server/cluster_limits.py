@@ -3,8 +3,8 @@ requests, tokens per minute), and every replica asks it before it starts a reque
 
 `ClusterLimits` is the actor's class: the same Quota a single server keeps in its own
 process, one per tenant, so the cluster's rule is the single server's rule. `RemoteQuota`
-stands in for a tenant's Quota inside a replica: `admit` asks the actor (one round trip,
-about a millisecond) and the request's end is told to it without waiting.
+stands in for a tenant's Quota inside a replica: `admit` asks the actor (one round trip)
+and the request's end is told to it without waiting.
 
 When the actor cannot be reached within `limits_timeout_s` (its node is gone, it is
 restarting), the replica falls back to the tenant's limits kept in its own process, as a
