@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,ray]'
 	$(BIN)/python -m realm.backends.native
 	$(BIN)/realm guest build --all
 
@@ -23,7 +23,7 @@ test: lint
 
 # everything that needs no compiled decode step and no minutes of work
 test-fast:
-	$(BIN)/python -m pytest -q -m "not compiled and not slow"
+	$(BIN)/python -m pytest -q -m "not compiled and not slow and not ray"
 
 bench:
 	$(BIN)/python benchmarks/host_speed.py

@@ -7,13 +7,16 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from realm.errors import RealmError
+
+if TYPE_CHECKING:
+    from realm.server.settings import ServerSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Realm: multi-tenant LLM inference runtime.")
 out = Console()
@@ -408,10 +411,16 @@ def serve(
     backend: str | None = typer.Option(None, "--backend", help=BACKEND_HELP),
     threads: int | None = typer.Option(None, "--threads", help="compute threads (default: one per CPU)"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
+    ray_cluster: bool = typer.Option(False, "--ray", help="serve over replicas on a Ray cluster (docs/SCALING.md)"),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="with --ray: an existing cluster's address (default: start a local one)"
+    ),
+    replicas: int | None = typer.Option(None, "--replicas", help="with --ray: how many replicas (default 2)"),
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API, each tenant's requests in its own
     guest sandbox, every tenant's forward steps batched together. With no config: the
-    default model, one open tenant, 127.0.0.1:8080."""
+    default model, one open tenant, 127.0.0.1:8080. With --ray: the same over replicas
+    of a Ray cluster, each request routed to a replica that holds its model."""
     import logging
     import os
 
@@ -432,10 +441,50 @@ def serve(
     if not isinstance(level, int):
         _fail(_usage(f"unknown log level {log_level!r}"))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if ray_cluster:
+        _serve_on_ray(settings, ray_address, replicas)
+        return
+    if ray_address is not None or replicas is not None:
+        _fail(_usage("--ray-address and --replicas go with --ray"))
     err.print(f"realm: serving on http://{settings.host}:{settings.port} (loading {', '.join(settings.model_names())})")
     failure = run_server(settings, lambda: load_settings(config, overrides=overrides), log_level.lower())
     if failure is not None:
         _fail(failure)
+
+
+def _serve_on_ray(settings: ServerSettings, address: str | None, replicas: int | None) -> None:
+    """`realm serve --ray`: deploy on the cluster, serve until Ctrl-C, then take it down."""
+    import signal
+    import threading
+
+    from ray.exceptions import RayError
+
+    from realm.errors import ServiceUnavailable
+    from realm.server import ray_serve
+    from realm.server.settings import RaySettings
+
+    given = {k: v for k, v in {"address": address, "replicas": replicas}.items() if v is not None}
+    try:
+        ray = RaySettings.model_validate(settings.ray.model_dump() | given)
+    except ValueError as e:
+        _fail(_usage(f"bad --ray options: {e}"))
+    settings = settings.model_copy(update={"ray": ray})
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    ray_serve.connect(settings)
+    try:
+        try:
+            ray_serve.deploy(settings)
+        except (RayError, TimeoutError) as e:
+            _fail(ServiceUnavailable(f"could not deploy on the Ray cluster: {type(e).__name__}: {e}"))
+        where = f"cluster {ray.address}" if ray.address else "a local Ray cluster"
+        scale = f"{ray.min_replicas}-{ray.max_replicas}" if ray.min_replicas is not None else str(ray.replicas)
+        err.print(f"realm: serving on http://{settings.host}:{settings.port} ({scale} replicas on {where})")
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray_serve.shutdown()
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for the tenants of `realm serve`.")

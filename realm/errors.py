@@ -166,7 +166,8 @@ class UnsupportedMediaType(RealmError):
 
 
 class ServiceUnavailable(RealmError):
-    """The server is not ready (its models are still loading) or is shutting down. HTTP only."""
+    """The server cannot take the request now (still loading, shutting down, no room to load
+    its model, the replica serving it gone); retrying later may succeed. HTTP only."""
 
     abi_code = -15
     http_status = 503

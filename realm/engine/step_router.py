@@ -26,6 +26,10 @@ class SchedulerRouter:
     def add(self, scheduler: BatchScheduler) -> None:
         self._by_transformer[id(scheduler.transformer)] = scheduler
 
+    def remove(self, scheduler: BatchScheduler) -> None:
+        """Stop routing to `scheduler` (its model is being unloaded)."""
+        self._by_transformer.pop(id(scheduler.transformer), None)
+
     def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> np.ndarray:
         scheduler = self._by_transformer.get(id(session.transformer))
         if scheduler is None:  # a model no scheduler serves (tenants are refused those): run alone

@@ -25,6 +25,7 @@ from realm.errors import (
     PayloadTooLarge,
     RealmError,
 )
+from realm.server.admin_routes import admin_router
 from realm.server.host import Host
 from realm.server.metrics import Metrics, Tracker
 from realm.server.openai_format import error_body
@@ -60,6 +61,7 @@ def create_app(settings: ServerSettings | None = None, *, host: Host | None = No
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, unexpected)
     app.include_router(router)
+    app.include_router(admin_router)
     app.openapi = lambda: document(app)  # type: ignore[method-assign]
     return app
 

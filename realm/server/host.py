@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +25,6 @@ from typing import Any
 import torch
 
 from realm.engine.model_store import StoredModel
-from realm.engine.scheduler import BatchScheduler
 from realm.engine.step_router import SchedulerRouter
 from realm.errors import (
     AbiVersionMismatch,
@@ -41,22 +38,19 @@ from realm.errors import (
     Unauthorized,
     UnknownModel,
 )
-from realm.models import catalogue
 from realm.models import prompt as prompt_rule
-from realm.models.tokenizer import Tokenizer
 from realm.sandbox.instance import GuestResult
 from realm.sandbox.request import build_request
 from realm.sandbox.runtime import ModuleCache, Runtime
 from realm.server.keys import KeyRing
 from realm.server.metrics import Metrics
+from realm.server.model_slots import SHA256_MODEL, ModelSlots, longest_token, unloaded_card
+from realm.server.openai_format import model_card
 from realm.server.schemas import ChatRequest, CompletionRequest
 from realm.server.settings import ALL_KEYS, ServerSettings, TenantSettings
 from realm.server.tenants import Tenant
 
 log = logging.getLogger("realm.server")
-
-SHA256_MODEL = re.compile(r"sha256:([0-9a-f]{64})", re.IGNORECASE)
-"""A request's `model` that names a served model by the SHA-256 of its content."""
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions (chat: the tenant's max_tokens)
 
@@ -109,13 +103,11 @@ class Host:
         self.metrics = metrics
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.router = SchedulerRouter()
-        self.models: dict[str, StoredModel] = {}  # served name -> stored model
-        self.loaded_at: dict[str, int] = {}  # served name -> when it was loaded (unix time)
+        self.slots = ModelSlots(settings, metrics, self.router, progress=self.progress)
         self.tenants: dict[str, Tenant] = {}
         self.keys = KeyRing({})
         self.metrics_keys_allowed = settings.metrics_keys
         self.metrics_keys = _metrics_ring(settings)
-        self.longest_token: dict[str, int] = {}  # served name -> characters of its vocabulary's longest token
         self.open_tenant: Tenant | None = None
         self.runtime: Runtime | None = None
         self.ready = threading.Event()
@@ -145,30 +137,11 @@ class Host:
         self.runtime = Runtime.on_host(
             None if s.backend in (None, "auto") else s.backend, steps=self.router, modules=ModuleCache()
         )
-        store = self.runtime.models
-        for m in s.model_entries():
-            started = time.perf_counter()
-            where = s.resolve_path(m.path) if m.path is not None else m.name
-            entry = store.store_source(catalogue.locate(where, name=m.name, progress=self.progress))
-            self.models[m.name] = entry
-            self.loaded_at[m.name] = int(time.time())
-            scheduler = BatchScheduler(
-                entry.model.transformer,
-                s.max_batch_tokens,
-                self.metrics.observer(m.name),
-                gather_s=s.batch_wait_ms / 1000,
-            )
-            self.router.add(scheduler)
-            self.metrics.serve(m.name, scheduler, entry.model.kv_pool)
-            self.longest_token[m.name] = longest_token(entry.model.tokenizer)
-            log.info(
-                "model %s loaded in %.1f s (sha256 %s, %s)",
-                m.name,
-                time.perf_counter() - started,
-                entry.sha256[:16],
-                entry.model.backend.name,
-            )
-        served = list(self.models.items())
+        self.slots.store = self.runtime.models
+        self.slots.describe()
+        for name in s.preloaded():
+            self.slots.load(name)
+        served = [(name, slot.sha256) for name, slot in self.slots.slots.items()]
         modules: dict[str, Any] = {}
         for t in s.effective_tenants():
             if t.guest not in modules:
@@ -183,7 +156,21 @@ class Host:
                 self.open_tenant = tenant
             self.runtime.instance(tenant.module, t.name, allowed=tenant.allowed, limits=tenant.limits).close()
         self.keys = _tenant_ring(s.effective_tenants())
-        log.info("serving %s to tenants %s", ", ".join(self.models), ", ".join(self.tenants))
+        log.info(
+            "serving %s (loaded: %s) to tenants %s",
+            ", ".join(self.slots.slots),
+            ", ".join(self.models) or "none yet",
+            ", ".join(self.tenants),
+        )
+
+    @property
+    def models(self) -> dict[str, StoredModel]:
+        """The served models loaded now, by served name (a snapshot: safe to iterate)."""
+        return self.slots.loaded
+
+    @property
+    def loaded_at(self) -> dict[str, int]:
+        return self.slots.loaded_at
 
     def reload_keys(self, settings: ServerSettings) -> list[str]:
         """Take the API keys, the tenants' and /metrics', from `settings` (a fresh read of the
@@ -270,26 +257,43 @@ class Host:
         """The served model `name` (a served name, or `sha256:<hex>` of its content) if
         `tenant` may use it: UnknownModel (404) if no such model is served,
         PermissionDenied (403) if the tenant may not use it."""
+        served, pinned = self._served_name(tenant, name)  # before loading: no tenant loads what it may not use
+        return Served(served, self.slots.get(served), pinned)
+
+    def _served_name(self, tenant: Tenant, name: str) -> tuple[str, str | None]:
+        """The served name `name` stands for (a served name, or `sha256:<hex>` of its
+        content) and the hash the client pinned, if `tenant` may use it (404/403 as resolve)."""
+        names = self.slots.names_for(name)
         pinned = SHA256_MODEL.fullmatch(name)
-        if pinned is None:
-            entry = self.models.get(name)
-            if entry is None:
-                raise UnknownModel(f"the model {name!r} does not exist on this server")
-            tenant.check_model(name, entry)
-            return Served(name, entry)
-        sha = pinned.group(1).lower()
-        names = [n for n, e in self.models.items() if e.sha256 == sha]
+        sha = pinned.group(1).lower() if pinned else None
         if not names:
+            if sha is None:
+                raise UnknownModel(f"the model {name!r} does not exist on this server")
             raise UnknownModel(f"no model with SHA-256 {sha} is served here ({name!r})")
-        entry = self.models[names[0]]
-        tenant.check_model(name, entry)
-        return Served(next((n for n in names if tenant.allowed(n)), names[0]), entry, sha)
+        tenant.check_allowed(name, self.slots.slots[names[0]].sha256)
+        return next((n for n in names if tenant.allowed(n)), names[0]), sha
 
     def default_model(self, tenant: Tenant) -> str:
-        for name, entry in self.models.items():
-            if tenant.allowed(name) or tenant.allowed(entry.sha256):
+        for name, slot in self.slots.slots.items():
+            if tenant.allowed(name) or tenant.allowed(slot.sha256):
                 return name
         raise UnknownModel(f"tenant {tenant.name} may use no model on this server")
+
+    def model_cards(self, tenant: Tenant) -> list[dict[str, Any]]:
+        """/v1/models: every served model `tenant` may use, loaded or not (`info.loaded`)."""
+        return [self._card(name) for name, slot in self.slots.slots.items() if tenant.allowed(name)]
+
+    def model_card(self, tenant: Tenant, name: str) -> dict[str, Any]:
+        """/v1/models/{name}: a served model (by name or `sha256:<hex>`) `tenant` may use,
+        without loading it."""
+        return self._card(self._served_name(tenant, name)[0])
+
+    def _card(self, name: str) -> dict[str, Any]:
+        entry = self.models.get(name)
+        if entry is None:
+            return unloaded_card(name, self.slots.slots[name].sha256)
+        card = model_card(name, entry, self.loaded_at.get(name, 0))
+        return card | {"info": card["info"] | {"loaded": True}}
 
     def prompt_tokens(self, served: Served, prompt: str | None, messages: list[dict] | None) -> list[int]:
         """The prompt's tokens as the default guest makes them: the chat template's rendering
@@ -302,7 +306,8 @@ class Host:
             text = model.chat_template.render(messages)
         else:
             return model.prompt_tokens(messages=messages)  # raises: says why the model cannot chat
-        fewest = -(-len(text) // self.longest_token[served.name])
+        longest = self.slots.longest_token.get(served.name) or longest_token(model.tokenizer)
+        fewest = -(-len(text) // longest)
         if fewest >= model.config.context_length:
             raise ContextOverflow(
                 f"the prompt has {len(text)} characters, at least {fewest} tokens; model {model.name}'s "
@@ -376,6 +381,12 @@ class Host:
         if self.runtime is None:
             admission.release(0)
             raise ServiceUnavailable("the server is not ready")
+        try:
+            self.slots.hold(job.model.name, job.model.entry)
+        except BaseException:
+            admission.release(0)
+            raise
+        slots, model_name = self.slots, job.model.name
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         runtime = self.runtime
@@ -407,6 +418,7 @@ class Host:
                 event = Failed(e)
             finally:
                 admission.release(prompt_tokens + emitted[0])
+                slots.release(model_name)
                 active.dec()
                 with self._running_lock:
                     self._running.discard(cancel)
@@ -422,6 +434,7 @@ class Host:
             threading.Thread(target=work, name=f"realm-guest-{tenant.name}", daemon=True).start()
         except BaseException:
             admission.release(0)
+            slots.release(model_name)
             active.dec()
             with self._running_lock:
                 self._running.discard(cancel)
@@ -446,13 +459,6 @@ def _tenant_ring(tenants: list[TenantSettings]) -> KeyRing:
 
 def _metrics_ring(settings: ServerSettings) -> KeyRing:
     return KeyRing({h: "metrics" for h in settings.metrics_keys or () if h != ALL_KEYS})
-
-
-def longest_token(tokenizer: Tokenizer) -> int:
-    """Characters of the vocabulary's longest token text: no token covers more characters of
-    a prompt (byte-level BPE writes one character a byte; SentencePiece writes a space as one
-    `▁`), so a text of n characters has at least n / this many tokens."""
-    return max(1, max(len(tokenizer.token_text(i)) for i in range(tokenizer.vocab_size)))
 
 
 def describe_failure(error: BaseException) -> RealmError:

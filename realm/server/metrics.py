@@ -9,10 +9,14 @@ put into the exposition what it cannot encode."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from realm.engine.kv_cache import KVPool
 from realm.engine.scheduler import BatchScheduler, StepObserver
@@ -72,6 +76,12 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self.limits_fallbacks = Counter(
+            "realm_limits_fallbacks",
+            "Requests admitted by this replica's own limits: the cluster's limits actor did not answer",
+            ["tenant"],
+            registry=r,
+        )
         self._served: set[str] = set()
 
     def observer(self, model: str) -> StepObserver:
@@ -90,12 +100,40 @@ class Metrics:
         self.queue_depth.labels(model).set_function(lambda: scheduler.queue_depth)
         self.kv_blocks.labels(model).set_function(lambda: pool.blocks_in_use)
 
+    def unserve(self, model: str) -> None:
+        """`model` was unloaded: its live gauges go (its counters stay, and so does its label)."""
+        self.queue_depth.remove(model)
+        self.kv_blocks.remove(model)
+
     def model_label(self, name: str) -> str:
         """`name` if it is a served model's, else UNKNOWN_MODEL."""
         return name if name in self._served else UNKNOWN_MODEL
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merge_expositions(by_source: Mapping[str, bytes], label: str = "replica") -> bytes:
+    """Several processes' Prometheus texts as one: each sample gains `label` = its source,
+    families of the same name are one family (a scraper sees each name once)."""
+    families: dict[str, Metric] = {}
+    for source, text in sorted(by_source.items()):
+        for family in text_string_to_metric_families(text.decode("utf-8")):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            merged.samples.extend(s._replace(labels={**s.labels, label: source}) for s in family.samples)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 @dataclass

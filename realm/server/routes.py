@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from realm.errors import InternalError, InvalidArgument, RealmError, Unauthorized, UnsupportedMediaType
 from realm.server.host import Emitted, Event, Failed, Finished, Host, describe_failure, is_guest_trap
 from realm.server.metrics import Tracker
-from realm.server.openai_format import Reply, model_card
+from realm.server.openai_format import Reply
 from realm.server.openapi import (
     ChatCompletion,
     Completion,
@@ -245,18 +245,12 @@ async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> As
 
 @router.get("/v1/models", response_model=None, responses=answers(ModelList, errors=(401, 503)))
 async def list_models(host: HostDep, tenant: TenantDep) -> dict[str, Any]:
-    data = [
-        model_card(name, e, host.loaded_at.get(name, 0))
-        for name, e in host.models.items()
-        if tenant.allowed(name) or tenant.allowed(e.sha256)
-    ]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": host.model_cards(tenant)}
 
 
 @router.get("/v1/models/{model:path}", response_model=None, responses=answers(ModelCard, errors=(401, 403, 404, 503)))
 async def get_model(model: str, host: HostDep, tenant: TenantDep) -> dict[str, Any]:
-    served = host.resolve(tenant, model)
-    return model_card(served.name, served.entry, host.loaded_at.get(served.name, 0))
+    return host.model_card(tenant, model)
 
 
 @router.post(
@@ -267,7 +261,7 @@ async def get_model(model: str, host: HostDep, tenant: TenantDep) -> dict[str, A
 )
 async def tokenize(request: Request, host: HostDep, tenant: TenantDep) -> dict[str, Any]:
     body = await parse_body(request, TokenizeRequest)
-    served = host.resolve(tenant, host.model_name(tenant, body.model))
+    served = await asyncio.to_thread(host.resolve, tenant, host.model_name(tenant, body.model))  # may load it
     tok = served.entry.model.tokenizer
     tokens = await asyncio.to_thread(
         tok.encode, body.content, add_bos=body.add_special and tok.add_bos, parse_special=body.parse_special
@@ -283,7 +277,7 @@ async def tokenize(request: Request, host: HostDep, tenant: TenantDep) -> dict[s
 )
 async def detokenize(request: Request, host: HostDep, tenant: TenantDep) -> dict[str, Any]:
     body = await parse_body(request, DetokenizeRequest)
-    served = host.resolve(tenant, host.model_name(tenant, body.model))
+    served = await asyncio.to_thread(host.resolve, tenant, host.model_name(tenant, body.model))  # may load it
     tok = served.entry.model.tokenizer
     bad = next((t for t in body.tokens if not 0 <= t < tok.vocab_size), None)
     if bad is not None:

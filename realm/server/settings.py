@@ -100,6 +100,35 @@ def _default_models() -> list[ModelSettings | str]:
     return [DEFAULT_MODEL]
 
 
+class RaySettings(_Strict):
+    """`realm serve --ray`: how many Realm replicas, and where the cluster is."""
+
+    address: str | None = Field(
+        None, description='an existing cluster ("auto", "ray://host:10001", "host:6379"); None: start a local one'
+    )
+    replicas: int = Field(2, ge=1, le=1024, description="Realm replicas (a fixed number, unless an autoscaling range)")
+    min_replicas: int | None = Field(None, ge=0, le=1024, description="autoscaling: fewest replicas")
+    max_replicas: int | None = Field(None, ge=1, le=1024, description="autoscaling: most replicas")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="autoscaling: requests per replica it aims for (more: it adds replicas)"
+    )
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs Ray reserves for each replica")
+    max_ongoing_requests: int = Field(
+        64, ge=1, le=65536, description="requests one replica takes at once (Ray queues the others)"
+    )
+    limits_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="how long a replica waits for the cluster's limits actor before it falls back"
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> RaySettings:
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("an autoscaling range needs both min_replicas and max_replicas")
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is more than max_replicas {self.max_replicas}")
+        return self
+
+
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -135,12 +164,38 @@ class ServerSettings(_Strict):
         description="on SIGTERM, how long running requests may take to finish (new ones get 503) before they "
         "are stopped and the server exits",
     )
+    preload: list[str] | None = Field(
+        None,
+        description="models loaded at startup (None: every served model, at most max_loaded_models); "
+        "the others load on their first request",
+    )
+    max_loaded_models: int | None = Field(
+        None, ge=1, le=1024, description="models held at once; past it the least recently used idle one is unloaded"
+    )
+    max_loaded_mb: int | None = Field(
+        None, ge=1, description="MiB of weights held at once; past it the least recently used idle ones are unloaded"
+    )
+    admin_keys: list[str] | None = Field(
+        None,
+        min_length=1,
+        description='hashed keys ("sha256:<64 hex>") that may use /admin (list, load and unload models); '
+        "None: /admin is closed",
+    )
+    ray: RaySettings = Field(default_factory=RaySettings)
     config_dir: Path | None = Field(None, exclude=True, description="where relative guest and model paths start")
 
     @field_validator("models", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @field_validator("admin_keys")
+    @classmethod
+    def _admin_keys(cls, keys: list[str] | None) -> list[str] | None:
+        for k in keys or ():
+            if not KEY_HASH.match(k):
+                raise ValueError(f'{k[:10] + "…"!r} is not a key hash "sha256:<64 hex>"')
+        return keys
 
     @field_validator("metrics_keys")
     @classmethod
@@ -161,6 +216,18 @@ class ServerSettings(_Strict):
             raise ValueError(f"tenant names must be unique: {names}")
         if sum(t.open for t in self.tenants) > 1:
             raise ValueError("at most one tenant may be open")
+        not_served = [m for m in self.preload or () if m not in served]
+        if not_served:
+            raise ValueError(f"preload names {not_served}, which this server does not serve (models: {served})")
+        if (
+            self.preload is not None
+            and self.max_loaded_models is not None
+            and len(self.preload) > self.max_loaded_models
+        ):
+            raise ValueError(
+                f"preload lists {len(self.preload)} models but max_loaded_models is {self.max_loaded_models}: "
+                "list fewer (the others load on demand), or raise max_loaded_models"
+            )
         seen: dict[str, str] = {}
         for t in self.tenants:
             for k in t.keys:
@@ -191,6 +258,13 @@ class ServerSettings(_Strict):
 
     def model_names(self) -> list[str]:
         return [m.name for m in self.model_entries()]
+
+    def preloaded(self) -> list[str]:
+        """The models loaded at startup: `preload`, else every served one (the first
+        max_loaded_models of them if that is fewer)."""
+        if self.preload is not None:
+            return list(self.preload)
+        return self.model_names()[: self.max_loaded_models]
 
     def effective_tenants(self) -> list[TenantSettings]:
         """The configured tenants, or the one open tenant "default" when there are none."""

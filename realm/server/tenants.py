@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
 
-from realm.engine.model_store import StoredModel
 from realm.errors import InvalidArgument, LimitExceeded, PermissionDenied
 from realm.sandbox.runtime import GuestModule, Limits
 from realm.server.settings import ALL_MODELS, TenantSettings
@@ -56,23 +56,71 @@ class TokenBucket:
             self._tokens = min(self.capacity, self._tokens + reserved - used)
 
 
+Settle = Callable[[int], None]
+"""Ends one admitted request: called once with the tokens it used."""
+
+
+class Quota:
+    """A tenant's admission rule in this process: at most `max_concurrent` requests at once
+    and `tokens_per_minute` (a TokenBucket). Another process's rule (a cluster's, kept in
+    one place) stands in for it with the same `admit`."""
+
+    def __init__(self, tenant: str, max_concurrent: int, tokens_per_minute: int | None) -> None:
+        self.tenant = tenant
+        self.max_concurrent = max_concurrent
+        self.bucket = TokenBucket(tokens_per_minute) if tokens_per_minute else None
+        self.active = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, settings: TenantSettings) -> Quota:
+        return cls(settings.name, settings.limits.max_concurrent, settings.limits.tokens_per_minute)
+
+    def admit(self, reserve: int) -> Settle:
+        """A slot for one request that may use `reserve` tokens; LimitExceeded (429) if the
+        tenant is at its concurrency limit or out of tokens for this minute."""
+        cap = self.max_concurrent
+        with self._lock:
+            if self.active >= cap:
+                raise LimitExceeded(
+                    f"tenant {self.tenant} already has {cap} requests running (its limit); retry shortly",
+                    retry_after_s=1.0,
+                )
+            self.active += 1
+        try:
+            if self.bucket is not None:
+                self.bucket.take(reserve)
+        except BaseException:
+            self.leave(0, 0)
+            raise
+        return lambda used: self.leave(reserve, used)
+
+    def leave(self, reserved: int, used: int) -> None:
+        if self.bucket is not None and reserved:
+            self.bucket.settle(reserved, used)
+        with self._lock:
+            self.active = max(0, self.active - 1)
+
+
+class Admitter(Protocol):
+    def admit(self, reserve: int) -> Settle: ...
+
+
 @dataclass
 class Tenant:
     settings: TenantSettings
     module: GuestModule
-    allowed_names: frozenset[str]  # names and SHA-256 hex of the served models it may use
-    bucket: TokenBucket | None
-    _active: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    allowed_names: set[str]  # names and SHA-256 hex of the served models it may use
+    quota: Admitter  # a Quota, or a cluster's stand-in for it
 
     @classmethod
-    def build(cls, settings: TenantSettings, module: GuestModule, served: Iterable[tuple[str, StoredModel]]) -> Tenant:
-        allowed: set[str] = set()
-        for name, entry in served:
+    def build(cls, settings: TenantSettings, module: GuestModule, served: Iterable[tuple[str, str]]) -> Tenant:
+        """`served`: each served model's name and SHA-256 hex, loaded or not."""
+        tenant = cls(settings, module, set(), Quota.of(settings))
+        for name, sha in served:
             if ALL_MODELS in settings.models or name in settings.models:
-                allowed |= {name, entry.sha256}
-        per_minute = settings.limits.tokens_per_minute
-        return cls(settings, module, frozenset(allowed), TokenBucket(per_minute) if per_minute else None)
+                tenant.allowed_names |= {name, sha}
+        return tenant
 
     @property
     def name(self) -> str:
@@ -90,8 +138,9 @@ class Tenant:
         it was given, by name or SHA-256; nothing else (no uploads, no other cached models)."""
         return name_or_sha in self.allowed_names
 
-    def check_model(self, name: str, entry: StoredModel) -> None:
-        if name not in self.allowed_names and entry.sha256 not in self.allowed_names:
+    def check_allowed(self, name: str, sha256: str) -> None:
+        """PermissionDenied (403) unless the tenant may use the model `name` with content `sha256`."""
+        if name not in self.allowed_names and sha256 not in self.allowed_names:
             raise PermissionDenied(f"tenant {self.name} may not use model {name}")
 
     def check_max_tokens(self, max_tokens: int) -> None:
@@ -100,51 +149,24 @@ class Tenant:
             raise InvalidArgument(f"max_tokens {max_tokens} is over this tenant's limit of {cap} per request")
 
     def admit(self, reserve: int) -> Admission:
-        """A slot for one request that may use `reserve` tokens; LimitExceeded (429) if the
-        tenant is at its concurrency limit or out of tokens for this minute."""
-        cap = self.settings.limits.max_concurrent
-        with self._lock:
-            if self._active >= cap:
-                raise LimitExceeded(
-                    f"tenant {self.name} already has {cap} requests running (its limit); retry shortly",
-                    retry_after_s=1.0,
-                )
-            self._active += 1
-        try:
-            if self.bucket is not None:
-                self.bucket.take(reserve)
-        except BaseException:
-            with self._lock:
-                self._active -= 1
-            raise
-        return Admission(self, reserve)
-
-    @property
-    def active(self) -> int:
-        return self._active
-
-    def _leave(self, reserved: int, used: int) -> None:
-        if self.bucket is not None:
-            self.bucket.settle(reserved, used)
-        with self._lock:
-            self._active -= 1
+        """A slot for one request that may use `reserve` tokens (the tenant's Quota decides)."""
+        return Admission(self.quota.admit(reserve))
 
 
 class Admission:
     """One admitted request; `release(used)` exactly once, when its guest has stopped."""
 
-    def __init__(self, tenant: Tenant, reserved: int) -> None:
-        self.tenant = tenant
-        self.reserved = reserved
+    def __init__(self, settle: Settle) -> None:
+        self._settle = settle
         self._released = False
         self._lock = threading.Lock()
 
-    def release(self, used: int | None = None) -> None:
+    def release(self, used: int) -> None:
         with self._lock:
             if self._released:
                 return
             self._released = True
-        self.tenant._leave(self.reserved, self.reserved if used is None else used)
+        self._settle(used)
 
 
 def retry_after_header(error: LimitExceeded) -> str | None:
