@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from realm.engine.grammar import lltokenizer
 from realm.engine.model_store import StoredModel
 from realm.engine.scheduler import BatchScheduler
 from realm.engine.step_router import SchedulerRouter
@@ -155,6 +156,7 @@ class Host:
             self.router.add(scheduler)
             self.metrics.serve(m.name, scheduler, entry.model.kv_pool)
             self.longest_token[m.name] = longest_token(entry.model.tokenizer)
+            lltokenizer(entry.model.tokenizer, entry.model.config.vocab_size)  # built now, not at the first schema
             log.info(
                 "model %s loaded in %.1f s (sha256 %s, %s)",
                 m.name,
@@ -296,6 +298,9 @@ class Host:
             tenant.check_max_tokens(asked)
         room = entry.model.config.context_length - n_prompt
         max_tokens = min(asked if asked is not None else default, room)
+        constraint = body.constraint()
+        if constraint is not None:
+            self.check_constraint(tenant, entry, constraint, body.constraint_field())
         request = build_request(
             entry,
             prompt=prompt,
@@ -305,10 +310,26 @@ class Host:
             stop=stops,
             name=served.name,
             prompt_tokens=prompt_ids,
+            constraint=constraint,
         )
         if served.pinned_sha256 is not None:  # the guest's realm_validate_model_id checks what the client pinned
             request["model_sha256"] = served.pinned_sha256
         return Job(served, messages is not None, request, n_prompt, max_tokens)
+
+    def check_constraint(
+        self, tenant: Tenant, entry: StoredModel, constraint: dict[str, Any], field: str | None
+    ) -> None:
+        """Compiles the request's constraint now, on this request's own thread (never the
+        model runner's): a bad one is a 400 before admission, and a good one is in the
+        tenant's grammar cache when its guest asks for it."""
+        if self.runtime is None:
+            raise ServiceUnavailable("the server is not ready")
+        model = entry.model
+        try:
+            self.runtime.grammars.compile(tenant.name, model.tokenizer, model.config.vocab_size, constraint)
+        except InvalidArgument as e:
+            e.param = e.param or field
+            raise
 
     # ------------------------------------------------------------------------- running
 

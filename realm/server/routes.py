@@ -35,7 +35,7 @@ from realm.server.openapi import (
     answers,
     request_body,
 )
-from realm.server.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from realm.server.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, invalid
 from realm.server.settings import dotted
 from realm.server.tenants import Tenant
 
@@ -74,13 +74,6 @@ async def metrics_reader(request: Request, host: Annotated[Host, Depends(get_hos
 
 HostDep = Annotated[Host, Depends(get_host)]
 TenantDep = Annotated[Tenant, Depends(authenticate)]
-
-
-def invalid(message: str, param: str | None) -> InvalidArgument:
-    """InvalidArgument naming the request field at fault (the error body's `param`)."""
-    error = InvalidArgument(message)
-    error.param = param
-    return error
 
 
 async def parse_body(request: Request, schema: type[Body]) -> Body:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from realm.engine.sampling import SamplingParams
-from realm.errors import Unsupported
+from realm.errors import InvalidArgument, Unsupported
 
 MAX_STOPS = 16
 INT32_MAX = 2**31 - 1
@@ -57,7 +57,34 @@ class _Sampling(BaseModel):
                 raise Unsupported(f"{name} is not supported by this server")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOPS:
             raise Unsupported(f"at most {MAX_STOPS} stop strings")
+        self.constraint()  # a malformed response_format / grammar / json_schema / regex is refused here
         return self
+
+    def constraint_field(self) -> str | None:
+        """The request field that asks for a constraint, if one does."""
+        extra = self.model_extra or {}
+        asked = [k for k in CONSTRAINT_FIELDS if extra.get(k) is not None and extra.get(k) != {"type": "text"}]
+        if len(asked) > 1:
+            raise invalid(f"give at most one of {', '.join(asked)}", asked[1])
+        return asked[0] if asked else None
+
+    def constraint(self) -> dict[str, Any] | None:
+        """What the output must match (engine/grammar.py's constraint), from OpenAI's
+        `response_format` or llama.cpp's `json_schema` / `grammar` or a `regex`; None if the
+        request asks for none. At most one of them; InvalidArgument naming the field at fault."""
+        name = self.constraint_field()
+        if name is None:
+            return None
+        value = (self.model_extra or {})[name]
+        if name == "json_schema":
+            if not isinstance(value, dict):
+                raise invalid("json_schema must be a JSON Schema object", name)
+            return {"type": "json_schema", "schema": value}
+        if name in ("grammar", "regex"):
+            if not isinstance(value, str) or not value:
+                raise invalid(f"{name} must be a non-empty string", name)
+            return {"type": "grammar", "gbnf": value} if name == "grammar" else {"type": "regex", "pattern": value}
+        return _response_format(value)
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -78,6 +105,40 @@ class _Sampling(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+CONSTRAINT_FIELDS = ("response_format", "json_schema", "grammar", "regex")
+
+
+def invalid(message: str, param: str | None) -> InvalidArgument:
+    """InvalidArgument naming the request field at fault (the error body's `param`)."""
+    error = InvalidArgument(message)
+    error.param = param
+    return error
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """OpenAI's `response_format` ({"type": "text" | "json_object" | "json_schema"}; llama.cpp's
+    `{"type": "json_object", "schema": {...}}` too) as a constraint."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        schema = value.get("schema")
+        if schema is None:
+            return {"type": "json_object"}
+        if not isinstance(schema, dict):
+            raise invalid("response_format.schema must be a JSON Schema object", "response_format.schema")
+        return {"type": "json_schema", "schema": schema}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise invalid(
+                "response_format.json_schema.schema must be a JSON Schema object", "response_format.json_schema.schema"
+            )
+        return {"type": "json_schema", "schema": schema}
+    raise invalid(
+        f"response_format.type must be text, json_object or json_schema, not {kind!r}", "response_format.type"
+    )
+
+
 _UNSUPPORTED: dict[str, tuple] = {
     "logprobs": (None, False, 0),
     "top_logprobs": (None, 0),
@@ -86,8 +147,8 @@ _UNSUPPORTED: dict[str, tuple] = {
     "suffix": (None, ""),
     "logit_bias": (None, {}),
     "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
-    "response_format": (None, {"type": "text"}),
 }
 
 
