@@ -9,11 +9,14 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from sandbox_helpers import greedy_request, make_runtime
 
 from realm.engine.grammar import ACCEPTING, DONE, GrammarCache, compile_grammar
 from realm.engine.sampling import SamplingParams
-from realm.errors import InvalidArgument
+from realm.errors import InvalidArgument, NotFound
+from realm.sandbox import abi, toolchain
+from realm.sandbox.memory import GuestMemory
 from realm.sandbox.runtime import Runtime
 
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
@@ -143,3 +146,80 @@ def test_a_bad_constraint_fails_the_guest_request_with_the_reason(runtime, insta
     request = greedy_request(runtime, SMOL, "Hi", 4, constraint={"type": "regex", "pattern": "(("})
     with pytest.raises(InvalidArgument, match="realm_grammar_compile.*regex"):
         instance.generate(request)
+
+
+# ---------------------------------------------------------------------------- per-step control, by host call
+
+
+def test_a_sessions_bias_and_mask_apply_to_its_next_step_only_and_backup_rewinds(runtime, instance, smollm2):
+    st, store = instance.state, instance._store
+    base = st.memory.grow(store, 64) * 65536  # 4 MiB of fresh guest memory for the buffers below
+    mem = GuestMemory(st.memory, store)
+    vocab = smollm2.config.vocab_size
+    tokens_at, ids_at, values_at, mask_at, logits_at = (base + (i << 16) for i in range(5))
+
+    def call(name: str, *args: int) -> int:
+        return abi.invoke(abi.BY_NAME[name], st, store, list(args))
+
+    def forward(session: int, ids: list[int]) -> np.ndarray:
+        mem.write(tokens_at, np.asarray(ids, dtype="<i4").tobytes())
+        assert call("realm_forward", session, tokens_at, len(ids), logits_at, vocab) == vocab
+        return mem.read_floats(logits_at, vocab).numpy().copy()
+
+    st.hold(runtime.models.by_name(SMOL))
+    session = st.open_session(runtime.models.by_name(SMOL), 64).handle
+    prompt = smollm2.tokenizer.encode("The capital of France is")
+    plain = forward(session, prompt)
+    pick = int(np.argsort(plain)[-50])  # a token far from the top
+    mem.write(ids_at, np.asarray([pick], dtype="<i4").tobytes())
+    mem.write(values_at, np.asarray([100.0], dtype="<f4").tobytes())
+    assert call("realm_session_backup", session, len(prompt)) == 0
+    assert call("realm_session_set_bias", session, ids_at, values_at, 1) == 0
+    biased = forward(session, prompt)  # the same prompt again, over the rewound cache
+    assert int(np.argmax(biased)) == pick and biased[pick] == np.float32(plain[pick] + np.float32(100.0))
+    np.testing.assert_array_equal(np.delete(biased, pick), np.delete(plain, pick))  # backup left no trace
+    after = forward(session, [pick])
+    assert call("realm_session_backup", session, 1) == len(prompt)
+    np.testing.assert_array_equal(forward(session, [pick]), after)  # bias gone, cache rewound exactly
+    allowed = [3, 77, pick]
+    mask = np.zeros((vocab + 31) // 32, dtype="<u4")
+    for t in allowed:
+        mask[t // 32] |= np.uint32(1 << (t % 32))
+    mem.write(mask_at, mask.tobytes())
+    assert call("realm_session_set_mask", session, mask_at, mask.size - 1) == InvalidArgument.abi_code
+    assert call("realm_session_set_mask", session, mask_at, mask.size) == 0
+    masked = forward(session, [5])
+    assert np.flatnonzero(np.isfinite(masked)).tolist() == allowed
+    assert np.isfinite(forward(session, [5])).all()  # one step only
+    assert call("realm_session_backup", session, 1000) == InvalidArgument.abi_code
+    assert call("realm_session_set_grammar", session, 12345) == NotFound.abi_code
+    st.close_sessions()
+
+
+# ---------------------------------------------------------------------------- the example guests
+
+
+def test_the_regex_example_guest_masks_each_step_as_a_bound_grammar_does(runtime, instance, tmp_path):
+    guest = runtime.load_module(toolchain.build(toolchain.EXAMPLES_DIR / "regex.c", tmp_path / "regex.wasm"))
+    pattern = r"(Yes|No), because [a-z ,']{1,80}\."
+    with runtime.instance(guest, tenant="t1") as regex:
+        out = regex.generate(greedy_request(runtime, SMOL, "Is the sea salty?", 40))
+    assert re.fullmatch(pattern, out.text) and out.finish_reason == "stop"
+    bound = instance.generate(
+        greedy_request(runtime, SMOL, "Is the sea salty?", 40, constraint={"type": "regex", "pattern": pattern})
+    )
+    assert bound.tokens == out.tokens  # the guest's own masks and the host-bound grammar agree
+
+
+def test_the_choose_example_guest_picks_the_most_likely_answer(runtime, smollm2, tmp_path):
+    guest = runtime.load_module(toolchain.build(toolchain.EXAMPLES_DIR / "choose.c", tmp_path / "choose.wasm"))
+    prompt = "Review: I loved every minute of this film.\nSentiment:"
+    with runtime.instance(guest, tenant="t1") as choose:
+        out = choose.generate(greedy_request(runtime, SMOL, prompt, 8))
+    ids = smollm2.prompt_tokens(prompt=prompt)
+    scores = {}
+    for answer in ("positive", "negative", "neutral"):  # the host's own reckoning, step by step
+        session, answer_ids = smollm2.new_session(), smollm2.tokenizer.encode(answer)
+        steps = [session.feed(ids)[-1]] + [session.feed([t])[-1] for t in answer_ids[:-1]]
+        scores[answer] = sum(float(torch.log_softmax(s.double(), -1)[t]) for s, t in zip(steps, answer_ids))
+    assert out.text == max(scores, key=scores.__getitem__) and out.finish_reason == "stop"
