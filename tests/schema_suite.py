@@ -15,7 +15,10 @@ SCHEMAS: dict[str, tuple[str, dict[str, Any]]] = {
                 "name": {"type": "string", "maxLength": 20},
                 "address": {
                     "type": "object",
-                    "properties": {"street": {"type": "string", "maxLength": 30}, "city": {"type": "string", "maxLength": 20}},
+                    "properties": {
+                        "street": {"type": "string", "maxLength": 30},
+                        "city": {"type": "string", "maxLength": 20},
+                    },
                     "required": ["street", "city"],
                     "additionalProperties": False,
                 },

@@ -22,7 +22,10 @@ from realm.sandbox.runtime import Runtime
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
 PERSON = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
     "required": ["name", "age"],
     "additionalProperties": False,
 }
@@ -87,7 +90,7 @@ def test_consume_is_all_or_nothing_and_forced_tokens_fast_forward(smollm2):
     "constraint,message",
     [
         ({"type": "json_schema", "schema": {"type": "strin"}}, "does not compile"),
-        ({"type": "json_schema", "schema": [1]}, "needs \"schema\""),
+        ({"type": "json_schema", "schema": [1]}, 'needs "schema"'),
         ({"type": "regex", "pattern": "a(b"}, "unclosed group"),
         ({"type": "grammar", "gbnf": "root ::= missing"}, "not found"),
         ({"type": "lark", "lark": "start: ("}, "does not compile"),
@@ -138,7 +141,9 @@ def test_a_regex_and_a_gbnf_grammar_constrain_the_guest(runtime, instance):
     )
     assert re.fullmatch(r"\d{3}-\d{4}", out.text) and out.finish_reason == "stop"
     gbnf = 'root ::= "The answer is " ("yes" | "no") "."'
-    out = instance.generate(greedy_request(runtime, SMOL, "Is the sky blue?", 20, constraint={"type": "grammar", "gbnf": gbnf}))
+    out = instance.generate(
+        greedy_request(runtime, SMOL, "Is the sky blue?", 20, constraint={"type": "grammar", "gbnf": gbnf})
+    )
     assert out.text in ("The answer is yes.", "The answer is no.")
 
 

@@ -64,7 +64,7 @@ def test_every_schema_of_the_suite_validates(server):
 
 def test_json_object_parses_and_streams_the_same_text(server):
     fmt = {"type": "json_object"}
-    question = "Reply with a JSON object with one key, \"answer\", for: what is 2+2?"
+    question = 'Reply with a JSON object with one key, "answer", for: what is 2+2?'
     whole = ask(server, question, 30, response_format=fmt)
     assert whole.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(whole.choices[0].message.content), dict)
@@ -78,10 +78,14 @@ def test_llama_cpp_fields_regex_and_gbnf_constrain_completions(server):
     schema = SCHEMAS["enums"][1]
     out = ask(server, SCHEMAS["enums"][0], 30, extra_body={"json_schema": schema}).choices[0].message.content
     jsonschema.validate(json.loads(out), schema)
-    phone = c.completions.create(model=MODEL, prompt="Call me at", max_tokens=12, temperature=0, extra_body={"regex": r" \d{3}-\d{4}"})
+    phone = c.completions.create(
+        model=MODEL, prompt="Call me at", max_tokens=12, temperature=0, extra_body={"regex": r" \d{3}-\d{4}"}
+    )
     assert re.fullmatch(r" \d{3}-\d{4}", phone.choices[0].text) and phone.choices[0].finish_reason == "stop"
     gbnf = 'root ::= " " ("yes" | "no") "!"'
-    answer = c.completions.create(model=MODEL, prompt="Is water wet?", max_tokens=8, temperature=0, extra_body={"grammar": gbnf})
+    answer = c.completions.create(
+        model=MODEL, prompt="Is water wet?", max_tokens=8, temperature=0, extra_body={"grammar": gbnf}
+    )
     assert answer.choices[0].text in (" yes!", " no!")
 
 
@@ -89,7 +93,11 @@ def test_llama_cpp_fields_regex_and_gbnf_constrain_completions(server):
     "extra,param,message",
     [
         ({"response_format": json_schema_format("x", {"type": "strin"})}, "response_format", "does not compile"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema", "JSON Schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema.schema",
+            "JSON Schema",
+        ),
         ({"response_format": {"type": "xml"}}, "response_format.type", "json_object"),
         ({"regex": "a(b"}, "regex", "unclosed group"),
         ({"grammar": "root ::= nowhere"}, "grammar", "not found"),

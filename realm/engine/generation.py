@@ -86,7 +86,6 @@ class Generation:
             self.text += tail
             yield Piece(-1, tail)
 
-
     def _masked(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits with the tokens the grammar forbids at -inf, as the host does for a
         guest whose session has the grammar (sandbox/host_grammar.py)."""

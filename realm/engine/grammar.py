@@ -23,7 +23,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance as llg
 import numpy as np
@@ -31,16 +31,16 @@ import numpy as np
 from realm.errors import InvalidArgument
 from realm.models.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 MAX_CONSTRAINT_BYTES = 64 * 1024
 """A constraint's JSON text at most (a schema, a grammar, a pattern): larger is refused."""
 GRAMMARS_PER_TENANT = 32
 """Compiled grammars kept per tenant; the least recently used is dropped first."""
 TENANTS_CACHED = 256
 """Tenants whose grammars are kept; the least recently active tenant's go first."""
-LIMITS = dict(max_grammar_size=100_000, max_lexer_states=50_000, initial_lexer_fuel=1_000_000)
-"""llguidance's bounds on one grammar (symbols, lexer states, compile work): a grammar
-past them is refused, never compiled at any cost."""
-JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """JSON as Python's json.dumps writes it: one space after `,` and `:`, no other
 whitespace, so a small model cannot wander off into an endless run of blanks."""
 
@@ -56,7 +56,7 @@ def grammar_text(constraint: Mapping[str, Any]) -> str:
     """llguidance's grammar for a constraint; InvalidArgument for a malformed one (the
     grammar itself is checked when it compiles)."""
     if not isinstance(constraint, Mapping):
-        raise InvalidArgument("a constraint must be a JSON object with a \"type\"")
+        raise InvalidArgument('a constraint must be a JSON object with a "type"')
     kind = constraint.get("type")
     size = len(json.dumps(constraint))
     if size > MAX_CONSTRAINT_BYTES:
@@ -67,7 +67,7 @@ def grammar_text(constraint: Mapping[str, Any]) -> str:
         if kind == "json_schema":
             schema = constraint.get("schema")
             if not isinstance(schema, (Mapping, bool)):
-                raise InvalidArgument("a json_schema constraint needs \"schema\": a JSON Schema object")
+                raise InvalidArgument('a json_schema constraint needs "schema": a JSON Schema object')
             return str(llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS))
         if kind == "regex":
             return llg.LLMatcher.grammar_from_regex(_string(constraint, "pattern"))
@@ -252,7 +252,11 @@ def compile_grammar(tokenizer: Tokenizer, vocab_size: int, constraint: Mapping[s
 
 
 def _compile(text: str, tokenizer: llg.LLTokenizer) -> llg.LLMatcher:
-    limits = llg.LLParserLimits(**LIMITS, verbose_errors=False)
+    # llguidance's bounds on one grammar (symbols, lexer states: about 1-2 kB each, compile
+    # work): a grammar past them is refused, never compiled at any cost
+    limits = llg.LLParserLimits(
+        max_grammar_size=100_000, max_lexer_states=50_000, initial_lexer_fuel=1_000_000, verbose_errors=False
+    )
     error = llg.LLMatcher.validate_grammar(text, tokenizer, limits=limits)
     if error and not error.startswith("WARNING"):
         raise InvalidArgument(f"the constraint does not compile: {error}")

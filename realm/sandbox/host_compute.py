@@ -12,8 +12,8 @@ from realm.engine import layer_step
 from realm.engine.layer_step import LayerStep
 from realm.engine.named_weights import tensor_by_name, tensor_values, weight_by_name
 from realm.errors import InvalidArgument, LimitExceeded, Unsupported
-from realm.sandbox.host_grammar import steer
 from realm.sandbox.host_args import check_cancel, guest_memory, name, non_negative, tokens
+from realm.sandbox.host_grammar import steer
 from realm.sandbox.memory import MAX_TRANSFER, GuestMemory
 from realm.sandbox.state import GuestState, HostSession
 from realm.sandbox.wasmtime_bridge import StoreContext

@@ -39,22 +39,24 @@ def build_request(
     if any(not isinstance(s, str) for s in stop):
         raise InvalidArgument("stop strings must be strings")
     p = params or SamplingParams()
-    return {
-        "model": name or model.name,
-        "model_sha256": model.sha256,
-        "prompt": prompt,
-        "messages": [dict(m) for m in messages] if messages is not None else None,
-        "max_tokens": max_tokens,
-        "temperature": p.temperature,
-        "top_k": p.top_k,
-        "top_p": p.top_p,
-        "min_p": p.min_p,
-        "repeat_penalty": p.repeat_penalty,
-        "repeat_last_n": p.repeat_last_n,
-        "presence_penalty": p.presence_penalty,
-        "frequency_penalty": p.frequency_penalty,
-        "seed": p.seed % 2**64 if p.seed is not None else random.getrandbits(63),
-        "stop": list(stop),
-    } | ({"prompt_tokens": [int(t) for t in prompt_tokens]} if prompt_tokens is not None else {}) | (
-        {"constraint": dict(constraint)} if constraint is not None else {}
+    return (
+        {
+            "model": name or model.name,
+            "model_sha256": model.sha256,
+            "prompt": prompt,
+            "messages": [dict(m) for m in messages] if messages is not None else None,
+            "max_tokens": max_tokens,
+            "temperature": p.temperature,
+            "top_k": p.top_k,
+            "top_p": p.top_p,
+            "min_p": p.min_p,
+            "repeat_penalty": p.repeat_penalty,
+            "repeat_last_n": p.repeat_last_n,
+            "presence_penalty": p.presence_penalty,
+            "frequency_penalty": p.frequency_penalty,
+            "seed": p.seed % 2**64 if p.seed is not None else random.getrandbits(63),
+            "stop": list(stop),
+        }
+        | ({"prompt_tokens": [int(t) for t in prompt_tokens]} if prompt_tokens is not None else {})
+        | ({"constraint": dict(constraint)} if constraint is not None else {})
     )

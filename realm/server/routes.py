@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from realm.errors import InternalError, InvalidArgument, RealmError, Unauthorized, UnsupportedMediaType
+from realm.errors import InternalError, RealmError, Unauthorized, UnsupportedMediaType
 from realm.server.host import Emitted, Event, Failed, Finished, Host, describe_failure, is_guest_trap
 from realm.server.metrics import Tracker
 from realm.server.openai_format import Reply, model_card
