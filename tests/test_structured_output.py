@@ -103,7 +103,7 @@ def test_llama_cpp_fields_regex_and_gbnf_constrain_completions(server):
         ({"grammar": "root ::= nowhere"}, "grammar", "not found"),
         ({"json_schema": {"enum": ["x" * 70_000]}}, "json_schema", "the most is"),
         ({"regex": "a+", "grammar": 'root ::= "a"'}, "regex", "at most one"),
-        ({"tool_choice": "required"}, None, "tool_choice is not supported"),
+        ({"tool_choice": "required"}, "tool_choice", "the request has no tools"),
     ],
 )
 def test_bad_constraints_are_400_naming_the_field(server, extra, param, message):
@@ -124,3 +124,70 @@ def test_the_grammar_cache_is_bounded_per_tenant(server):
         assert grammars.size("alpha") >= 1  # another tenant's grammars are its own
     finally:
         grammars.per_tenant = max(before, 32)
+
+
+# ---------------------------------------------------------------------------- tools
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}},
+}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def tool_chat(server: Server, messages: list, max_tokens: int = 40, **kw):
+    return client(server).chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, tools=[WEATHER, TIME], **kw
+    )
+
+
+def test_a_required_tool_call_follows_the_functions_schema_whole_and_streamed(server):
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    reply = tool_chat(server, WEATHER_QUESTION, tool_choice=choice).choices[0]
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    (call,) = reply.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    streamed: dict = {"name": "", "arguments": ""}
+    finish = None
+    for chunk in tool_chat(server, WEATHER_QUESTION, tool_choice=choice, stream=True):
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            assert not c.delta.content
+            for delta in c.delta.tool_calls or ():
+                streamed["name"] += delta.function.name or ""
+                streamed["arguments"] += delta.function.arguments or ""
+    assert finish == "tool_calls" and streamed == {"name": "get_weather", "arguments": call.function.arguments}
+
+    # the tool's result continues the conversation; "none" lets the model answer in text
+    history = [
+        *WEATHER_QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'},
+    ]
+    answer = tool_chat(server, history, 12, tool_choice="none").choices[0]
+    assert answer.message.content and not answer.message.tool_calls
+
+
+def test_required_picks_one_of_the_tools_and_bad_tool_requests_are_400(server):
+    reply = tool_chat(server, [{"role": "user", "content": "What time is it?"}], tool_choice="required").choices[0]
+    (call,) = reply.message.tool_calls
+    assert call.function.name in ("get_weather", "get_time")
+    json.loads(call.function.arguments)
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
+        tool_chat(server, WEATHER_QUESTION, tool_choice={"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(openai.BadRequestError, match="cannot be used together"):
+        tool_chat(server, WEATHER_QUESTION, response_format={"type": "json_object"})

@@ -135,7 +135,7 @@ async def generate(request: Request, host: Host, tenant: Tenant, body: Completio
     tracker = request.state.tracker = Tracker(host.metrics, tenant.name, job.model.name)
     cancel = threading.Event()
     events = host.start(tenant, job, cancel)
-    reply = Reply(job.chat, job.model.name, job.model.entry.sha256, job.prompt_tokens, body.include_usage())
+    reply = Reply(job.chat, job.model.name, job.model.entry.sha256, job.prompt_tokens, body.include_usage(), job.tools)
     if body.stream:
         return await _streamed(request, events, reply, tracker, cancel)
     return await _whole(request, events, reply, tracker, cancel)
@@ -185,8 +185,8 @@ async def _sse(
             if isinstance(event, Emitted):
                 if event.token >= 0:
                     tracker.token()
-                if event.text:
-                    yield reply.text(event.text)
+                if event.text and (piece := reply.text(event.text)):
+                    yield piece
             elif isinstance(event, Finished):
                 completion = len(event.result.tokens)
                 for closing in reply.closing(event.result.finish_reason, completion):

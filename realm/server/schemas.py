@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from realm.engine.sampling import SamplingParams
 from realm.errors import InvalidArgument, Unsupported
+from realm.server.tools import ToolMode, call_text, tool_mode
 
 MAX_STOPS = 16
 INT32_MAX = 2**31 - 1
@@ -188,12 +189,61 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(**STRICT, extra="allow")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class FunctionName(BaseModel):
+    model_config = STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
+    tools: list[Tool] | None = Field(None, max_length=64)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     def message_dicts(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        """The messages as the chat template takes them; an assistant's earlier tool calls
+        become the text the model wrote for them."""
+        out = []
+        for m in self.messages:
+            text = m.text()
+            calls = (m.model_extra or {}).get("tool_calls")
+            if m.role == "assistant" and calls:
+                if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                    raise invalid("tool_calls must be a list of objects", "messages.tool_calls")
+                text += call_text(calls)
+            out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        return out
+
+    def tool_mode(self) -> ToolMode | None:
+        """What the tools ask of the output (server/tools.py); None without tools."""
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+        try:
+            mode = tool_mode([t.model_dump() for t in self.tools or ()], choice)
+        except InvalidArgument as e:
+            e.param = "tool_choice"
+            raise
+        if mode is not None and self.constraint_field() is not None:
+            raise invalid(f"tools and {self.constraint_field()} cannot be used together", "tools")
+        return mode
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
