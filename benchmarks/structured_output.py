@@ -12,8 +12,9 @@
    schema never seen (compiled for this request) and with the same schema again (cached):
    the first-token latency a compile adds. Then 8 clients at once, unconstrained against
    response_format json_schema, in alternating rounds, each request 64 tokens (the schema
-   asks for more, so none ends early): aggregate completion tokens/s and the ratio. Then schema validity: every schema of the suite, greedy and 3 seeds at
-   temperature 0.8, checked with `jsonschema`.
+   asks for more, so none ends early): aggregate completion tokens/s and the ratio. Then
+   schema validity: every schema of the suite, greedy and 3 seeds at temperature 0.8,
+   checked with `jsonschema`.
 """
 
 from __future__ import annotations
