@@ -87,6 +87,13 @@ def _string(constraint: Mapping[str, Any], key: str) -> str:
     return value
 
 
+def apply_mask(mask: np.ndarray, logits: np.ndarray) -> None:
+    """Sets the logits (vocab,) float32 of the tokens a bitmask (words,) uint32 forbids to
+    -inf, in place (np.copyto with `where`: the fastest of numpy's and torch's ways here)."""
+    allowed = np.unpackbits(mask.view(np.uint8), bitorder="little", count=logits.size).view(bool)
+    np.copyto(logits, np.float32(-np.inf), where=~allowed)
+
+
 # ---------------------------------------------------------------------------- tokenizers
 
 
@@ -156,8 +163,7 @@ class Grammar:
 
     def apply(self, logits: np.ndarray) -> None:
         """Sets the logits (vocab,) float32 of the tokens not allowed next to -inf, in place."""
-        allowed = np.unpackbits(self.mask().view(np.uint8), bitorder="little", count=logits.size)
-        logits[allowed == 0] = -np.inf
+        apply_mask(self.mask(), logits)
 
     def consume(self, tokens: Sequence[int]) -> int:
         """Takes `tokens` in turn, all or none: the status (ACCEPTING | DONE bits) after

@@ -15,7 +15,7 @@ import json
 
 import numpy as np
 
-from realm.engine.grammar import MAX_CONSTRAINT_BYTES, words
+from realm.engine.grammar import MAX_CONSTRAINT_BYTES, apply_mask, words
 from realm.errors import InvalidArgument
 from realm.sandbox.host_args import guest_memory, non_negative, utf8
 from realm.sandbox.memory import MAX_TRANSFER
@@ -142,8 +142,7 @@ def steer(s: HostSession, logits: np.ndarray) -> None:
         np.add.at(logits, tokens, values)
         s.bias = None
     if s.mask is not None:
-        allowed = np.unpackbits(s.mask.view(np.uint8), bitorder="little", count=logits.size)
-        logits[allowed == 0] = -np.inf
+        apply_mask(s.mask, logits)
         s.mask = None
     if s.grammar is not None:
         s.grammar.apply(logits)
