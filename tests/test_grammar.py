@@ -18,6 +18,7 @@ from realm.errors import InvalidArgument, NotFound
 from realm.sandbox import abi, toolchain
 from realm.sandbox.memory import GuestMemory
 from realm.sandbox.runtime import Runtime
+from realm.server.tools import tool_mode
 
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
 PERSON = {
@@ -228,3 +229,22 @@ def test_the_choose_example_guest_picks_the_most_likely_answer(runtime, smollm2,
         steps = [session.feed(ids)[-1]] + [session.feed([t])[-1] for t in answer_ids[:-1]]
         scores[answer] = sum(float(torch.log_softmax(s.double(), -1)[t]) for s, t in zip(steps, answer_ids))
     assert out.text == max(scores, key=scores.__getitem__) and out.finish_reason == "stop"
+
+
+def test_the_tool_call_grammar_takes_a_call_that_fits_the_schema_or_plain_text(smollm2):
+    tok, vocab = smollm2.tokenizer, smollm2.config.vocab_size
+    weather = {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }
+    auto = tool_mode([{"type": "function", "function": weather}], "auto")
+    assert auto is not None
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert compile_grammar(tok, vocab, auto.constraint()).consume(tok.encode(call)) & ACCEPTING
+    assert compile_grammar(tok, vocab, auto.constraint()).consume(tok.encode("It is sunny.")) & ACCEPTING
+    with pytest.raises(InvalidArgument, match="does not allow"):
+        compile_grammar(tok, vocab, auto.constraint()).consume(tok.encode(call.replace("city", "town")))
+    forced = tool_mode([{"type": "function", "function": weather}], "required")
+    assert forced is not None and forced.forced
+    with pytest.raises(InvalidArgument, match="does not allow"):
+        compile_grammar(tok, vocab, forced.constraint()).consume(tok.encode("It is sunny."))
