@@ -6,7 +6,9 @@
  * (`prompt_tokens`), else render the chat template (for `messages`) and tokenize; then loop: one
  * whole forward step on the host (logits of the last position land in this guest's
  * memory), sample here in WebAssembly, emit the token's text, stop on an end-of-generation
- * token, a stop string or max_tokens. Token texts and end flags come from the vocabulary,
+ * token, a stop string or max_tokens. With a `constraint` (a JSON schema, regex or grammar),
+ * the host's grammar engine masks each step's logits and the guest tells it each token
+ * (realm_grammar_consume); generation stops when the grammar is complete. Token texts and end flags come from the vocabulary,
  * fetched once (realm_vocab): two host calls a token, realm_emit and realm_forward. It
  * mirrors the host's own loop (realm/engine/generation.py) and sampler
  * (realm/engine/sampling.py):
@@ -547,6 +549,8 @@ typedef struct request {
     params p;
     span stops[MAX_STOPS];
     int n_stops;
+    const char *constraint; /* raw JSON of the constraint object, or NULL */
+    size_t constraint_len;
 } request;
 
 /* JSON through realm_rt.h: a field's value (NULL span if absent or null) and its reading */
@@ -652,6 +656,13 @@ static int32_t parse_request(const char *json, size_t len, request *r) {
         return fail(REALM_E_INVALID_ARGUMENT, "presence_penalty must be in [-2, 2]", NULL);
     if (!(p->frequency_penalty >= -2 && p->frequency_penalty <= 2))
         return fail(REALM_E_INVALID_ARGUMENT, "frequency_penalty must be in [-2, 2]", NULL);
+
+    v = field(json, len, "constraint");
+    if (v.p) {
+        if (v.p[0] != '{') return fail(REALM_E_INVALID_ARGUMENT, "\"constraint\" is not an object", NULL);
+        r->constraint = v.p;
+        r->constraint_len = v.len;
+    }
 
     v = field(json, len, "stop");
     if (v.p && v.p[0] == '"') { /* a single string is accepted too */
@@ -800,10 +811,11 @@ static int32_t vocabulary_load(int32_t model, vocabulary *v) {
 
 int32_t realm_guest_abi(void) { return REALM_ABI_VERSION; }
 
-/* Sample, emit and step until an end token, a stop string or the budget: the tokens so far
- * are history[0..n_prompt), and logits hold the last step's. Ends with realm_finish. */
-static int32_t decode(const request *req, const model_ref *m, int32_t session, int32_t *history, int32_t n_prompt,
-                      int64_t budget, float *logits) {
+/* Sample, emit and step until an end token, a stop string, the end of the grammar or the
+ * budget: the tokens so far are history[0..n_prompt), and logits hold the last step's
+ * (masked by the host when a grammar is bound to the session). Ends with realm_finish. */
+static int32_t decode(const request *req, const model_ref *m, int32_t session, int32_t grammar, int32_t *history,
+                      int32_t n_prompt, int64_t budget, float *logits) {
     vocabulary voc;
     sampler smp;
     int32_t rc;
@@ -834,6 +846,14 @@ static int32_t decode(const request *req, const model_ref *m, int32_t session, i
             return realm_finish(REALM_FINISH_STOP, n_prompt, generated);
         }
         text_buf_drop(&pending, shown);
+        if (grammar) {
+            int32_t status = realm_grammar_consume(grammar, &token, 1);
+            if (status < 0) return status;
+            if (status & REALM_GRAMMAR_DONE) { /* only an end token could follow: stop here */
+                reason = REALM_FINISH_STOP;
+                break;
+            }
+        }
         if ((rc = realm_forward(session, &token, 1, logits, (size_t)m->vocab)) < 0) return rc;
     }
     utf8_flush(&decoder, &pending);
@@ -865,8 +885,13 @@ static int32_t run(void) {
      * by it, so many short requests at once hold little memory */
     int32_t session = realm_session_open(m.id, (int32_t)(n_prompt + budget));
     if (session < 0) return session;
+    int32_t grammar = 0;
+    if (req.constraint) { /* the host masks every step's logits by the grammar's state */
+        if ((grammar = realm_grammar_compile(m.id, req.constraint, req.constraint_len)) < 0) return grammar;
+        if ((rc = realm_session_set_grammar(session, grammar)) < 0) return rc;
+    }
     if ((rc = realm_forward(session, history, n_prompt, logits, (size_t)m.vocab)) < 0) return rc;
-    return decode(&req, &m, session, history, n_prompt, budget, logits);
+    return decode(&req, &m, session, grammar, history, n_prompt, budget, logits);
 }
 
 int32_t generate(void) {

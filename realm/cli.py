@@ -78,6 +78,12 @@ def run(
     seed: int | None = typer.Option(None, "--seed", "-s", help="same seed, same output"),
     stop: list[str] = typer.Option([], "--stop", help="stop before this text (repeatable)"),
     chat: bool = typer.Option(False, "--chat", help="apply the model's chat template to the prompt"),
+    constraint: str | None = typer.Option(
+        None,
+        "--constraint",
+        help='what the output must match, as JSON: {"type": "json_schema", "schema": {...}}, '
+        '{"type": "regex", "pattern": "..."}, ... (docs/ABI.md, "Constraints")',
+    ),
     backend: str | None = typer.Option(None, "--backend", help=BACKEND_HELP),
     no_sandbox: bool = typer.Option(
         False, "--no-sandbox", help="run the generation loop on the host, not in the default guest"
@@ -100,18 +106,31 @@ def run(
             repeat_last_n=repeat_last_n,
             seed=seed,
         )
+        must_match = _constraint(constraint)
         if no_sandbox:
             if guest is not None:
                 raise _usage("--guest and --no-sandbox exclude each other")
             loaded = _load(model or _default_model(), backend)
-            for piece in loaded.generate(prompt, max_tokens, params, stop, chat=chat):
+            for piece in loaded.generate(prompt, max_tokens, params, stop, chat=chat, constraint=must_match):
                 sys.stdout.write(piece.text)
                 sys.stdout.flush()
         else:
-            _run_guest(prompt, model or _default_model(), backend, guest, max_tokens, params, stop, chat)
+            _run_guest(prompt, model or _default_model(), backend, guest, max_tokens, params, stop, chat, must_match)
         sys.stdout.write("\n")
     except RealmError as e:
         _fail(e)
+
+
+def _constraint(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _usage(f"--constraint is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise _usage('--constraint must be a JSON object with a "type"')
+    return value
 
 
 def _usage(message: str) -> RealmError:
@@ -120,7 +139,7 @@ def _usage(message: str) -> RealmError:
     return InvalidArgument(message)
 
 
-def _run_guest(prompt, model, backend, guest, max_tokens, params, stop, chat) -> None:
+def _run_guest(prompt, model, backend, guest, max_tokens, params, stop, chat, constraint) -> None:
     """`realm run` through a guest: the model goes into a model store, the guest finds it
     by name, checks its hash, and streams tokens back through realm_emit."""
     from realm.models import catalogue
@@ -134,7 +153,13 @@ def _run_guest(prompt, model, backend, guest, max_tokens, params, stop, chat) ->
         stored.model.encode_prompt(prompt, chat=True)
     chat_messages = [{"role": "user", "content": prompt}] if chat else None
     request = build_request(
-        stored, prompt=None if chat else prompt, messages=chat_messages, max_tokens=max_tokens, params=params, stop=stop
+        stored,
+        prompt=None if chat else prompt,
+        messages=chat_messages,
+        max_tokens=max_tokens,
+        params=params,
+        stop=stop,
+        constraint=constraint,
     )
 
     def show(token: int, text: str) -> None:

@@ -44,6 +44,16 @@ def test_run_streams_a_greedy_continuation(smollm2_path):
 
 
 @pytest.mark.slow  # a CLI process loading a model; the same logic is tested in-process elsewhere
+def test_run_under_a_constraint_in_the_guest_and_on_the_host(smollm2_path):
+    args = ["run", "The year the war ended was", "-n", "8", "--temperature", "0"]
+    regex = ["--constraint", '{"type": "regex", "pattern": " [0-9]{4}"}']
+    guest, host = realm(*args, *regex).stdout, realm(*args, *regex, "--no-sandbox").stdout
+    assert guest == host and len(guest.strip()) == 4 and guest.strip().isdigit()
+    bad = realm(*args, "--constraint", '{"type": "regex", "pattern": "(("}', check=False)
+    assert bad.returncode != 0 and "regex" in bad.stderr
+
+
+@pytest.mark.slow  # a CLI process loading a model; the same logic is tested in-process elsewhere
 def test_perplexity_json(smollm2_path):
     result = json.loads(realm("perplexity", "-m", "smollm2-135m", str(REFERENCE / "ppl_text.txt"), "--json").stdout)
     assert result["tokens"] == 302 and result["scored"] == 301

@@ -13,6 +13,7 @@ from sandbox_helpers import GUESTS, greedy_request, host_direct, make_runtime
 
 from realm.engine.memory import rss_bytes
 from realm.errors import AbiVersionMismatch, Cancelled, GuestFault, LimitExceeded, ModelFormatError
+from realm.sandbox.abi import ABI_MAJOR, ABI_MINOR
 from realm.sandbox.runtime import Limits, Runtime
 
 SMOL = "smollm2-135m"
@@ -124,14 +125,19 @@ def test_a_faulted_guest_gives_its_memory_back_while_its_error_is_still_held(run
 
 
 def test_a_guest_for_another_abi_major_is_refused_naming_both_versions(runtime):
-    with pytest.raises(AbiVersionMismatch, match=r"built for Realm ABI 2\.0; this host implements ABI 1\.1"):
+    with pytest.raises(
+        AbiVersionMismatch, match=rf"built for Realm ABI 2\.0; this host implements ABI {ABI_MAJOR}\.{ABI_MINOR}"
+    ):
         _guest(runtime, "abi_v2")
 
 
 @pytest.mark.parametrize(
     "name,message",
     [
-        ("wasi", "imports wasi_snapshot_preview1.fd_write, which the Realm ABI 1.1 does not offer"),
+        (
+            "wasi",
+            f"imports wasi_snapshot_preview1.fd_write, which the Realm ABI {ABI_MAJOR}.{ABI_MINOR} does not offer",
+        ),
         (
             "bad_signature",
             r"imports env.realm_log as \(i32\) -> \(i32\); the ABI's wasm32 signature is \(i32, i32, i32\)",

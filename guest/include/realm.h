@@ -1,5 +1,5 @@
 /*
- * realm.h: the Realm guest ABI, version 1.1. docs/ABI.md is the full contract.
+ * realm.h: the Realm guest ABI, version 1.2. docs/ABI.md is the full contract.
  *
  * Every function is imported from module "env" and returns int32_t: >= 0 is a result
  * (a count, a handle, an id), < 0 is one of the REALM_E_* codes below. Pointers are
@@ -19,7 +19,7 @@
 #include <stdint.h>
 
 #define REALM_ABI_MAJOR 1
-#define REALM_ABI_MINOR 1
+#define REALM_ABI_MINOR 2
 #define REALM_ABI_VERSION ((REALM_ABI_MAJOR << 16) | REALM_ABI_MINOR)
 
 /* Error codes (realm/errors.py is the one table on the host). */
@@ -146,6 +146,35 @@ REALM_IMPORT(realm_tensor_shape) int32_t realm_tensor_shape(int32_t model, const
 /* Dequantized f32 elements [offset, offset + count) of the tensor (row-major), at most
  * REALM_MAX_TRANSFER bytes per call. Returns the count written. */
 REALM_IMPORT(realm_tensor_read) int32_t realm_tensor_read(int32_t model, const char *tensor, size_t name_len, int64_t offset, int32_t count, float *out);
+
+/* --- programmable decoding (ABI 1.2) ------------------------------------------------------
+ * The host's grammar engine (llguidance). A constraint is JSON (docs/ABI.md, "Constraints"):
+ * {"type":"json_object"}, {"type":"json_schema","schema":{...}}, {"type":"regex","pattern":"..."},
+ * {"type":"grammar","gbnf":"..."}, {"type":"lark","lark":"..."}. A grammar handle belongs to
+ * this guest and is freed when its request ends. A mask is one bit per token, 32 to a
+ * uint32_t word: token i is allowed when (mask[i / 32] >> (i % 32)) & 1. */
+#define REALM_GRAMMAR_ACCEPTING 1 /* the text so far is complete: an end token is allowed */
+#define REALM_GRAMMAR_DONE 2      /* nothing may follow but an end token */
+/* Compiles a constraint for a model: a grammar handle (> 0) in its start state. */
+REALM_IMPORT(realm_grammar_compile) int32_t realm_grammar_compile(int32_t model, const char *constraint, size_t len);
+REALM_IMPORT(realm_grammar_free) int32_t realm_grammar_free(int32_t grammar);
+/* The tokens allowed next as a bitmask; returns its size in words, writes it if it fits. */
+REALM_IMPORT(realm_grammar_mask) int32_t realm_grammar_mask(int32_t grammar, uint32_t *mask, size_t cap);
+/* Takes n tokens (all or none): the REALM_GRAMMAR_* status after them. n = 0 asks the status. */
+REALM_IMPORT(realm_grammar_consume) int32_t realm_grammar_consume(int32_t grammar, const int32_t *tokens, int32_t n);
+/* The tokens the grammar forces next (fast-forward them with one realm_forward); returns the count. */
+REALM_IMPORT(realm_grammar_forced) int32_t realm_grammar_forced(int32_t grammar, int32_t *out, size_t cap);
+/* Forgets the last n tokens taken. */
+REALM_IMPORT(realm_grammar_rollback) int32_t realm_grammar_rollback(int32_t grammar, int32_t n);
+/* Per-step control of a session's logits, applied by the host to this session's row only.
+ * set_grammar: every later realm_forward's logits are masked by the grammar's state (0 unbinds).
+ * set_mask / set_bias: the next realm_forward only (n_words 0 / n 0 clears). Bias -inf bans. */
+REALM_IMPORT(realm_session_set_grammar) int32_t realm_session_set_grammar(int32_t session, int32_t grammar);
+REALM_IMPORT(realm_session_set_mask) int32_t realm_session_set_mask(int32_t session, const uint32_t *mask, size_t n_words);
+REALM_IMPORT(realm_session_set_bias) int32_t realm_session_set_bias(int32_t session, const int32_t *tokens, const float *bias, int32_t n);
+/* Drops the session's last n tokens (their KV entries are overwritten by the next step);
+ * returns the tokens it holds now. */
+REALM_IMPORT(realm_session_backup) int32_t realm_session_backup(int32_t session, int32_t n);
 
 #define REALM_MAX_TRANSFER (64 * 1024 * 1024)
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
+from realm.engine.grammar import DONE, Grammar
 from realm.engine.sampling import Sampler, SamplingParams
 from realm.engine.session import Session
 from realm.errors import ContextOverflow, InvalidArgument
@@ -37,6 +40,7 @@ class Generation:
     params: SamplingParams
     max_tokens: int
     stop: Sequence[str] = ()
+    grammar: Grammar | None = None  # the output's constraint: each step's logits masked by it
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
@@ -56,7 +60,7 @@ class Generation:
         decoder = StreamDecoder(self.tokenizer)
         end_ids = self.tokenizer.eot_ids
         pending = ""  # decoded text not yet shown: it might be the start of a stop string
-        logits = session.feed(self.prompt)[-1]
+        logits = self._masked(session.feed(self.prompt)[-1])
         while True:
             if len(self.tokens) >= budget:
                 self.finish_reason = "length"
@@ -73,11 +77,23 @@ class Generation:
             if stopped:
                 self.finish_reason = "stop"
                 return
-            logits = session.feed([token])[-1]
+            if self.grammar is not None and self.grammar.consume([token]) & DONE:
+                self.finish_reason = "stop"  # only an end token could follow
+                break
+            logits = self._masked(session.feed([token])[-1])
         tail = pending + decoder.flush()
         if tail:
             self.text += tail
             yield Piece(-1, tail)
+
+    def _masked(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits with the tokens the grammar forbids at -inf, as the host does for a
+        guest whose session has the grammar (sandbox/host_grammar.py)."""
+        if self.grammar is None:
+            return logits
+        row = logits.numpy().copy()
+        self.grammar.apply(row)
+        return torch.from_numpy(row)
 
 
 def _split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:

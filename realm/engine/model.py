@@ -14,6 +14,7 @@ from typing import Any
 from realm.backends.devices import Backend, BackendKind, cpu_backend
 from realm.engine import compiled_step
 from realm.engine.generation import Generation
+from realm.engine.grammar import compile_grammar
 from realm.engine.kv_cache import KVPool
 from realm.engine.memory import rss_bytes, weight_bytes
 from realm.engine.sampling import SamplingParams
@@ -89,10 +90,15 @@ class Model:
         params: SamplingParams | None = None,
         stop: list[str] | None = None,
         chat: bool = False,
+        constraint: Mapping[str, Any] | None = None,
     ) -> Generation:
-        """A streaming generation: iterate it for `Piece`s of text as tokens are made."""
+        """A streaming generation: iterate it for `Piece`s of text as tokens are made.
+        `constraint`: what the output must match (engine/grammar.py)."""
         ids = prompt if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
-        return Generation(self.tokenizer, self.new_session(), ids, params or SamplingParams(), max_tokens, stop or [])
+        grammar = None if constraint is None else compile_grammar(self.tokenizer, self.config.vocab_size, constraint)
+        return Generation(
+            self.tokenizer, self.new_session(), ids, params or SamplingParams(), max_tokens, stop or [], grammar
+        )
 
     @property
     def bytes_held(self) -> int:

@@ -1,7 +1,7 @@
-"""The Realm guest ABI, version 1.1: every host function, from one table.
+"""The Realm guest ABI, version 1.2: every host function, from one table.
 
 Each entry names an import of module `env`, the kinds of its parameters and its
-implementation (host_io.py, host_models.py, host_compute.py). The linkers for wasm32 guests
+implementation (host_io.py, host_models.py, host_compute.py, host_grammar.py). The linkers for wasm32 guests
 (pointers and sizes are i32) and for wasm64 guests (memory64: pointers and sizes are i64)
 are both built from this table, and the import check of a guest module reads it too.
 docs/ABI.md documents each function.
@@ -23,6 +23,7 @@ from typing import Any
 
 from realm.errors import Cancelled, InternalError, LimitExceeded, RealmError
 from realm.sandbox import host_compute as compute
+from realm.sandbox import host_grammar as grammar
 from realm.sandbox import host_io as io
 from realm.sandbox import host_models as models
 from realm.sandbox import state as guest_state
@@ -32,7 +33,7 @@ from realm.sandbox.wasmtime_bridge import HostImpl, StopGuest, StoreContext
 log = logging.getLogger("realm.guest")
 
 ABI_MAJOR = 1
-ABI_MINOR = 1
+ABI_MINOR = 2
 ABI_VERSION = (ABI_MAJOR << 16) | ABI_MINOR
 
 
@@ -81,6 +82,17 @@ TABLE: tuple[HostFunction, ...] = (
     ),
     HostFunction("realm_tensor_shape", ("i32", "ptr", "size", "ptr"), compute.tensor_shape),
     HostFunction("realm_tensor_read", ("i32", "ptr", "size", "i64", "i32", "ptr"), compute.tensor_read),
+    # programmable decoding (1.2)
+    HostFunction("realm_grammar_compile", ("i32", "ptr", "size"), grammar.grammar_compile),
+    HostFunction("realm_grammar_free", ("i32",), grammar.grammar_free),
+    HostFunction("realm_grammar_mask", ("i32", "ptr", "size"), grammar.grammar_mask),
+    HostFunction("realm_grammar_consume", ("i32", "ptr", "i32"), grammar.grammar_consume),
+    HostFunction("realm_grammar_forced", ("i32", "ptr", "size"), grammar.grammar_forced),
+    HostFunction("realm_grammar_rollback", ("i32", "i32"), grammar.grammar_rollback),
+    HostFunction("realm_session_set_grammar", ("i32", "i32"), grammar.session_set_grammar),
+    HostFunction("realm_session_set_mask", ("i32", "ptr", "size"), grammar.session_set_mask),
+    HostFunction("realm_session_set_bias", ("i32", "ptr", "ptr", "i32"), grammar.session_set_bias),
+    HostFunction("realm_session_backup", ("i32", "i32"), grammar.session_backup),
 )
 
 BY_NAME = {f.name: f for f in TABLE}

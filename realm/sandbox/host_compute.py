@@ -13,6 +13,7 @@ from realm.engine.layer_step import LayerStep
 from realm.engine.named_weights import tensor_by_name, tensor_values, weight_by_name
 from realm.errors import InvalidArgument, LimitExceeded, Unsupported
 from realm.sandbox.host_args import check_cancel, guest_memory, name, non_negative, tokens
+from realm.sandbox.host_grammar import steer
 from realm.sandbox.memory import MAX_TRANSFER, GuestMemory
 from realm.sandbox.state import GuestState, HostSession
 from realm.sandbox.wasmtime_bridge import StoreContext
@@ -49,6 +50,7 @@ def forward(st: GuestState, caller: StoreContext, handle: int, ids: int, n: int,
     mem = guest_memory(st, caller)
     _logits_buffer(mem, s, logits, cap)
     out = st.host.steps.step(s.session, tokens(mem, ids, n, s.session.context_length), st.tenant)
+    steer(s, out)
     return mem.write_floats(logits, out, "logits")
 
 

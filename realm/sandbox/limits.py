@@ -15,6 +15,7 @@ class Limits:
     guest_seconds: float = 30.0  # time running WebAssembly per request (host calls not counted)
     wall_seconds: float = 600.0  # a whole request, host calls included
     max_sessions: int = 8  # sessions open at once
+    max_grammars: int = 8  # grammars (realm_grammar_compile) held at once
     max_log_messages: int = 1000  # realm_log calls kept per request
 
     def __post_init__(self) -> None:

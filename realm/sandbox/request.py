@@ -26,10 +26,12 @@ def build_request(
     stop: Sequence[str] = (),
     name: str | None = None,
     prompt_tokens: Sequence[int] | None = None,
+    constraint: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The request object for `model`: exactly one of `prompt` and `messages`. A host that
     has already made the prompt's tokens (models/prompt.py) passes them as `prompt_tokens`,
-    so a guest need not render and tokenize the prompt a second time."""
+    so a guest need not render and tokenize the prompt a second time. `constraint`: what the
+    output must match (engine/grammar.py), checked by the caller."""
     if (prompt is None) == (messages is None):
         raise InvalidArgument("a request has either a prompt or messages (one of them)")
     if max_tokens < 0:
@@ -37,20 +39,24 @@ def build_request(
     if any(not isinstance(s, str) for s in stop):
         raise InvalidArgument("stop strings must be strings")
     p = params or SamplingParams()
-    return {
-        "model": name or model.name,
-        "model_sha256": model.sha256,
-        "prompt": prompt,
-        "messages": [dict(m) for m in messages] if messages is not None else None,
-        "max_tokens": max_tokens,
-        "temperature": p.temperature,
-        "top_k": p.top_k,
-        "top_p": p.top_p,
-        "min_p": p.min_p,
-        "repeat_penalty": p.repeat_penalty,
-        "repeat_last_n": p.repeat_last_n,
-        "presence_penalty": p.presence_penalty,
-        "frequency_penalty": p.frequency_penalty,
-        "seed": p.seed % 2**64 if p.seed is not None else random.getrandbits(63),
-        "stop": list(stop),
-    } | ({"prompt_tokens": [int(t) for t in prompt_tokens]} if prompt_tokens is not None else {})
+    return (
+        {
+            "model": name or model.name,
+            "model_sha256": model.sha256,
+            "prompt": prompt,
+            "messages": [dict(m) for m in messages] if messages is not None else None,
+            "max_tokens": max_tokens,
+            "temperature": p.temperature,
+            "top_k": p.top_k,
+            "top_p": p.top_p,
+            "min_p": p.min_p,
+            "repeat_penalty": p.repeat_penalty,
+            "repeat_last_n": p.repeat_last_n,
+            "presence_penalty": p.presence_penalty,
+            "frequency_penalty": p.frequency_penalty,
+            "seed": p.seed % 2**64 if p.seed is not None else random.getrandbits(63),
+            "stop": list(stop),
+        }
+        | ({"prompt_tokens": [int(t) for t in prompt_tokens]} if prompt_tokens is not None else {})
+        | ({"constraint": dict(constraint)} if constraint is not None else {})
+    )

@@ -16,6 +16,7 @@ from pathlib import Path
 import wasmtime
 
 from realm.backends.devices import BackendRegistry
+from realm.engine.grammar import GrammarCache
 from realm.engine.model_store import Allowed, ModelStore
 from realm.engine.steps import DirectStepRunner, StepRunner
 from realm.errors import GuestFault
@@ -47,6 +48,7 @@ class Runtime:
         self.limits = limits or Limits()
         self.modules = modules or ModuleCache()
         self._cpu_budgets: dict[str, CpuBudget] = {}  # per tenant, shared by its instances
+        self.grammars = GrammarCache()  # compiled constraints, per tenant, shared by its instances
         engine()
 
     @classmethod
@@ -95,6 +97,6 @@ class Runtime:
     ) -> GuestInstance:
         """A fresh instance of `module` in its own store, for one tenant; the tenant's
         instances share one CPU budget (realm/sandbox/cpu_share.py)."""
-        services = HostServices(self.models, self.backends, self.steps)
+        services = HostServices(self.models, self.backends, self.steps, self.grammars)
         cpu = self._cpu_budgets.setdefault(tenant, CpuBudget())
         return GuestInstance(services, module, tenant, allowed=allowed, limits=limits or self.limits, cpu=cpu)

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import wasmtime
 
 from realm.backends.devices import BackendRegistry
+from realm.engine.grammar import Grammar, GrammarCache
 from realm.engine.layer_step import LayerStep
 from realm.engine.model_store import Allowed, ModelStore, StoredModel
 from realm.engine.session import Session
@@ -31,6 +33,7 @@ CANCEL_GRACE_S = 1.0
 
 _session_handles = itertools.count(1)
 """Session handles are unique in the process: another instance's handle is never ours."""
+_grammar_handles = itertools.count(1)
 
 _current = threading.local()
 
@@ -54,6 +57,7 @@ class HostServices:
     models: ModelStore
     backends: BackendRegistry
     steps: StepRunner
+    grammars: GrammarCache  # compiled constraints, per tenant
 
 
 @dataclass
@@ -62,6 +66,9 @@ class HostSession:
     entry: StoredModel
     session: Session
     layer_step: LayerStep | None = None  # a per-layer step between realm_embed and realm_logits
+    grammar: Grammar | None = None  # its mask applies to every realm_forward (realm_session_set_grammar)
+    mask: np.ndarray | None = None  # (words,) uint32: applies to the next realm_forward only
+    bias: tuple[np.ndarray, np.ndarray] | None = None  # token ids, float32 biases: the next one only
 
 
 @dataclass
@@ -98,6 +105,7 @@ class GuestState:
         self.memory: wasmtime.Memory | None = None  # the instance's exported wasmtime Memory
         self.models: dict[int, StoredModel] = {}  # ids this guest holds a reference to
         self.sessions: dict[int, HostSession] = {}
+        self.grammars: dict[int, Grammar] = {}  # realm_grammar_compile's handles
         self.call: Call | None = None
         self.last_error: str | None = None
         self.host_calls = 0
@@ -188,7 +196,22 @@ class GuestState:
         return s
 
     def close_sessions(self) -> None:
+        """Frees what a request holds: its sessions (KV caches) and its grammars."""
         self.sessions.clear()
+        self.grammars.clear()
+
+    def grammar(self, handle: int) -> Grammar:
+        g = self.grammars.get(handle)
+        if g is None:
+            raise NotFound(f"grammar {handle} does not exist or belongs to another guest")
+        return g
+
+    def add_grammar(self, grammar: Grammar) -> int:
+        if len(self.grammars) >= self.limits.max_grammars:
+            raise LimitExceeded(f"a guest may hold at most {self.limits.max_grammars} grammars at once")
+        handle = next(_grammar_handles)
+        self.grammars[handle] = grammar
+        return handle
 
     def release_models(self) -> None:
         for model_id in list(self.models):

@@ -49,6 +49,7 @@ from realm.server.openai_format import model_card
 from realm.server.schemas import ChatRequest, CompletionRequest
 from realm.server.settings import ALL_KEYS, ServerSettings, TenantSettings
 from realm.server.tenants import Tenant
+from realm.server.tools import ToolMode, with_tools
 
 log = logging.getLogger("realm.server")
 
@@ -73,6 +74,7 @@ class Job:
     request: dict[str, Any]  # what the guest reads (docs/ABI.md, "The request")
     prompt_tokens: int
     max_tokens: int
+    tools: ToolMode | None = None  # the reply's text is read back into tool calls
 
 
 # ---------------------------------------------------------------------------- events
@@ -334,9 +336,13 @@ class Host:
         breaks: 404/403 for the model, 400 for the prompt or max_tokens. Blocks (tokenizes)."""
         served = self.resolve(tenant, name)
         entry = served.entry
+        tools = None
         if isinstance(body, ChatRequest):
             prompt, messages = None, body.message_dicts()
             asked, default = body.requested_max_tokens(), tenant.settings.limits.max_tokens
+            tools = body.tool_mode()
+            if tools is not None:
+                messages = with_tools(messages, tools)
         else:
             prompt, messages = body.prompt_text(), None
             asked, default = body.max_tokens, COMPLETION_MAX_TOKENS
@@ -348,6 +354,9 @@ class Host:
             tenant.check_max_tokens(asked)
         room = entry.model.config.context_length - n_prompt
         max_tokens = min(asked if asked is not None else default, room)
+        constraint = body.constraint() if tools is None else tools.constraint()
+        if constraint is not None:
+            self.check_constraint(tenant, entry, constraint, body.constraint_field() or "tools")
         request = build_request(
             entry,
             prompt=prompt,
@@ -357,10 +366,26 @@ class Host:
             stop=stops,
             name=served.name,
             prompt_tokens=prompt_ids,
+            constraint=constraint,
         )
         if served.pinned_sha256 is not None:  # the guest's realm_validate_model_id checks what the client pinned
             request["model_sha256"] = served.pinned_sha256
-        return Job(served, messages is not None, request, n_prompt, max_tokens)
+        return Job(served, messages is not None, request, n_prompt, max_tokens, tools)
+
+    def check_constraint(
+        self, tenant: Tenant, entry: StoredModel, constraint: dict[str, Any], field: str | None
+    ) -> None:
+        """Compiles the request's constraint now, on this request's own thread (never the
+        model runner's): a bad one is a 400 before admission, and a good one is in the
+        tenant's grammar cache when its guest asks for it."""
+        if self.runtime is None:
+            raise ServiceUnavailable("the server is not ready")
+        model = entry.model
+        try:
+            self.runtime.grammars.compile(tenant.name, model.tokenizer, model.config.vocab_size, constraint)
+        except InvalidArgument as e:
+            e.param = e.param or field
+            raise
 
     # ------------------------------------------------------------------------- running
 

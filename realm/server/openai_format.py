@@ -11,6 +11,7 @@ from typing import Any
 
 from realm.engine.model_store import StoredModel
 from realm.errors import RealmError
+from realm.server.tools import MARKER, ToolMode, parse_reply
 
 DONE = b"data: [DONE]\n\n"
 
@@ -48,8 +49,19 @@ def model_card(name: str, entry: StoredModel, created: int) -> dict[str, Any]:
 class Reply:
     """OpenAI's response objects for one (chat) completion request: whole, or chunk by chunk."""
 
-    def __init__(self, chat: bool, model: str, sha256: str, prompt_tokens: int, include_usage: bool) -> None:
+    def __init__(
+        self,
+        chat: bool,
+        model: str,
+        sha256: str,
+        prompt_tokens: int,
+        include_usage: bool,
+        tools: ToolMode | None = None,
+    ) -> None:
         self.chat = chat
+        self.tools = tools
+        self.held = ""  # streamed text held back while it may be a tool call
+        self.calling = tools is not None  # until the text shows it is no call
         self.model = model
         self.fingerprint = "realm-" + sha256[:12]
         self.prompt_tokens = prompt_tokens
@@ -59,7 +71,11 @@ class Reply:
 
     def whole(self, text: str, finish_reason: str, completion: int) -> dict[str, Any]:
         """The reply of a request that was not streamed."""
-        if self.chat:
+        calls = parse_reply(text) if self.tools is not None else None
+        if calls is not None:
+            message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": calls}
+            choice = {"index": 0, "message": message, "finish_reason": "tool_calls", "logprobs": None}
+        elif self.chat:
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
@@ -78,12 +94,37 @@ class Reply:
         return [sse(self._chunk({"role": "assistant", "content": ""}, None))] if self.chat else []
 
     def text(self, text: str) -> bytes:
-        """The event of a piece of generated text."""
+        """The event of a piece of generated text (empty while it may be a tool call)."""
+        if self.calling:
+            self.held += text
+            if self.tools is not None and not self.tools.forced and not self.held.startswith(MARKER[: len(self.held)]):
+                self.calling, text, self.held = False, self.held, ""  # plain text after all
+            else:
+                return b""
         return sse(self._chunk({"content": text} if self.chat else text, None))
 
     def closing(self, finish_reason: str, completion: int) -> list[bytes]:
-        """The last events of a finished generation: the finish reason, the usage if asked for, [DONE]."""
-        events = [sse(self._chunk({} if self.chat else "", finish_reason))]
+        """The last events of a finished generation: a tool call held back (its name, then its
+        arguments), the finish reason, the usage if asked for, [DONE]."""
+        events = []
+        calls = parse_reply(self.held) if self.calling else None
+        if calls is not None:
+            for i, call in enumerate(calls):
+                fn = call["function"]
+                head = {
+                    "index": i,
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": fn["name"], "arguments": ""},
+                }
+                events.append(sse(self._chunk({"tool_calls": [head]}, None)))
+                events.append(
+                    sse(self._chunk({"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]}, None))
+                )
+            finish_reason = "tool_calls"
+        elif self.held:
+            events.append(sse(self._chunk({"content": self.held}, None)))
+        events.append(sse(self._chunk({} if self.chat else "", finish_reason)))
         if self.include_usage:
             obj = "chat.completion.chunk" if self.chat else "text_completion"
             events.append(sse({**self._head(obj), "choices": [], "usage": self.usage(completion)}))

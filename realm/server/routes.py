@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from realm.errors import InternalError, InvalidArgument, RealmError, Unauthorized, UnsupportedMediaType
+from realm.errors import InternalError, RealmError, Unauthorized, UnsupportedMediaType
 from realm.server.host import Emitted, Event, Failed, Finished, Host, describe_failure, is_guest_trap
 from realm.server.metrics import Tracker
 from realm.server.openai_format import Reply
@@ -35,7 +35,7 @@ from realm.server.openapi import (
     answers,
     request_body,
 )
-from realm.server.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from realm.server.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, invalid
 from realm.server.settings import dotted
 from realm.server.tenants import Tenant
 
@@ -74,13 +74,6 @@ async def metrics_reader(request: Request, host: Annotated[Host, Depends(get_hos
 
 HostDep = Annotated[Host, Depends(get_host)]
 TenantDep = Annotated[Tenant, Depends(authenticate)]
-
-
-def invalid(message: str, param: str | None) -> InvalidArgument:
-    """InvalidArgument naming the request field at fault (the error body's `param`)."""
-    error = InvalidArgument(message)
-    error.param = param
-    return error
 
 
 async def parse_body(request: Request, schema: type[Body]) -> Body:
@@ -142,7 +135,7 @@ async def generate(request: Request, host: Host, tenant: Tenant, body: Completio
     tracker = request.state.tracker = Tracker(host.metrics, tenant.name, job.model.name)
     cancel = threading.Event()
     events = host.start(tenant, job, cancel)
-    reply = Reply(job.chat, job.model.name, job.model.entry.sha256, job.prompt_tokens, body.include_usage())
+    reply = Reply(job.chat, job.model.name, job.model.entry.sha256, job.prompt_tokens, body.include_usage(), job.tools)
     if body.stream:
         return await _streamed(request, events, reply, tracker, cancel)
     return await _whole(request, events, reply, tracker, cancel)
@@ -192,8 +185,8 @@ async def _sse(
             if isinstance(event, Emitted):
                 if event.token >= 0:
                     tracker.token()
-                if event.text:
-                    yield reply.text(event.text)
+                if event.text and (piece := reply.text(event.text)):
+                    yield piece
             elif isinstance(event, Finished):
                 completion = len(event.result.tokens)
                 for closing in reply.closing(event.result.finish_reason, completion):

@@ -16,7 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from realm.engine.sampling import SamplingParams
-from realm.errors import Unsupported
+from realm.errors import InvalidArgument, Unsupported
+from realm.server.tools import ToolMode, call_text, tool_mode
 
 MAX_STOPS = 16
 INT32_MAX = 2**31 - 1
@@ -57,7 +58,34 @@ class _Sampling(BaseModel):
                 raise Unsupported(f"{name} is not supported by this server")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOPS:
             raise Unsupported(f"at most {MAX_STOPS} stop strings")
+        self.constraint()  # a malformed response_format / grammar / json_schema / regex is refused here
         return self
+
+    def constraint_field(self) -> str | None:
+        """The request field that asks for a constraint, if one does."""
+        extra = self.model_extra or {}
+        asked = [k for k in CONSTRAINT_FIELDS if extra.get(k) is not None and extra.get(k) != {"type": "text"}]
+        if len(asked) > 1:
+            raise invalid(f"give at most one of {', '.join(asked)}", asked[1])
+        return asked[0] if asked else None
+
+    def constraint(self) -> dict[str, Any] | None:
+        """What the output must match (engine/grammar.py's constraint), from OpenAI's
+        `response_format` or llama.cpp's `json_schema` / `grammar` or a `regex`; None if the
+        request asks for none. At most one of them; InvalidArgument naming the field at fault."""
+        name = self.constraint_field()
+        if name is None:
+            return None
+        value = (self.model_extra or {})[name]
+        if name == "json_schema":
+            if not isinstance(value, dict):
+                raise invalid("json_schema must be a JSON Schema object", name)
+            return {"type": "json_schema", "schema": value}
+        if name in ("grammar", "regex"):
+            if not isinstance(value, str) or not value:
+                raise invalid(f"{name} must be a non-empty string", name)
+            return {"type": "grammar", "gbnf": value} if name == "grammar" else {"type": "regex", "pattern": value}
+        return _response_format(value)
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -78,6 +106,40 @@ class _Sampling(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+CONSTRAINT_FIELDS = ("response_format", "json_schema", "grammar", "regex")
+
+
+def invalid(message: str, param: str | None) -> InvalidArgument:
+    """InvalidArgument naming the request field at fault (the error body's `param`)."""
+    error = InvalidArgument(message)
+    error.param = param
+    return error
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """OpenAI's `response_format` ({"type": "text" | "json_object" | "json_schema"}; llama.cpp's
+    `{"type": "json_object", "schema": {...}}` too) as a constraint."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        schema = value.get("schema")
+        if schema is None:
+            return {"type": "json_object"}
+        if not isinstance(schema, dict):
+            raise invalid("response_format.schema must be a JSON Schema object", "response_format.schema")
+        return {"type": "json_schema", "schema": schema}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise invalid(
+                "response_format.json_schema.schema must be a JSON Schema object", "response_format.json_schema.schema"
+            )
+        return {"type": "json_schema", "schema": schema}
+    raise invalid(
+        f"response_format.type must be text, json_object or json_schema, not {kind!r}", "response_format.type"
+    )
+
+
 _UNSUPPORTED: dict[str, tuple] = {
     "logprobs": (None, False, 0),
     "top_logprobs": (None, 0),
@@ -86,8 +148,8 @@ _UNSUPPORTED: dict[str, tuple] = {
     "suffix": (None, ""),
     "logit_bias": (None, {}),
     "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
-    "response_format": (None, {"type": "text"}),
 }
 
 
@@ -127,12 +189,61 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(**STRICT, extra="allow")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class FunctionName(BaseModel):
+    model_config = STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
+    tools: list[Tool] | None = Field(None, max_length=64)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     def message_dicts(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        """The messages as the chat template takes them; an assistant's earlier tool calls
+        become the text the model wrote for them."""
+        out = []
+        for m in self.messages:
+            text = m.text()
+            calls = (m.model_extra or {}).get("tool_calls")
+            if m.role == "assistant" and calls:
+                if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                    raise invalid("tool_calls must be a list of objects", "messages.tool_calls")
+                text += call_text(calls)
+            out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        return out
+
+    def tool_mode(self) -> ToolMode | None:
+        """What the tools ask of the output (server/tools.py); None without tools."""
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+        try:
+            mode = tool_mode([t.model_dump() for t in self.tools or ()], choice)
+        except InvalidArgument as e:
+            e.param = "tool_choice"
+            raise
+        if mode is not None and self.constraint_field() is not None:
+            raise invalid(f"tools and {self.constraint_field()} cannot be used together", "tools")
+        return mode
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

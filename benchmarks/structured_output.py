@@ -1,0 +1,268 @@
+"""Structured output's costs, side by side in one run.
+
+    .venv/bin/python benchmarks/structured_output.py [--rounds 2] [--skip-server]
+
+1. Mask cost per sequence-step on both models (smollm2-135m: 49k tokens, gemma3-270m:
+   262k), for 1 and for 8 sequences at once (8 threads, as 8 guests would be): the
+   grammar's mask for the state, applied to a row of logits, and the chosen token taken,
+   which is all the host adds to a constrained step (engine/grammar.py). The schemas are
+   tests/schema_suite.py's; a sequence whose grammar is complete starts again.
+2. Compiling each schema of the suite (a cache miss), and a cache hit.
+3. Through a real `realm serve` of smollm2-135m: time to first token with no schema, with a
+   schema never seen (compiled for this request) and with the same schema again (cached):
+   the first-token latency a compile adds. Then 8 clients at once, unconstrained against
+   response_format json_schema, in alternating rounds, each request 64 tokens (the schema
+   asks for more, so none ends early): aggregate completion tokens/s and the ratio. Then
+   schema validity: every schema of the suite, greedy and 3 seeds at temperature 0.8,
+   checked with `jsonschema`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import jsonschema
+import numpy as np
+from anchor import REPO, cpu_model, free_port, start_realm_server, stop, wait_healthy
+
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+from schema_suite import SCHEMAS  # noqa: E402
+
+from realm.engine.grammar import DONE, GrammarCache, lltokenizer  # noqa: E402
+from realm.models.catalogue import pull  # noqa: E402
+from realm.models.gguf_file import GGUFFile  # noqa: E402
+from realm.models.tokenizer import Tokenizer  # noqa: E402
+
+MODELS = ("smollm2-135m", "gemma3-270m")
+STEPS = 200  # sequence-steps per thread
+
+
+def mask_cost(tokenizer: Tokenizer, sequences: int) -> tuple[float, float]:
+    """(CPU ms, wall ms) per sequence-step, means, with `sequences` threads each stepping
+    its own grammar; the token taken is the best of random logits under the mask. CPU time
+    is the thread's own (time.thread_time): what a step costs, whatever else runs; wall
+    time adds the waits for a core, which 8 threads on few cores have."""
+    cache, vocab = GrammarCache(), tokenizer.vocab_size
+    constraints = [{"type": "json_schema", "schema": s} for _, s in SCHEMAS.values()]
+    for c in constraints:
+        cache.compile("bench", tokenizer, vocab, c)  # compiled once, before the clock
+    times: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    def run(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        rows = rng.standard_normal((4, vocab)).astype(np.float32)
+        mine, i = [], seed
+        grammar = cache.compile("bench", tokenizer, vocab, constraints[i % len(constraints)])
+        for step in range(STEPS):
+            logits = rows[step % 4].copy()
+            cpu, wall = time.thread_time(), time.perf_counter()
+            grammar.apply(logits)
+            cpu_masked, wall_masked = time.thread_time(), time.perf_counter()
+            token = int(np.argmax(logits))  # sampling: not a cost of the mask
+            cpu_picked, wall_picked = time.thread_time(), time.perf_counter()
+            done = token in tokenizer.eot_ids or grammar.consume([token]) & DONE
+            mine.append(
+                (
+                    (cpu_masked - cpu) + (time.thread_time() - cpu_picked),
+                    (wall_masked - wall) + (time.perf_counter() - wall_picked),
+                )
+            )
+            if done:
+                i += 1
+                grammar = cache.compile("bench", tokenizer, vocab, constraints[i % len(constraints)])
+        with lock:
+            times.extend(mine)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(sequences)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statistics.fmean(c for c, _ in times) * 1000, statistics.fmean(w for _, w in times) * 1000
+
+
+def compile_times(tokenizer: Tokenizer) -> tuple[dict[str, float], float]:
+    """ms to compile each schema of the suite, and to take one from the cache."""
+    cache, vocab, out = GrammarCache(), tokenizer.vocab_size, {}
+    for name, (_, schema) in SCHEMAS.items():
+        started = time.perf_counter()
+        cache.compile("bench", tokenizer, vocab, {"type": "json_schema", "schema": schema})
+        out[name] = (time.perf_counter() - started) * 1000
+    started = time.perf_counter()
+    cache.compile("bench", tokenizer, vocab, {"type": "json_schema", "schema": SCHEMAS["nested"][1]})
+    return out, (time.perf_counter() - started) * 1000
+
+
+# ---------------------------------------------------------------------------- through the server
+
+
+def body(question: str, max_tokens: int, schema: dict | None, **kw: object) -> dict:
+    b = {
+        "model": MODELS[0],
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    } | kw
+    if schema is not None:
+        b["response_format"] = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    return b
+
+
+async def first_token(http: httpx.AsyncClient, schema: dict | None) -> float:
+    started = time.perf_counter()
+    async with http.stream(
+        "POST", "/v1/chat/completions", json=body("Give a person as JSON.", 4, schema, stream=True)
+    ) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+                return time.perf_counter() - started
+    raise SystemExit("a stream ended without text")
+
+
+async def ttft(http: httpx.AsyncClient, repeats: int = 5) -> dict[str, float]:
+    base = SCHEMAS["nested"][1]
+    out: dict[str, list[float]] = {"no schema": [], "schema, compiled now": [], "schema, cached": []}
+    for i in range(repeats):
+        fresh = json.loads(json.dumps(base))
+        fresh["properties"][f"note_{i}_{time.time_ns()}"] = {"type": "string", "maxLength": 5}  # never seen
+        out["no schema"].append(await first_token(http, None))
+        out["schema, compiled now"].append(await first_token(http, fresh))
+        out["schema, cached"].append(await first_token(http, fresh))
+    return {k: statistics.median(v) * 1000 for k, v in out.items()}
+
+
+LONG_LIST = {
+    "type": "object",
+    "properties": {
+        "animals": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 12},
+                    "note": {"type": "string", "maxLength": 40},
+                },
+                "required": ["name", "note"],
+                "additionalProperties": False,
+            },
+            "minItems": 10,
+        }
+    },
+    "required": ["animals"],
+    "additionalProperties": False,
+}
+"""Longer than the 64 tokens asked for: every constrained request runs its full 64 steps."""
+
+
+async def throughput(http: httpx.AsyncClient, constrained: bool, clients: int = 8) -> tuple[float, float]:
+    """(aggregate completion tokens/s, mean tokens per request) of `clients` requests at
+    once, each asking for 64 tokens: a list of animals as JSON under LONG_LIST, or a story."""
+
+    async def one(i: int) -> int:
+        question = (
+            "List ten animals with a note on each, as JSON." if constrained else "Tell a long story about a dragon."
+        )
+        r = await http.post("/v1/chat/completions", json=body(question, 64, LONG_LIST if constrained else None, seed=i))
+        r.raise_for_status()
+        return int(r.json()["usage"]["completion_tokens"])
+
+    started = time.perf_counter()
+    tokens = await asyncio.gather(*(one(i) for i in range(clients)))
+    return sum(tokens) / (time.perf_counter() - started), statistics.fmean(tokens)
+
+
+async def validity(http: httpx.AsyncClient) -> dict[str, int]:
+    counts = {"valid": 0, "invalid": 0, "cut by max_tokens": 0}
+
+    async def one(question: str, schema: dict, seed: int | None) -> None:
+        kw = {} if seed is None else {"temperature": 0.8, "seed": seed}
+        r = await http.post("/v1/chat/completions", json=body(question, 120, schema, **kw))
+        r.raise_for_status()
+        choice = r.json()["choices"][0]
+        if choice["finish_reason"] != "stop":
+            counts["cut by max_tokens"] += 1
+            return
+        try:
+            jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+            counts["valid"] += 1
+        except (json.JSONDecodeError, jsonschema.ValidationError):
+            counts["invalid"] += 1
+
+    await asyncio.gather(*(one(q, s, seed) for q, s in SCHEMAS.values() for seed in (None, 1, 2, 3)))
+    return counts
+
+
+async def server_figures(rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        config = (
+            f'port = {port}\nbackend = "cpu"\nmodels = ["{MODELS[0]}"]\n\n'
+            '[[tenants]]\nname = "bench"\nopen = true\n[tenants.limits]\nmax_concurrent = 32\n'
+        )
+        server = start_realm_server(config, Path(tmp))
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy([base], [server], timeout=600)
+            async with httpx.AsyncClient(base_url=base, timeout=600) as http:
+                await throughput(http, True, 2)  # warm up
+                print("\ntime to first token, median of 5 (smollm2-135m, streamed chat):")
+                for k, v in (await ttft(http)).items():
+                    print(f"  {k:22s} {v:8.1f} ms")
+                plain, structured = [], []
+                for _ in range(rounds):
+                    plain.append(await throughput(http, False))
+                    structured.append(await throughput(http, True))
+                p, s = statistics.median(r for r, _ in plain), statistics.median(r for r, _ in structured)
+                print(f"\n8 clients at once, median of {rounds} alternating rounds (completion tokens/s):")
+                print(
+                    f"  unconstrained {p:7.1f} ({statistics.fmean(n for _, n in plain):.0f} tokens a request)   "
+                    f"json_schema {s:7.1f} ({statistics.fmean(n for _, n in structured):.0f})   ratio {s / p:.2f}"
+                )
+                counts = await validity(http)
+                total = sum(counts.values())
+                print(f"\nschema validity over the suite ({len(SCHEMAS)} schemas x greedy + 3 seeds = {total}):")
+                print("  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        finally:
+            stop([server])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--skip-server", action="store_true", help="only the in-process figures")
+    parser.add_argument("--skip-masks", action="store_true", help="only the figures through the server")
+    args = parser.parse_args()
+    print(f"CPU: {cpu_model()}")
+    for name in () if args.skip_masks else MODELS:
+        tokenizer = Tokenizer.from_gguf_fields(GGUFFile(pull(name, progress=False)).metadata)
+        started = time.perf_counter()
+        lltokenizer(tokenizer, tokenizer.vocab_size)
+        built = time.perf_counter() - started
+        per_schema, hit = compile_times(tokenizer)
+        print(f"\n{name} ({tokenizer.vocab_size} tokens; llguidance's tokenizer built once per model: {built:.2f} s)")
+        print(
+            "  compile per schema (ms): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in per_schema.items())
+            + f"; cached {hit:.2f}"
+        )
+        for n in (1, 8):
+            cpu, wall = mask_cost(tokenizer, n)
+            print(f"  mask + apply + consume, {n} at once: {cpu:.3f} ms CPU per sequence-step ({wall:.3f} ms wall)")
+    if not args.skip_server:
+        asyncio.run(server_figures(args.rounds))
+
+
+if __name__ == "__main__":
+    main()

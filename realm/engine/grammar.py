@@ -1,0 +1,272 @@
+"""Constrained decoding: grammars, JSON schemas and regular expressions compiled by
+llguidance into token masks over a model's vocabulary.
+
+A *constraint* is a small JSON object (docs/ABI.md, "Constraints"): `{"type": "json_object"}`,
+`{"type": "json_schema", "schema": {...}}`, `{"type": "regex", "pattern": "..."}`,
+`{"type": "grammar", "gbnf": "..."}` (llama.cpp's GBNF, or Lark) or
+`{"type": "lark", "lark": "..."}`. `GrammarCache.compile` turns one into a `Grammar`: the
+state of one sequence under it, which gives the mask of the tokens allowed next (one bit
+per token, 32 to a uint32 word, token i in word i // 32, bit i % 32), takes the tokens
+chosen, says whether the text so far is complete, and gives the tokens the grammar forces.
+
+Compiling is the expensive part (a JSON schema: about a millisecond to tens of them);
+a compiled grammar is kept per tenant, bounded (`GrammarCache`), so a tenant that sends
+the same schema again pays nothing and one that floods the host with unique schemas only
+evicts its own. llguidance drops the GIL while it compiles and while it computes a mask,
+so neither holds up the batch scheduler's thread or other guests.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import llguidance as llg
+import numpy as np
+
+from realm.errors import InvalidArgument
+from realm.models.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+MAX_CONSTRAINT_BYTES = 64 * 1024
+"""A constraint's JSON text at most (a schema, a grammar, a pattern): larger is refused."""
+GRAMMARS_PER_TENANT = 32
+"""Compiled grammars kept per tenant; the least recently used is dropped first."""
+TENANTS_CACHED = 256
+"""Tenants whose grammars are kept; the least recently active tenant's go first."""
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""JSON as Python's json.dumps writes it: one space after `,` and `:`, no other
+whitespace, so a small model cannot wander off into an endless run of blanks."""
+
+TYPES = ("json_object", "json_schema", "regex", "grammar", "lark")
+
+
+def words(vocab_size: int) -> int:
+    """uint32 words of a mask over `vocab_size` tokens."""
+    return (vocab_size + 31) // 32
+
+
+def grammar_text(constraint: Mapping[str, Any]) -> str:
+    """llguidance's grammar for a constraint; InvalidArgument for a malformed one (the
+    grammar itself is checked when it compiles)."""
+    if not isinstance(constraint, Mapping):
+        raise InvalidArgument('a constraint must be a JSON object with a "type"')
+    kind = constraint.get("type")
+    size = len(json.dumps(constraint))
+    if size > MAX_CONSTRAINT_BYTES:
+        raise InvalidArgument(f"the constraint is {size} bytes; the most is {MAX_CONSTRAINT_BYTES}")
+    try:
+        if kind == "json_object":
+            return str(llg.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS))
+        if kind == "json_schema":
+            schema = constraint.get("schema")
+            if not isinstance(schema, (Mapping, bool)):
+                raise InvalidArgument('a json_schema constraint needs "schema": a JSON Schema object')
+            return str(llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS))
+        if kind == "regex":
+            return llg.LLMatcher.grammar_from_regex(_string(constraint, "pattern"))
+        if kind == "grammar":
+            return llg.grammar_from("gbnf", _string(constraint, "gbnf"))
+        if kind == "lark":
+            return llg.LLMatcher.grammar_from_lark(_string(constraint, "lark"))
+    except ValueError as e:
+        raise InvalidArgument(f"invalid {kind} constraint: {e}") from None
+    raise InvalidArgument(f"unknown constraint type {kind!r}; the types are {', '.join(TYPES)}")
+
+
+def _string(constraint: Mapping[str, Any], key: str) -> str:
+    value = constraint.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"a {constraint.get('type')} constraint needs {key!r}: a non-empty string")
+    return value
+
+
+def apply_mask(mask: np.ndarray, logits: np.ndarray) -> None:
+    """Sets the logits (vocab,) float32 of the tokens a bitmask (words,) uint32 forbids to
+    -inf, in place (np.copyto with `where`: the fastest of numpy's and torch's ways here)."""
+    allowed = np.unpackbits(mask.view(np.uint8), bitorder="little", count=logits.size).view(bool)
+    np.copyto(logits, np.float32(-np.inf), where=~allowed)
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+
+_tokenizers: weakref.WeakKeyDictionary[Tokenizer, dict[int, llg.LLTokenizer]] = weakref.WeakKeyDictionary()
+_tokenizers_lock = threading.Lock()
+
+
+class _Vocabulary:
+    """What llguidance's TokenizerWrapper reads: each token's bytes (control tokens marked
+    with a leading 0xFF, as llguidance's llama.cpp adapter does), and a tokenize function."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_id
+        self.bos_token_id = tokenizer.bos_id
+        self.special_token_ids = [i for i in range(tokenizer.vocab_size) if tokenizer.is_control(i)]
+        special = set(self.special_token_ids)
+        self.tokens = [
+            b"\xff" + tokenizer.token_bytes(i, special=True) if i in special else tokenizer.token_bytes(i)
+            for i in range(tokenizer.vocab_size)
+        ]
+
+    def __call__(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+
+def lltokenizer(tokenizer: Tokenizer, vocab_size: int) -> llg.LLTokenizer:
+    """llguidance's view of `tokenizer` with `vocab_size` rows of logits (padded with empty
+    tokens that no grammar allows), its end tokens the model's end-of-generation set. Built
+    once per tokenizer (a few tenths of a second on 262k tokens)."""
+    with _tokenizers_lock:
+        built = _tokenizers.setdefault(tokenizer, {})
+        if vocab_size not in built:
+            built[vocab_size] = llg.LLTokenizer(
+                llg.TokenizerWrapper(_Vocabulary(tokenizer)),
+                n_vocab=vocab_size,
+                eos_token=sorted(tokenizer.eot_ids) or None,
+            )
+        return built[vocab_size]
+
+
+# ---------------------------------------------------------------------------- one sequence's state
+
+
+ACCEPTING = 1
+"""Grammar status: the text so far is complete (an end token is allowed now)."""
+DONE = 2
+"""Grammar status: nothing can follow but an end token."""
+
+
+class Grammar:
+    """One sequence's state under a compiled constraint. Not thread-safe: one guest uses it."""
+
+    def __init__(self, matcher: llg.LLMatcher, vocab_size: int) -> None:
+        self._matcher = matcher
+        self.vocab_size = vocab_size
+        self.words = words(vocab_size)
+        self._mask = np.zeros(self.words, dtype=np.uint32)
+
+    def mask(self) -> np.ndarray:
+        """The allowed next tokens as a bitmask, (words,) uint32 (a buffer reused by the next
+        call). An end token is allowed exactly when the text so far is complete."""
+        m = self._mask
+        self._matcher.unsafe_compute_mask_ptr(m.ctypes.data, m.nbytes)
+        self._check()
+        return m
+
+    def apply(self, logits: np.ndarray) -> None:
+        """Sets the logits (vocab,) float32 of the tokens not allowed next to -inf, in place."""
+        apply_mask(self.mask(), logits)
+
+    def consume(self, tokens: Sequence[int]) -> int:
+        """Takes `tokens` in turn, all or none: the status (ACCEPTING | DONE bits) after
+        them, or InvalidArgument, the state unchanged, if the grammar refuses one."""
+        for t in tokens:
+            if not 0 <= t < self.vocab_size:
+                raise InvalidArgument(f"token id {t} is outside the vocabulary (size {self.vocab_size})")
+        taken = self._matcher.try_consume_tokens(list(tokens)) if tokens else 0
+        if taken < len(tokens):
+            if taken:
+                self._matcher.rollback(taken)
+            raise InvalidArgument(f"the grammar does not allow token {tokens[taken]} here")
+        self._check()
+        return self.status()
+
+    def status(self) -> int:
+        m = self._matcher
+        return (ACCEPTING if m.is_accepting() else 0) | (DONE if m.is_stopped() else 0)
+
+    def forced(self) -> list[int]:
+        """The tokens the grammar forces next (fast-forward), maybe none."""
+        tokens = self._matcher.compute_ff_tokens()
+        self._check()
+        return list(tokens)
+
+    def rollback(self, n: int) -> None:
+        """Forgets the last `n` tokens taken."""
+        if n < 0 or not self._matcher.rollback(n):
+            raise InvalidArgument(f"cannot roll the grammar back by {n} tokens")
+        self._check()
+
+    def _check(self) -> None:
+        if self._matcher.is_error():
+            raise InvalidArgument(f"the grammar failed: {self._matcher.get_error()}")
+
+
+# ---------------------------------------------------------------------------- compiling, cached
+
+
+class GrammarCache:
+    """Compiled constraints, per tenant, bounded: `GRAMMARS_PER_TENANT` each (least recently
+    used dropped first) for the `TENANTS_CACHED` tenants most recently active. Thread-safe;
+    compiling runs outside the lock (llguidance drops the GIL while it compiles)."""
+
+    def __init__(self, per_tenant: int = GRAMMARS_PER_TENANT, tenants: int = TENANTS_CACHED) -> None:
+        self.per_tenant = per_tenant
+        self.tenants = tenants
+        self._cached: OrderedDict[str, OrderedDict[tuple[int, int, str], llg.LLMatcher]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.compiles = 0  # grammars compiled (cache misses), for tests and metrics
+
+    def compile(self, tenant: str, tokenizer: Tokenizer, vocab_size: int, constraint: Mapping[str, Any]) -> Grammar:
+        """A fresh state of `constraint` over the model's vocabulary; InvalidArgument names
+        what is wrong with a constraint that does not compile."""
+        text = grammar_text(constraint)
+        key = (id(tokenizer), vocab_size, text)
+        with self._lock:
+            template = self._lookup(tenant, key)
+            if template is not None:
+                return Grammar(template.deep_copy(), vocab_size)
+        template = _compile(text, lltokenizer(tokenizer, vocab_size))
+        with self._lock:
+            self.compiles += 1
+            self._store(tenant, key, template)
+            return Grammar(template.deep_copy(), vocab_size)
+
+    def size(self, tenant: str) -> int:
+        with self._lock:
+            return len(self._cached.get(tenant, ()))
+
+    def _lookup(self, tenant: str, key: tuple[int, int, str]) -> llg.LLMatcher | None:
+        entries = self._cached.get(tenant)
+        if entries is None or key not in entries:
+            return None
+        self._cached.move_to_end(tenant)
+        entries.move_to_end(key)
+        return entries[key]
+
+    def _store(self, tenant: str, key: tuple[int, int, str], template: llg.LLMatcher) -> None:
+        entries = self._cached.setdefault(tenant, OrderedDict())
+        self._cached.move_to_end(tenant)
+        entries[key] = template
+        while len(entries) > self.per_tenant:
+            entries.popitem(last=False)
+        while len(self._cached) > self.tenants:
+            self._cached.popitem(last=False)
+
+
+def compile_grammar(tokenizer: Tokenizer, vocab_size: int, constraint: Mapping[str, Any]) -> Grammar:
+    """A fresh state of `constraint`, compiled now, uncached (the host's own generation)."""
+    return Grammar(_compile(grammar_text(constraint), lltokenizer(tokenizer, vocab_size)), vocab_size)
+
+
+def _compile(text: str, tokenizer: llg.LLTokenizer) -> llg.LLMatcher:
+    # llguidance's bounds on one grammar (symbols, lexer states: about 1-2 kB each, compile
+    # work): a grammar past them is refused, never compiled at any cost
+    limits = llg.LLParserLimits(
+        max_grammar_size=100_000, max_lexer_states=50_000, initial_lexer_fuel=1_000_000, verbose_errors=False
+    )
+    error = llg.LLMatcher.validate_grammar(text, tokenizer, limits=limits)
+    if error and not error.startswith("WARNING"):
+        raise InvalidArgument(f"the constraint does not compile: {error}")
+    matcher = llg.LLMatcher(tokenizer, text, log_level=0, limits=limits)
+    if matcher.is_error():
+        raise InvalidArgument(f"the constraint does not compile: {matcher.get_error()}")
+    return matcher
