@@ -1,4 +1,4 @@
-"""The Realm guest ABI, version 1.1: every host function, from one table.
+"""The Realm guest ABI, version 1.2: every host function, from one table.
 
 Each entry names an import of module `env`, the kinds of its parameters and its
 implementation (host_io.py, host_models.py, host_compute.py). The linkers for wasm32 guests
@@ -32,7 +32,7 @@ from realm.sandbox.wasmtime_bridge import HostImpl, StopGuest, StoreContext
 log = logging.getLogger("realm.guest")
 
 ABI_MAJOR = 1
-ABI_MINOR = 1
+ABI_MINOR = 2
 ABI_VERSION = (ABI_MAJOR << 16) | ABI_MINOR
 
 
@@ -68,6 +68,7 @@ TABLE: tuple[HostFunction, ...] = (
     HostFunction("realm_session_open", ("i32", "i32"), compute.session_open),
     HostFunction("realm_session_close", ("i32",), compute.session_close),
     HostFunction("realm_forward", ("i32", "ptr", "i32", "ptr", "size"), compute.forward, model_work=True),
+    HostFunction("realm_logprobs", ("i32", "i32", "i32"), compute.logprobs),
     HostFunction("realm_embed", ("i32", "ptr", "i32", "ptr", "size"), compute.embed, model_work=True),
     HostFunction("realm_forward_layer", ("i32", "i32", "ptr", "size"), compute.forward_layer, model_work=True),
     HostFunction("realm_logits", ("i32", "ptr", "size", "ptr", "size"), compute.logits_of, model_work=True),

@@ -18,7 +18,10 @@ from typing import Any
 import wasmtime
 
 from realm.backends.devices import BackendRegistry
+import numpy as np
+
 from realm.engine.layer_step import LayerStep
+from realm.engine.logprobs import TokenLogprobs
 from realm.engine.model_store import Allowed, ModelStore, StoredModel
 from realm.engine.session import Session
 from realm.engine.steps import StepRunner
@@ -62,6 +65,7 @@ class HostSession:
     entry: StoredModel
     session: Session
     layer_step: LayerStep | None = None  # a per-layer step between realm_embed and realm_logits
+    last_logits: np.ndarray | None = None  # (vocab,) float32 of its last step, for realm_logprobs
 
 
 @dataclass
@@ -70,10 +74,13 @@ class Call:
 
     payload: bytes
     on_token: Callable[[int, str], None] | None = None
+    on_logprobs: Callable[[TokenLogprobs], None] | None = None  # before on_token, for the token it reports
     cancel: threading.Event | None = None
     text: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     finish: tuple[int, int, int] | None = None  # reason, prompt tokens, completion tokens
+    pending_logprobs: TokenLogprobs | None = None  # realm_logprobs' report for the next token emitted
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # of the tokens emitted, in order
     logs: int = 0
     cache: dict[str, Any] = field(default_factory=dict)  # last tokenize / template result
 
