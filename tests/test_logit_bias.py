@@ -24,9 +24,7 @@ def test_bias_is_one_float32_addition_before_the_penalties():
     assert sampler.sample(torch.from_numpy(x), [0]) == 1
 
 
-@pytest.mark.parametrize(
-    "bias", [((0, 100.5),), ((0, float("nan")),), ((-1, 1.0),), ((3, 1.0), (3, 2.0))], ids=str
-)
+@pytest.mark.parametrize("bias", [((0, 100.5),), ((0, float("nan")),), ((-1, 1.0),), ((3, 1.0), (3, 2.0))], ids=str)
 def test_bad_biases_are_refused(bias):
     with pytest.raises(InvalidArgument):
         SamplingParams(logit_bias=bias)

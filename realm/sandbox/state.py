@@ -15,11 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import wasmtime
 
 from realm.backends.devices import BackendRegistry
-import numpy as np
-
 from realm.engine.layer_step import LayerStep
 from realm.engine.logprobs import TokenLogprobs
 from realm.engine.model_store import Allowed, ModelStore, StoredModel

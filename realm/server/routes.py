@@ -20,7 +20,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from realm.errors import InternalError, InvalidArgument, RealmError, Unauthorized, UnsupportedMediaType
+from realm.errors import InternalError, RealmError, Unauthorized, UnsupportedMediaType
+from realm.sandbox.instance import GuestResult
 from realm.server.host import Emitted, Event, Failed, Finished, Host, describe_failure, is_guest_trap
 from realm.server.metrics import Tracker
 from realm.server.openai_format import Reply, model_card
@@ -35,7 +36,7 @@ from realm.server.openapi import (
     answers,
     request_body,
 )
-from realm.server.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from realm.server.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, invalid
 from realm.server.settings import dotted
 from realm.server.tenants import Tenant
 
@@ -74,13 +75,6 @@ async def metrics_reader(request: Request, host: Annotated[Host, Depends(get_hos
 
 HostDep = Annotated[Host, Depends(get_host)]
 TenantDep = Annotated[Tenant, Depends(authenticate)]
-
-
-def invalid(message: str, param: str | None) -> InvalidArgument:
-    """InvalidArgument naming the request field at fault (the error body's `param`)."""
-    error = InvalidArgument(message)
-    error.param = param
-    return error
 
 
 async def parse_body(request: Request, schema: type[Body]) -> Body:
@@ -142,7 +136,16 @@ async def generate(request: Request, host: Host, tenant: Tenant, body: Completio
     tracker = request.state.tracker = Tracker(host.metrics, tenant.name, job.model.name)
     cancel = threading.Event()
     events = host.start(tenant, job, cancel)
-    reply = Reply(job.chat, job.model.name, job.model.entry.sha256, job.prompt_tokens, body.include_usage())
+    tokenizer = job.model.entry.model.tokenizer
+    reply = Reply(
+        job.chat,
+        job.model.name,
+        job.model.entry.sha256,
+        job.prompt_tokens,
+        body.include_usage(),
+        n=job.n,
+        token_bytes=(lambda t: tokenizer.token_bytes(t, special=True)) if job.logprobs else None,
+    )
     if body.stream:
         return await _streamed(request, events, reply, tracker, cancel)
     return await _whole(request, events, reply, tracker, cancel)
@@ -151,18 +154,21 @@ async def generate(request: Request, host: Host, tenant: Tenant, body: Completio
 async def _whole(
     request: Request, events: AsyncIterator[Event], reply: Reply, tracker: Tracker, cancel: threading.Event
 ) -> JSONResponse:
+    results: dict[int, GuestResult] = {}
     async with _cancel_on_disconnect(request, cancel):
         async for event in events:
             if isinstance(event, Emitted):
                 if event.token >= 0:
                     tracker.token()
-                continue
-            if isinstance(event, Failed):
+            elif isinstance(event, Failed):
                 raise _failure(event, tracker)
-            completion = len(event.result.tokens)
-            tracker.finish(200, reply.prompt_tokens, completion)
-            return JSONResponse(reply.whole(event.result.text, event.result.finish_reason, completion))
-    raise InternalError("the guest's output ended without a result")
+            else:
+                results[event.index] = event.result
+    if len(results) != reply.n:
+        raise InternalError("the guest's output ended without a result")
+    choices = [results[i] for i in range(reply.n)]
+    tracker.finish(200, reply.prompt_tokens, sum(len(r.tokens) for r in choices))
+    return JSONResponse(reply.whole(choices))
 
 
 async def _streamed(
@@ -184,6 +190,7 @@ async def _sse(
     first: Event, events: AsyncIterator[Event], reply: Reply, tracker: Tracker, cancel: threading.Event
 ) -> AsyncIterator[bytes]:
     status = 499  # unless it ends one way or another below: the client went away
+    running, completion = reply.n, 0
     try:
         for opening in reply.opening():
             yield opening
@@ -192,15 +199,18 @@ async def _sse(
             if isinstance(event, Emitted):
                 if event.token >= 0:
                     tracker.token()
-                if event.text:
-                    yield reply.text(event.text)
+                if event.text or event.logprobs is not None:
+                    yield reply.text(event.index, event.text, [event.logprobs] if event.logprobs else [])
             elif isinstance(event, Finished):
-                completion = len(event.result.tokens)
-                for closing in reply.closing(event.result.finish_reason, completion):
-                    yield closing
-                status = 200
-                tracker.finish(200, reply.prompt_tokens, completion)
-                return
+                completion += len(event.result.tokens)
+                yield reply.finished(event.index, event.result.finish_reason)
+                running -= 1
+                if running == 0:
+                    for closing in reply.closing(completion):
+                        yield closing
+                    status = 200
+                    tracker.finish(200, reply.prompt_tokens, completion)
+                    return
             else:
                 error = _failure(event, tracker)
                 status = error.http_status
