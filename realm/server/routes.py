@@ -3,7 +3,7 @@
 how many tokens, admission) is the Host's, the wire format is openai_format's.
 
 POST /v1/chat/completions and POST /v1/completions (both streamed as SSE or not, through
-one code path), GET /v1/models, GET /v1/models/{id}, POST /tokenize, POST /detokenize,
+one code path), POST /v1/embeddings, GET /v1/models, GET /v1/models/{id}, POST /tokenize, POST /detokenize,
 GET /health, GET /metrics.
 """
 
@@ -22,12 +22,14 @@ from pydantic import BaseModel, ValidationError
 
 from realm.errors import InternalError, RealmError, Unauthorized, UnsupportedMediaType
 from realm.sandbox.instance import GuestResult
+from realm.server.embeddings import embeddings
 from realm.server.host import Emitted, Event, Failed, Finished, Host, describe_failure, is_guest_trap
 from realm.server.metrics import Tracker
 from realm.server.openai_format import Reply, model_card
 from realm.server.openapi import (
     ChatCompletion,
     Completion,
+    EmbeddingList,
     Health,
     ModelCard,
     ModelList,
@@ -36,7 +38,14 @@ from realm.server.openapi import (
     answers,
     request_body,
 )
-from realm.server.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, invalid
+from realm.server.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+    invalid,
+)
 from realm.server.settings import dotted
 from realm.server.tenants import Tenant
 
@@ -248,6 +257,20 @@ async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> As
         yield
     finally:
         watcher.cancel()
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=None,
+    openapi_extra=request_body(EmbeddingRequest),
+    responses=answers(EmbeddingList, errors=(400, 401, 403, 404, 413, 415, 429, 503)),
+)
+async def create_embeddings(request: Request, host: HostDep, tenant: TenantDep) -> dict[str, Any]:
+    body = await parse_body(request, EmbeddingRequest)
+    return await asyncio.to_thread(embeddings, host, tenant, body)
 
 
 # ---------------------------------------------------------------------------- models, tokens, health, metrics

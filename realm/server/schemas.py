@@ -183,3 +183,32 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(**STRICT, extra="forbid")
     model: str | None = None
     tokens: list[int] = Field(max_length=1 << 20)
+
+
+MAX_EMBEDDING_INPUTS = 64
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request: texts or token arrays, one vector each."""
+
+    model_config = ConfigDict(**STRICT, extra="forbid")
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, description="the model's embedding length, or left out")
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Any:
+        if not self.input:
+            raise invalid("input is empty", "input")
+        if len(self.items()) > MAX_EMBEDDING_INPUTS:
+            raise invalid(f"input has {len(self.items())} items; at most {MAX_EMBEDDING_INPUTS} per request", "input")
+        return self
+
+    def items(self) -> list[str | list[int]]:
+        """The inputs, one vector each: a text, or a token array used as given."""
+        if isinstance(self.input, str):
+            return [self.input]
+        items: list[Any] = list(self.input)
+        return [items] if all(isinstance(t, int) for t in items) else items
