@@ -116,7 +116,7 @@ def test_a_guest_for_another_abi_major_is_refused_naming_both_versions(runtime):
 @pytest.mark.parametrize(
     "name,message",
     [
-        ("wasi", "imports wasi_snapshot_preview1.fd_write, which the Realm ABI 1.1 does not offer"),
+        ("wasi", "imports wasi_snapshot_preview1.fd_write, which the Realm ABI 1.2 does not offer"),
         (
             "bad_signature",
             r"imports env.realm_log as \(i32\) -> \(i32\); the ABI's wasm32 signature is \(i32, i32, i32\)",
