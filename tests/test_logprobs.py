@@ -33,13 +33,19 @@ def test_logprobs_are_the_log_softmax_in_order_with_ties_by_id():
             token_logprobs(x, *bad)
 
 
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One home for both models' runtimes: the default guest is compiled once."""
+    return tmp_path_factory.mktemp("home")
+
+
 @pytest.fixture(scope="module", params=list(REFERENCES))
-def checked(request, reference_dir, tmp_path_factory):
+def checked(request, reference_dir, home):
     """(model, the reference's npz and prompts, a default guest instance of a runtime holding it)."""
     name = request.param
     model = request.getfixturevalue(name.split("-")[0])
     path = request.getfixturevalue(name.split("-")[0] + "_path")
-    runtime = make_runtime({name: (path, model)}, tmp_path_factory.mktemp("home"))
+    runtime = make_runtime({name: (path, model)}, home)
     stem = reference_dir / REFERENCES[name]
     prompts = json.loads(stem.with_suffix(".logits.json").read_text())["prompts"]
     with np.load(stem.with_suffix(".logits.npz")) as ref, runtime.instance(runtime.default_module(), "lp") as guest:
