@@ -3,8 +3,8 @@
 how many tokens, admission) is the Host's, the wire format is openai_format's.
 
 POST /v1/chat/completions and POST /v1/completions (both streamed as SSE or not, through
-one code path), POST /v1/embeddings, GET /v1/models, GET /v1/models/{id}, POST /tokenize, POST /detokenize,
-GET /health, GET /metrics.
+one code path, n choices), POST /v1/embeddings, GET /v1/models, GET /v1/models/{id},
+POST /tokenize, POST /detokenize, GET /health, GET /metrics.
 """
 
 from __future__ import annotations
