@@ -13,8 +13,8 @@
  * mirrors the host's own loop (realm/engine/generation.py) and sampler
  * (realm/engine/sampling.py):
  *
- *   penalties (repeat over the last n tokens, presence, frequency) -> top-k -> top-p ->
- *   min-p -> temperature -> draw; temperature <= 0 is greedy (argmax, lowest index on ties,
+ *   logit bias -> penalties (repeat over the last n tokens, presence, frequency) -> top-k ->
+ *   top-p -> min-p -> temperature -> draw; temperature <= 0 is greedy (argmax, lowest index on ties,
  *   the first NaN if any, like torch.argmax).
  *
  * The sampler is the one docs/ABI.md specifies ("Sampling"): float64 throughout, one draw
@@ -29,10 +29,15 @@
 
 #define MAX_STOPS 64
 
+#define MAX_LOGIT_BIAS 1024
+
 typedef struct params {
     double temperature, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty;
     int64_t top_k, repeat_last_n, max_tokens;
     uint64_t seed;
+    int32_t n_bias;
+    int32_t *bias_ids; /* logit_bias: token ids and float32 biases, n_bias of each */
+    float *bias;
 } params;
 
 typedef struct span {
@@ -431,6 +436,7 @@ static size_t top_k(sampler *s, const float *logits, size_t k) {
 static int32_t sample(sampler *s, float *logits, const int32_t *history, size_t n_history) {
     const params *p = &s->p;
     int32_t V = s->vocab;
+    for (int32_t i = 0; i < p->n_bias; i++) logits[p->bias_ids[i]] += p->bias[i]; /* one float32 addition */
     penalise(s, logits, history, n_history);
     if (p->temperature <= 0) return argmax(logits, V);
     for (int32_t i = 0; i < V; i++)
@@ -551,6 +557,7 @@ typedef struct request {
     int n_stops;
     const char *constraint; /* raw JSON of the constraint object, or NULL */
     size_t constraint_len;
+    int32_t top_logprobs; /* -1: no log-probabilities asked for */
 } request;
 
 /* JSON through realm_rt.h: a field's value (NULL span if absent or null) and its reading */
@@ -598,6 +605,49 @@ static int32_t integer(const char *json, size_t n, const char *key, int64_t dflt
     if (!(d >= -9.0e18 && d <= 9.0e18) || d != (double)(int64_t)d)
         return fail(REALM_E_INVALID_ARGUMENT, "request field is not an integer: ", key);
     *out = (int64_t)d;
+    return 0;
+}
+
+/* One [token id, bias] pair of "logit_bias" at s[i..e): 1 if well formed. */
+static int bias_pair(const char *s, size_t e, size_t i, uint64_t *id, double *bias) {
+    if (s[i] != '[') return 0;
+    i = rt_json_ws(s, e, i + 1);
+    size_t end = rt_json_skip(s, e, i);
+    if (!end || !u64_of((rt_span){s + i, end - i}, id)) return 0;
+    i = rt_json_ws(s, e, end);
+    if (i >= e || s[i] != ',') return 0;
+    i = rt_json_ws(s, e, i + 1);
+    end = rt_json_skip(s, e, i);
+    if (!end || rt_json_number((rt_span){s + i, end - i}, bias) != 0) return 0;
+    i = rt_json_ws(s, e, end);
+    return i < e && s[i] == ']' && rt_json_ws(s, e, i + 1) == e;
+}
+
+/* "logit_bias": a list of [token id, bias] pairs, bias in [-100, 100], into p (the ids are
+ * checked against the vocabulary once the model is known). */
+static int32_t parse_logit_bias(rt_span v, params *p) {
+    const char *bad = "\"logit_bias\" must be a list of [token id, bias] pairs, bias in [-100, 100]";
+    p->n_bias = 0;
+    if (!v.p) return 0;
+    if (v.p[0] != '[') return fail(REALM_E_INVALID_ARGUMENT, bad, NULL);
+    p->bias_ids = (int32_t *)rt_alloc(MAX_LOGIT_BIAS * sizeof(int32_t));
+    p->bias = (float *)rt_alloc(MAX_LOGIT_BIAS * sizeof(float));
+    if (!p->bias_ids || !p->bias) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for logit_bias", NULL);
+    size_t i = rt_json_ws(v.p, v.len, 1);
+    while (i < v.len && v.p[i] != ']') {
+        size_t e = rt_json_skip(v.p, v.len, i);
+        uint64_t id;
+        double bias;
+        if (!e || !bias_pair(v.p, e, i, &id, &bias) || !(bias >= -100 && bias <= 100) || id > INT32_MAX)
+            return fail(REALM_E_INVALID_ARGUMENT, bad, NULL);
+        if (p->n_bias == MAX_LOGIT_BIAS)
+            return fail_n(REALM_E_LIMIT_EXCEEDED, "too many logit_bias entries; the most is ", MAX_LOGIT_BIAS, NULL, 0);
+        p->bias_ids[p->n_bias] = (int32_t)id;
+        p->bias[p->n_bias++] = (float)bias;
+        i = rt_json_ws(v.p, v.len, e);
+        if (i < v.len && v.p[i] == ',') i = rt_json_ws(v.p, v.len, i + 1);
+        else if (i >= v.len || v.p[i] != ']') return fail(REALM_E_INVALID_ARGUMENT, bad, NULL);
+    }
     return 0;
 }
 
@@ -683,7 +733,14 @@ static int32_t parse_request(const char *json, size_t len, request *r) {
             if (i < v.len && v.p[i] == ',') i = rt_json_ws(v.p, v.len, i + 1);
         }
     }
-    return 0;
+
+    int64_t n_top;
+    if ((rc = integer(json, len, "top_logprobs", 0, &n_top))) return rc;
+    if (n_top < 0 || n_top > REALM_MAX_TOP_LOGPROBS)
+        return fail_n(REALM_E_INVALID_ARGUMENT, "top_logprobs must be in 0..", REALM_MAX_TOP_LOGPROBS, NULL, 0);
+    v = field(json, len, "logprobs");
+    r->top_logprobs = v.len == 4 && rt_memeq(v.p, "true", 4) ? (int32_t)n_top : -1;
+    return parse_logit_bias(field(json, len, "logit_bias"), p);
 }
 
 /* --- the prompt's tokens ------------------------------------------------------------------------ */
@@ -821,6 +878,9 @@ static int32_t decode(const request *req, const model_ref *m, int32_t session, i
     int32_t rc;
     if ((rc = vocabulary_load(m->id, &voc)) < 0) return rc;
     if (!sampler_init(&smp, &req->p, m->vocab)) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the sampler", NULL);
+    for (int32_t i = 0; i < req->p.n_bias; i++)
+        if (req->p.bias_ids[i] >= m->vocab)
+            return fail_n(REALM_E_INVALID_ARGUMENT, "logit_bias names token ", req->p.bias_ids[i], ", outside the vocabulary of ", m->vocab);
     text_buf pending = {0};
     utf8_dec decoder = {{0}, 0};
     int32_t generated = 0, reason = REALM_FINISH_LENGTH;
@@ -838,6 +898,7 @@ static int32_t decode(const request *req, const model_ref *m, int32_t session, i
         int32_t n = (int32_t)(voc.offsets[token + 1] - voc.offsets[token]);
         if (generated++ == 0 && m->add_space_prefix && n > 0 && piece[0] == ' ') { piece++; n--; }
         utf8_push(&decoder, piece, (size_t)n, &pending);
+        if (req->top_logprobs >= 0 && (rc = realm_logprobs(session, token, req->top_logprobs)) < 0) return rc;
         int stopped = 0;
         size_t shown = split_at_stop(&pending, req->stops, req->n_stops, &stopped);
         if ((rc = realm_emit(token, pending.data, shown)) < 0) return rc;

@@ -419,7 +419,7 @@ def test_400_malformed_requests(server):
     with pytest.raises(openai.BadRequestError):
         chat(server.client("alpha"), temperature=-1)
     with pytest.raises(openai.BadRequestError):
-        chat(server.client("alpha"), n=2)
+        chat(server.client("alpha"), n=5)  # over the tenant's max_n (4)
     with pytest.raises(openai.BadRequestError) as e:  # over the tenant's max_tokens per request
         chat(server.client("tiny"), max_tokens=9)
     assert "max_tokens" in e.value.message

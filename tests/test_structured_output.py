@@ -191,3 +191,35 @@ def test_required_picks_one_of_the_tools_and_bad_tool_requests_are_400(server):
         tool_chat(server, WEATHER_QUESTION, tool_choice={"type": "function", "function": {"name": "nope"}})
     with pytest.raises(openai.BadRequestError, match="cannot be used together"):
         tool_chat(server, WEATHER_QUESTION, response_format={"type": "json_object"})
+
+
+def test_a_constraint_with_logprobs_and_n_choices_whole_and_streamed(server):
+    """Every choice is constrained, carries its tokens' log-probabilities, and streams the
+    same text, tool calls included, each under its own index."""
+    sampled = {"extra_body": {"temperature": 0.9}}  # over ask()'s greedy default: the choices differ
+    short = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"]}
+    short |= {"additionalProperties": False}
+    form = json_schema_format("cat", short)
+    args = dict(response_format=form, logprobs=True, top_logprobs=2, n=2, seed=7, **sampled)
+    whole = ask(server, "Name a cat, as JSON.", 60, **args)
+    assert [c.index for c in whole.choices] == [0, 1]
+    for c in whole.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.message.content), short)
+        assert b"".join(bytes(e.bytes) for e in c.logprobs.content).decode() == c.message.content
+    texts = {0: "", 1: ""}
+    for chunk in ask(server, "Name a cat, as JSON.", 60, stream=True, **args):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == {c.index: c.message.content for c in whole.choices}
+
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    calls: dict[int, dict] = {0: {}, 1: {}}
+    for chunk in tool_chat(server, WEATHER_QUESTION, tool_choice=choice, stream=True, n=2, seed=3, **sampled):
+        for c in chunk.choices:
+            for delta in c.delta.tool_calls or ():
+                calls[c.index]["name"] = calls[c.index].get("name") or delta.function.name
+                calls[c.index]["arguments"] = calls[c.index].get("arguments", "") + (delta.function.arguments or "")
+    for call in calls.values():
+        assert call["name"] == "get_weather"
+        jsonschema.validate(json.loads(call["arguments"]), WEATHER["function"]["parameters"])

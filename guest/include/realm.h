@@ -123,6 +123,12 @@ REALM_IMPORT(realm_session_open) int32_t realm_session_open(int32_t model, int32
 REALM_IMPORT(realm_session_close) int32_t realm_session_close(int32_t session);
 /* Runs n tokens; writes the last position's logits (vocab_size floats) to logits. */
 REALM_IMPORT(realm_forward) int32_t realm_forward(int32_t session, const int32_t *tokens, int32_t n, float *logits, size_t cap);
+/* (ABI 1.2) The log-probability of `token` under the model's distribution at the session's
+ * last step (log-softmax of its raw logits) and the n_top (0..REALM_MAX_TOP_LOGPROBS) most
+ * likely tokens', computed on the host and attached to the next realm_emit, which must emit
+ * `token`: what OpenAI's `logprobs` reports. */
+#define REALM_MAX_TOP_LOGPROBS 20
+REALM_IMPORT(realm_logprobs) int32_t realm_logprobs(int32_t session, int32_t token, int32_t n_top);
 
 /* --- level 2: per layer (hidden states live in guest memory, f32 row-major) ------------- */
 /* Starts a step of n tokens: writes their embeddings x (n * dim floats). */

@@ -1,7 +1,7 @@
 """Choosing the next token from logits, in llama.cpp's order and with its defaults.
 
-Order: penalties -> top-k -> top-p -> min-p -> temperature -> draw. Temperature <= 0 is
-greedy. This is the one sampling algorithm of Realm: the default guest (guest/default.c)
+Order: logit bias -> penalties -> top-k -> top-p -> min-p -> temperature -> draw.
+Temperature <= 0 is greedy. This is the one sampling algorithm of Realm: the default guest (guest/default.c)
 runs it in WebAssembly, this module on the host (`realm run --no-sandbox`), and the same
 seed gives the same tokens in both, bit for bit. docs/ABI.md ("Sampling") specifies it
 exactly: penalties in float64 rounded to float32; the rest in float64, with the
@@ -37,8 +37,11 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None  # None: a fresh random seed; taken modulo 2^64
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]), ids ascending, once each
 
     def __post_init__(self) -> None:
+        biases = tuple(sorted((int(t), float(np.float32(b))) for t, b in self.logit_bias))
+        object.__setattr__(self, "logit_bias", biases)  # float32 values: what the guest adds
         checks = [
             (0 <= self.temperature < math.inf, "temperature must be >= 0 and finite"),
             (self.top_k >= 0, "top_k must be >= 0"),
@@ -48,6 +51,8 @@ class SamplingParams:
             (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            (all(t >= 0 and -100 <= b <= 100 for t, b in biases), "logit_bias: ids >= 0, biases in [-100, 100]"),
+            (len({t for t, _ in biases}) == len(biases), "logit_bias names a token twice"),
         ]
         for ok, message in checks:
             if not ok:
@@ -159,7 +164,8 @@ class Sampler:
     def sample(self, logits: torch.Tensor, history: Sequence[int]) -> int:
         """logits: (vocab,) of the next position; history: tokens so far (for penalties)."""
         p = self.params
-        penalised = self._penalise(logits.detach().float().flatten().cpu().numpy().copy(), history)
+        raw = logits.detach().float().flatten().cpu().numpy().copy()
+        penalised = self._penalise(self._bias(raw), history)
         if p.temperature <= 0:
             return int(np.argmax(penalised))  # the first maximum, or the first NaN
         x = penalised.astype(np.float64)
@@ -193,6 +199,17 @@ class Sampler:
         weights = np.cumsum(exp64((values[order] - m) / p.temperature))
         target = self.rng.uniform() * float(weights[-1])
         return int(ids[order[min(int(np.count_nonzero(weights <= target)), order.size - 1)]])
+
+    def _bias(self, logits: np.ndarray) -> np.ndarray:
+        """OpenAI's logit_bias, in place: each biased token's float32 logit plus its float32
+        bias, one float32 addition (llama.cpp's logit-bias sampler, first in its chain)."""
+        if not self.params.logit_bias:
+            return logits
+        ids = np.array([t for t, _ in self.params.logit_bias], np.int64)
+        if ids[-1] >= logits.size:
+            raise InvalidArgument(f"logit_bias names token {ids[-1]}, outside the vocabulary (size {logits.size})")
+        logits[ids] += np.array([b for _, b in self.params.logit_bias], np.float32)
+        return logits
 
     def _penalise(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         """Repeat, frequency and presence penalties over the last repeat_last_n tokens, in

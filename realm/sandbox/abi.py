@@ -69,6 +69,7 @@ TABLE: tuple[HostFunction, ...] = (
     HostFunction("realm_session_open", ("i32", "i32"), compute.session_open),
     HostFunction("realm_session_close", ("i32",), compute.session_close),
     HostFunction("realm_forward", ("i32", "ptr", "i32", "ptr", "size"), compute.forward, model_work=True),
+    HostFunction("realm_logprobs", ("i32", "i32", "i32"), compute.logprobs, model_work=True),
     HostFunction("realm_embed", ("i32", "ptr", "i32", "ptr", "size"), compute.embed, model_work=True),
     HostFunction("realm_forward_layer", ("i32", "i32", "ptr", "size"), compute.forward_layer, model_work=True),
     HostFunction("realm_logits", ("i32", "ptr", "size", "ptr", "size"), compute.logits_of, model_work=True),

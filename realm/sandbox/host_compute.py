@@ -10,6 +10,7 @@ import struct
 from realm.backends.devices import BackendKind
 from realm.engine import layer_step
 from realm.engine.layer_step import LayerStep
+from realm.engine.logprobs import token_logprobs
 from realm.engine.named_weights import tensor_by_name, tensor_values, weight_by_name
 from realm.errors import InvalidArgument, LimitExceeded, Unsupported
 from realm.sandbox.host_args import check_cancel, guest_memory, name, non_negative, tokens
@@ -50,8 +51,24 @@ def forward(st: GuestState, caller: StoreContext, handle: int, ids: int, n: int,
     mem = guest_memory(st, caller)
     _logits_buffer(mem, s, logits, cap)
     out = st.host.steps.step(s.session, tokens(mem, ids, n, s.session.context_length), st.tenant)
+    # realm_logprobs reports the model's own distribution, not what the guest's steering made of it
+    steered = s.bias is not None or s.mask is not None or s.grammar is not None
+    s.last_logits = out.copy() if steered else out
     steer(s, out)
     return mem.write_floats(logits, out, "logits")
+
+
+def logprobs(st: GuestState, caller: StoreContext, handle: int, token: int, n_top: int) -> int:
+    """The log-probability of `token` (and the n_top most likely tokens) at the session's
+    last step, kept for the next realm_emit, which must emit that token."""
+    s = st.session(handle)
+    call = st.call
+    if call is None:
+        raise InvalidArgument("realm_logprobs outside of generate")
+    if s.last_logits is None:
+        raise InvalidArgument(f"session {handle} has no step yet (realm_forward or realm_logits)")
+    call.pending_logprobs = token_logprobs(s.last_logits, token, n_top)
+    return 0
 
 
 # ---------------------------------------------------------------------------- level 2: per layer
@@ -99,6 +116,7 @@ def logits_of(st: GuestState, caller: StoreContext, handle: int, x: int, x_cap: 
     _logits_buffer(mem, s, logits, cap)
     out = step.logits(mem.read_floats(x, step.hidden_size, "x"))
     s.layer_step = None
+    s.last_logits = out.float().cpu().numpy()
     return mem.write_floats(logits, out, "logits")
 
 

@@ -52,8 +52,15 @@ def emit(st: GuestState, caller: StoreContext, token: int, ptr: int, length: int
     if length > MAX_EMIT:
         raise LimitExceeded(f"one emit of {length} bytes exceeds the limit of {MAX_EMIT}")
     text = guest_memory(st, caller).read(ptr, length, "emitted text").decode("utf-8", "replace")
+    reported, call.pending_logprobs = call.pending_logprobs, None
+    if reported is not None and reported.token != token:
+        raise InvalidArgument(f"realm_logprobs reported token {reported.token}, but token {token} was emitted")
     if token >= 0:
         call.tokens.append(token)
+    if reported is not None:
+        call.logprobs.append(reported)
+        if call.on_logprobs is not None:
+            call.on_logprobs(reported)
     if text:
         call.text.append(text)
     if call.on_token is not None:

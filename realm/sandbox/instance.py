@@ -17,11 +17,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import wasmtime
 
+from realm.engine.logprobs import TokenLogprobs
 from realm.engine.model_store import Allowed
 from realm.errors import (
     ABI_CODES,
@@ -54,6 +55,7 @@ class GuestResult:
     seconds: float  # the whole request
     guest_seconds: float  # of which running WebAssembly
     host_calls: int
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # of the tokens, if the request asked
 
 
 class GuestInstance:
@@ -141,12 +143,14 @@ class GuestInstance:
         request: Mapping[str, Any] | bytes,
         on_token: Callable[[int, str], None] | None = None,
         cancel: threading.Event | None = None,
+        on_logprobs: Callable[[TokenLogprobs], None] | None = None,
     ) -> GuestResult:
         """Run one request through the guest's `generate`.
 
         `request` is the request object (docs/ABI.md, "The request") or its JSON bytes;
         `on_token(token, text)` is called for every realm_emit (token -1: text only);
-        setting `cancel` makes realm_emit and the forward functions return
+        `on_logprobs` with a token's log-probabilities (realm_logprobs) just before the
+        on_token call of that token; setting `cancel` makes realm_emit and the forward functions return
         REALM_E_CANCELLED. Raises Cancelled, GuestFault, or the error class of the code the
         guest returned (e.g. ContextOverflow), with the host's last error message.
         """
@@ -159,7 +163,7 @@ class GuestInstance:
                 self._instantiate()
             payload = request if isinstance(request, bytes) else json.dumps(request).encode("utf-8")
             st = self.state
-            call = Call(payload=payload, cancel=cancel)
+            call = Call(payload=payload, cancel=cancel, on_logprobs=on_logprobs)
             failure: list[BaseException] = []
 
             def deliver(token: int, text: str) -> None:
@@ -207,6 +211,7 @@ class GuestInstance:
             seconds=seconds,
             guest_seconds=st.guest_seconds,
             host_calls=st.host_calls,
+            logprobs=list(call.logprobs),
         )
 
     # ------------------------------------------------------------------------- running wasm

@@ -21,6 +21,7 @@ import wasmtime
 from realm.backends.devices import BackendRegistry
 from realm.engine.grammar import Grammar, GrammarCache
 from realm.engine.layer_step import LayerStep
+from realm.engine.logprobs import TokenLogprobs
 from realm.engine.model_store import Allowed, ModelStore, StoredModel
 from realm.engine.session import Session
 from realm.engine.steps import StepRunner
@@ -69,6 +70,7 @@ class HostSession:
     grammar: Grammar | None = None  # its mask applies to every realm_forward (realm_session_set_grammar)
     mask: np.ndarray | None = None  # (words,) uint32: applies to the next realm_forward only
     bias: tuple[np.ndarray, np.ndarray] | None = None  # token ids, float32 biases: the next one only
+    last_logits: np.ndarray | None = None  # (vocab,) float32 of its last step, for realm_logprobs
 
 
 @dataclass
@@ -77,10 +79,13 @@ class Call:
 
     payload: bytes
     on_token: Callable[[int, str], None] | None = None
+    on_logprobs: Callable[[TokenLogprobs], None] | None = None  # before on_token, for the token it reports
     cancel: threading.Event | None = None
     text: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     finish: tuple[int, int, int] | None = None  # reason, prompt tokens, completion tokens
+    pending_logprobs: TokenLogprobs | None = None  # realm_logprobs' report for the next token emitted
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # of the tokens emitted, in order
     logs: int = 0
     cache: dict[str, Any] = field(default_factory=dict)  # last tokenize / template result
 

@@ -18,12 +18,13 @@ import asyncio
 import logging
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from realm.engine.logprobs import TokenLogprobs
 from realm.engine.model_store import StoredModel
 from realm.engine.step_router import SchedulerRouter
 from realm.errors import (
@@ -46,9 +47,9 @@ from realm.server.keys import KeyRing
 from realm.server.metrics import Metrics
 from realm.server.model_slots import SHA256_MODEL, ModelSlots, longest_token, unloaded_card
 from realm.server.openai_format import model_card
-from realm.server.schemas import ChatRequest, CompletionRequest
+from realm.server.schemas import ChatRequest, CompletionRequest, invalid
 from realm.server.settings import ALL_KEYS, ServerSettings, TenantSettings
-from realm.server.tenants import Tenant
+from realm.server.tenants import Admission, Tenant
 from realm.server.tools import ToolMode, with_tools
 
 log = logging.getLogger("realm.server")
@@ -71,10 +72,17 @@ class Job:
 
     model: Served
     chat: bool
-    request: dict[str, Any]  # what the guest reads (docs/ABI.md, "The request")
+    request: dict[str, Any]  # what the guest reads (docs/ABI.md, "The request"), of choice 0
     prompt_tokens: int
     max_tokens: int
     tools: ToolMode | None = None  # the reply's text is read back into tool calls
+    n: int = 1  # choices: choice i runs the request with seed + i
+    logprobs: bool = False
+
+    def choice_request(self, index: int) -> dict[str, Any]:
+        """The guest's request for choice `index`: its own seed, so that a seeded request
+        gives the same n choices every time."""
+        return {**self.request, "seed": (self.request["seed"] + index) % 2**64}
 
 
 # ---------------------------------------------------------------------------- events
@@ -84,16 +92,20 @@ class Job:
 class Emitted:
     token: int  # -1: text with no new token
     text: str
+    logprobs: TokenLogprobs | None = None  # of `token`, if the request asked for them
+    index: int = 0  # the choice
 
 
 @dataclass
 class Finished:
     result: GuestResult
+    index: int = 0
 
 
 @dataclass
 class Failed:
     error: BaseException
+    index: int = 0
 
 
 Event = Emitted | Finished | Failed
@@ -116,7 +128,7 @@ class Host:
         self.load_error: BaseException | None = None
         self.draining = False  # shutting down: new requests get 503, running ones finish
         self._stopping = False  # shutting down, past the grace period: running ones are stopped
-        self._running: set[threading.Event] = set()  # the cancel events of the guests running now
+        self._running: list[threading.Event] = []  # the cancel event of each guest running now
         self._running_lock = threading.Lock()
         self._closed = False
 
@@ -346,7 +358,12 @@ class Host:
         else:
             prompt, messages = body.prompt_text(), None
             asked, default = body.max_tokens, COMPLETION_MAX_TOKENS
+        tenant.check_n(body.n)
         params, stops = body.sampling(), body.stops()
+        vocab = entry.model.config.vocab_size
+        outside = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if outside is not None:
+            raise invalid(f"logit_bias: token {outside} is outside the vocabulary (size {vocab})", "logit_bias")
         prompt_ids = self.prompt_tokens(served, prompt, messages)
         n_prompt = len(prompt_ids)
         self.check_context(entry, n_prompt)
@@ -367,10 +384,11 @@ class Host:
             name=served.name,
             prompt_tokens=prompt_ids,
             constraint=constraint,
+            top_logprobs=body.top_logprobs_asked(),
         )
         if served.pinned_sha256 is not None:  # the guest's realm_validate_model_id checks what the client pinned
             request["model_sha256"] = served.pinned_sha256
-        return Job(served, messages is not None, request, n_prompt, max_tokens, tools)
+        return Job(served, messages is not None, request, n_prompt, max_tokens, tools, body.n, request["logprobs"])
 
     def check_constraint(
         self, tenant: Tenant, entry: StoredModel, constraint: dict[str, Any], field: str | None
@@ -390,92 +408,142 @@ class Host:
     # ------------------------------------------------------------------------- running
 
     def start(self, tenant: Tenant, job: Job, cancel: threading.Event) -> AsyncIterator[Event]:
-        """Admit `job` (LimitExceeded, 429, if the tenant is at its concurrency limit or out of
-        tokens for this minute) and start it in a fresh instance of the tenant's guest, on a
-        thread of its own, now; the iterator yields one Emitted per realm_emit, then
-        Finished or Failed.
+        """Admit `job`'s n choices, all or none (LimitExceeded, 429, if the tenant is at its
+        concurrency limit or out of tokens for this minute), and start each in a fresh
+        instance of the tenant's guest, on a thread of its own, now; the iterator yields one
+        Emitted per realm_emit, then Finished or Failed, for each choice (events carry the
+        choice's index), and ends when every choice has finished or one has failed.
 
         Setting `cancel` (the iterator does it when it is closed, e.g. on client disconnect)
-        makes the guest's next realm_emit or realm_forward return REALM_E_CANCELLED. The
-        admission is released when the guest has really stopped, and its sessions (KV
-        caches) are freed then. The tenant is charged the prompt's tokens plus the tokens
-        the guest emitted (what the host saw, not what the guest reports). Call from the
-        event loop's thread."""
-        prompt_tokens, max_tokens, request = job.prompt_tokens, job.max_tokens, job.request
-        admission = tenant.admit(prompt_tokens + max_tokens)
-        if self.runtime is None:
-            admission.release(0)
-            raise ServiceUnavailable("the server is not ready")
+        makes the guests' next realm_emit or realm_forward return REALM_E_CANCELLED. An
+        admission is released when its guest has really stopped, and its sessions (KV
+        caches) are freed then. The tenant is charged, per choice, the prompt's tokens plus
+        the tokens the guest emitted (what the host saw, not what the guest reports). Call
+        from the event loop's thread."""
+        admissions = tenant.admit_all(job.n, job.prompt_tokens + job.max_tokens)
         try:
+            if self.runtime is None:
+                raise ServiceUnavailable("the server is not ready")
             self.slots.hold(job.model.name, job.model.entry)
         except BaseException:
-            admission.release(0)
+            for admission in admissions:
+                admission.release(0)
             raise
-        slots, model_name = self.slots, job.model.name
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        runtime = self.runtime
-        active = self.metrics.active.labels(tenant.name)
-        emitted = [0]
+        choices = _Choices(self, job.model.name, cancel, job.n, self.metrics.active.labels(tenant.name))
 
         def put(event: Event) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
+        for index, admission in enumerate(admissions):
+            choices.started()
+            try:
+                threading.Thread(
+                    target=self._run_choice,
+                    args=(tenant, job, index, admission, choices, put),
+                    name=f"realm-guest-{tenant.name}",
+                    daemon=True,
+                ).start()
+            except BaseException:
+                cancel.set()  # the choices already started stop
+                choices.stopped()
+                for unstarted in admissions[index:]:
+                    unstarted.release(0)
+                for _ in admissions[index + 1 :]:
+                    choices.never_started()
+                raise
+        return _events(queue, cancel, job.n)
+
+    def _run_choice(
+        self,
+        tenant: Tenant,
+        job: Job,
+        index: int,
+        admission: Admission,
+        choices: _Choices,
+        put: Callable[[Event], None],
+    ) -> None:
+        """Choice `index` of `job`, in a fresh instance of the tenant's guest, on this thread."""
+        emitted = [0]
+        reported: list[TokenLogprobs | None] = [None]  # realm_logprobs' report of the next token
+
+        def on_logprobs(logprobs: TokenLogprobs) -> None:
+            reported[0] = logprobs
+
         def on_token(token: int, text: str) -> None:
             if token >= 0:
                 emitted[0] += 1
-                if emitted[0] > max_tokens:
-                    raise GuestFault(f"guest {tenant.module.name} emitted more than max_tokens ({max_tokens}) tokens")
-            put(Emitted(token, text))  # RuntimeError once the loop is gone: the guest is stopped
+                if emitted[0] > job.max_tokens:
+                    module, most = tenant.module.name, job.max_tokens
+                    raise GuestFault(f"guest {module} emitted more than max_tokens ({most}) tokens")
+            logprobs, reported[0] = reported[0], None
+            put(Emitted(token, text, logprobs, index))  # RuntimeError once the loop is gone: the guest is stopped
 
-        def work() -> None:
-            try:
-                with runtime.instance(
-                    tenant.module, tenant.name, allowed=tenant.allowed, limits=tenant.limits
-                ) as guest:
-                    result = guest.generate(request, on_token=on_token, cancel=cancel)
-                event: Event = Finished(result)
-            except BaseException as e:  # every failure goes to the caller; the thread ends
-                if not isinstance(e, RealmError):
-                    log.exception("[%s] request failed in the host", tenant.name)
-                if isinstance(e, Cancelled) and self._stopping:
-                    e = ServiceUnavailable("the server shut down before this request finished")
-                event = Failed(e)
-            finally:
-                admission.release(prompt_tokens + emitted[0])
-                slots.release(model_name)
-                active.dec()
-                with self._running_lock:
-                    self._running.discard(cancel)
-            try:
-                put(event)
-            except RuntimeError:  # the event loop has closed: nobody is listening
-                pass
-
-        active.inc()
-        with self._running_lock:
-            self._running.add(cancel)
+        runtime = self.runtime
+        assert runtime is not None  # start() checked
         try:
-            threading.Thread(target=work, name=f"realm-guest-{tenant.name}", daemon=True).start()
-        except BaseException:
-            admission.release(0)
-            slots.release(model_name)
-            active.dec()
-            with self._running_lock:
-                self._running.discard(cancel)
-            raise
-        return _events(queue, cancel)
+            with runtime.instance(tenant.module, tenant.name, allowed=tenant.allowed, limits=tenant.limits) as guest:
+                request = job.choice_request(index)
+                result = guest.generate(request, on_token=on_token, cancel=choices.cancel, on_logprobs=on_logprobs)
+            event: Event = Finished(result, index)
+        except BaseException as e:  # every failure goes to the caller; the thread ends
+            if not isinstance(e, RealmError):
+                log.exception("[%s] request failed in the host", tenant.name)
+            if isinstance(e, Cancelled) and self._stopping:
+                e = ServiceUnavailable("the server shut down before this request finished")
+            event = Failed(e, index)
+        finally:
+            admission.release(job.prompt_tokens + emitted[0])
+            choices.stopped()
+        try:
+            put(event)
+        except RuntimeError:  # the event loop has closed: nobody is listening
+            pass
 
 
-async def _events(queue: asyncio.Queue[Event], cancel: threading.Event) -> AsyncIterator[Event]:
+class _Choices:
+    """The guests of one request's choices while they run: counted in the tenant's active
+    gauge and in the host's running list (what a drain waits for); the model they use is
+    held loaded until the last has stopped."""
+
+    def __init__(self, host: Host, model: str, cancel: threading.Event, n: int, active: Any) -> None:
+        self.host, self.model, self.cancel, self.active = host, model, cancel, active
+        self._left = n
+        self._lock = threading.Lock()
+
+    def started(self) -> None:
+        self.active.inc()
+        with self.host._running_lock:
+            self.host._running.append(self.cancel)
+
+    def stopped(self) -> None:
+        self.active.dec()
+        with self.host._running_lock:
+            self.host._running.remove(self.cancel)
+        self.never_started()
+
+    def never_started(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self.host.slots.release(self.model)
+
+
+async def _events(queue: asyncio.Queue[Event], cancel: threading.Event, n: int) -> AsyncIterator[Event]:
+    """The events of n choices, until all have finished or one has failed."""
+    running = n
     try:
-        while True:
+        while running:
             event = await queue.get()
             yield event
-            if not isinstance(event, Emitted):
+            if isinstance(event, Failed):
                 return
+            if isinstance(event, Finished):
+                running -= 1
     finally:
-        cancel.set()  # a no-op once the guest has finished; stops it if the consumer left
+        cancel.set()  # a no-op once the guests have finished; stops them if the consumer left
 
 
 def _tenant_ring(tenants: list[TenantSettings]) -> KeyRing:

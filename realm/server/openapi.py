@@ -13,11 +13,17 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from realm.server.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from realm.server.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
 
-REQUESTS: tuple[type[BaseModel], ...] = (ChatRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)
+REQUESTS: tuple[type[BaseModel], ...] = (
+    ChatRequest,
+    CompletionRequest,
+    TokenizeRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+)
 _REF = "#/components/schemas/{model}"
 
 
@@ -52,7 +58,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None
+    logprobs: dict[str, Any] | None = Field(description="{tokens, token_logprobs, top_logprobs, text_offset}")
 
 
 class Completion(_Reply):
@@ -81,12 +87,30 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None
+    logprobs: dict[str, Any] | None = Field(description="{content: [{token, logprob, bytes, top_logprobs}]}")
 
 
 class ChatCompletion(_Reply):
     object: Literal["chat.completion"]
     choices: list[ChatChoice]
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

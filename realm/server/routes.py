@@ -3,8 +3,8 @@
 how many tokens, admission) is the Host's, the wire format is openai_format's.
 
 POST /v1/chat/completions and POST /v1/completions (both streamed as SSE or not, through
-one code path), GET /v1/models, GET /v1/models/{id}, POST /tokenize, POST /detokenize,
-GET /health, GET /metrics.
+one code path, n choices), POST /v1/embeddings, GET /v1/models, GET /v1/models/{id},
+POST /tokenize, POST /detokenize, GET /health, GET /metrics.
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from realm.errors import InternalError, RealmError, Unauthorized, UnsupportedMediaType
+from realm.sandbox.instance import GuestResult
+from realm.server.embeddings import embeddings
 from realm.server.host import Emitted, Event, Failed, Finished, Host, describe_failure, is_guest_trap
 from realm.server.metrics import Tracker
 from realm.server.openai_format import Reply
 from realm.server.openapi import (
     ChatCompletion,
     Completion,
+    EmbeddingList,
     Health,
     ModelCard,
     ModelList,
@@ -35,7 +38,14 @@ from realm.server.openapi import (
     answers,
     request_body,
 )
-from realm.server.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, invalid
+from realm.server.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+    invalid,
+)
 from realm.server.settings import dotted
 from realm.server.tenants import Tenant
 
@@ -135,7 +145,17 @@ async def generate(request: Request, host: Host, tenant: Tenant, body: Completio
     tracker = request.state.tracker = Tracker(host.metrics, tenant.name, job.model.name)
     cancel = threading.Event()
     events = host.start(tenant, job, cancel)
-    reply = Reply(job.chat, job.model.name, job.model.entry.sha256, job.prompt_tokens, body.include_usage(), job.tools)
+    tokenizer = job.model.entry.model.tokenizer
+    reply = Reply(
+        job.chat,
+        job.model.name,
+        job.model.entry.sha256,
+        job.prompt_tokens,
+        body.include_usage(),
+        n=job.n,
+        token_bytes=(lambda t: tokenizer.token_bytes(t, special=True)) if job.logprobs else None,
+        tools=job.tools,
+    )
     if body.stream:
         return await _streamed(request, events, reply, tracker, cancel)
     return await _whole(request, events, reply, tracker, cancel)
@@ -144,18 +164,21 @@ async def generate(request: Request, host: Host, tenant: Tenant, body: Completio
 async def _whole(
     request: Request, events: AsyncIterator[Event], reply: Reply, tracker: Tracker, cancel: threading.Event
 ) -> JSONResponse:
+    results: dict[int, GuestResult] = {}
     async with _cancel_on_disconnect(request, cancel):
         async for event in events:
             if isinstance(event, Emitted):
                 if event.token >= 0:
                     tracker.token()
-                continue
-            if isinstance(event, Failed):
+            elif isinstance(event, Failed):
                 raise _failure(event, tracker)
-            completion = len(event.result.tokens)
-            tracker.finish(200, reply.prompt_tokens, completion)
-            return JSONResponse(reply.whole(event.result.text, event.result.finish_reason, completion))
-    raise InternalError("the guest's output ended without a result")
+            else:
+                results[event.index] = event.result
+    if len(results) != reply.n:
+        raise InternalError("the guest's output ended without a result")
+    choices = [results[i] for i in range(reply.n)]
+    tracker.finish(200, reply.prompt_tokens, sum(len(r.tokens) for r in choices))
+    return JSONResponse(reply.whole(choices))
 
 
 async def _streamed(
@@ -177,6 +200,7 @@ async def _sse(
     first: Event, events: AsyncIterator[Event], reply: Reply, tracker: Tracker, cancel: threading.Event
 ) -> AsyncIterator[bytes]:
     status = 499  # unless it ends one way or another below: the client went away
+    running, completion = reply.n, 0
     try:
         for opening in reply.opening():
             yield opening
@@ -185,15 +209,21 @@ async def _sse(
             if isinstance(event, Emitted):
                 if event.token >= 0:
                     tracker.token()
-                if event.text and (piece := reply.text(event.text)):
+                if (event.text or event.logprobs is not None) and (
+                    piece := reply.text(event.index, event.text, [event.logprobs] if event.logprobs else [])
+                ):
                     yield piece
             elif isinstance(event, Finished):
-                completion = len(event.result.tokens)
-                for closing in reply.closing(event.result.finish_reason, completion):
-                    yield closing
-                status = 200
-                tracker.finish(200, reply.prompt_tokens, completion)
-                return
+                completion += len(event.result.tokens)
+                for piece in reply.finished(event.index, event.result.finish_reason):
+                    yield piece
+                running -= 1
+                if running == 0:
+                    for closing in reply.closing(completion):
+                        yield closing
+                    status = 200
+                    tracker.finish(200, reply.prompt_tokens, completion)
+                    return
             else:
                 error = _failure(event, tracker)
                 status = error.http_status
@@ -231,6 +261,20 @@ async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> As
         yield
     finally:
         watcher.cancel()
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=None,
+    openapi_extra=request_body(EmbeddingRequest),
+    responses=answers(EmbeddingList, errors=(400, 401, 403, 404, 413, 415, 429, 503)),
+)
+async def create_embeddings(request: Request, host: HostDep, tenant: TenantDep) -> dict[str, Any]:
+    body = await parse_body(request, EmbeddingRequest)
+    return await asyncio.to_thread(embeddings, host, tenant, body)
 
 
 # ---------------------------------------------------------------------------- models, tokens, health, metrics

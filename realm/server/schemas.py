@@ -15,11 +15,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from realm.engine.logprobs import MAX_TOP_LOGPROBS
 from realm.engine.sampling import SamplingParams
 from realm.errors import InvalidArgument, Unsupported
 from realm.server.tools import ToolMode, call_text, tool_mode
 
 MAX_STOPS = 16
+MAX_LOGIT_BIAS = 1024  # entries of one logit_bias (the default guest's limit too)
+MAX_N = 128  # choices one request may ask for; a tenant's own limit (max_n) is usually lower
 INT32_MAX = 2**31 - 1
 STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
@@ -46,12 +49,18 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N, description="choices to generate (at most the tenant's max_n)")
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="token id (a decimal string) -> bias in [-100, 100]"
+    )
 
     @model_validator(mode="after")
     def _supported(self) -> Any:
-        if self.n != 1:
-            raise Unsupported("n must be 1: one choice per request")
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdecimal()) or len(key) > 10:
+                raise invalid(f"logit_bias: {key!r} is not a token id", "logit_bias")
+            if not -100 <= bias <= 100:
+                raise invalid(f"logit_bias: the bias of token {key} is {bias}, outside [-100, 100]", "logit_bias")
         extra = self.model_extra or {}
         for name, inert in _UNSUPPORTED.items():
             if name in extra and extra[name] not in inert:
@@ -100,7 +109,8 @@ class _Sampling(BaseModel):
                       "presence_penalty", "frequency_penalty", "seed")
             if getattr(self, k) is not None
         }  # fmt: skip
-        return SamplingParams(**given)
+        bias = tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
+        return SamplingParams(**given, logit_bias=bias)
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -141,12 +151,9 @@ def _response_format(value: Any) -> dict[str, Any] | None:
 
 
 _UNSUPPORTED: dict[str, tuple] = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
@@ -156,6 +163,13 @@ _UNSUPPORTED: dict[str, tuple] = {
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=0, le=INT32_MAX)  # OpenAI's default for completions
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="each token's log-probability and this many alternatives"
+    )
+
+    def top_logprobs_asked(self) -> int | None:
+        """Alternatives per token to report, None: no log-probabilities."""
+        return self.logprobs
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
@@ -218,6 +232,18 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
     tools: list[Tool] | None = Field(None, max_length=64)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _logprobs(self) -> Any:
+        if self.top_logprobs and not self.logprobs:
+            raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
+        return self
+
+    def top_logprobs_asked(self) -> int | None:
+        """Alternatives per token to report, None: no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def message_dicts(self) -> list[dict[str, str]]:
         """The messages as the chat template takes them; an assistant's earlier tool calls
@@ -261,3 +287,32 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(**STRICT, extra="forbid")
     model: str | None = None
     tokens: list[int] = Field(max_length=1 << 20)
+
+
+MAX_EMBEDDING_INPUTS = 64
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request: texts or token arrays, one vector each."""
+
+    model_config = ConfigDict(**STRICT, extra="forbid")
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, description="the model's embedding length, or left out")
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Any:
+        if not self.input:
+            raise invalid("input is empty", "input")
+        if len(self.items()) > MAX_EMBEDDING_INPUTS:
+            raise invalid(f"input has {len(self.items())} items; at most {MAX_EMBEDDING_INPUTS} per request", "input")
+        return self
+
+    def items(self) -> list[str | list[int]]:
+        """The inputs, one vector each: a text, or a token array used as given."""
+        if isinstance(self.input, str):
+            return [self.input]
+        items: list[Any] = list(self.input)
+        return [items] if all(isinstance(t, int) for t in items) else items

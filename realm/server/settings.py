@@ -55,6 +55,9 @@ class TenantLimits(_Strict):
         None, gt=0, description="prompt + completion tokens per minute, None: no limit (more: 429)"
     )
     max_tokens: int = Field(1024, gt=0, description="the most max_tokens one request may ask for (more: 400)")
+    max_n: int = Field(
+        4, gt=0, le=128, description="choices (n) one request may ask for (more: 400); each counts as a request"
+    )
     guest_memory_mb: int = Field(
         _GUEST.memory_bytes >> 20, ge=1, le=65536, description="the guest's linear memory cap, MiB"
     )

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from realm.errors import InvalidArgument, LimitExceeded, PermissionDenied
 from realm.sandbox.runtime import GuestModule, Limits
+from realm.server.schemas import invalid
 from realm.server.settings import ALL_MODELS, TenantSettings
 
 
@@ -147,6 +148,28 @@ class Tenant:
         cap = self.settings.limits.max_tokens
         if max_tokens > cap:
             raise InvalidArgument(f"max_tokens {max_tokens} is over this tenant's limit of {cap} per request")
+
+    def check_n(self, n: int) -> None:
+        """n choices run as n requests at once: at most max_n, and never more than max_concurrent."""
+        lim = self.settings.limits
+        if n > lim.max_n:
+            raise invalid(f"n {n} is over this tenant's limit of {lim.max_n} choices per request", "n")
+        if n > lim.max_concurrent:
+            raise invalid(
+                f"n {n} is over this tenant's limit of {lim.max_concurrent} requests at once (each choice is one)", "n"
+            )
+
+    def admit_all(self, n: int, reserve: int) -> list[Admission]:
+        """Slots for n requests that may use `reserve` tokens each, all or none (LimitExceeded)."""
+        admitted: list[Admission] = []
+        try:
+            for _ in range(n):
+                admitted.append(self.admit(reserve))
+        except BaseException:
+            for a in admitted:
+                a.release(0)
+            raise
+        return admitted
 
     def admit(self, reserve: int) -> Admission:
         """A slot for one request that may use `reserve` tokens (the tenant's Quota decides)."""
