@@ -7,11 +7,9 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from test_server import serving
+from test_server import serving, smollm2_settings
 
 from realm.engine.embeddings import pooled_embedding
-from realm.server.keys import hash_key
-from realm.server.settings import ServerSettings
 
 MODEL = "smollm2-135m"
 KEYS = {"open": "realm-test-open", "none": "realm-test-none"}
@@ -20,16 +18,7 @@ SENTENCES = ["The cat sat on the mat.", "A cat was sitting on a rug.", "Quarterl
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    settings = ServerSettings.model_validate({
-        "port": 0,
-        "backend": "cpu",
-        "models": [MODEL],
-        "tenants": [
-            {"name": "open", "keys": [hash_key(KEYS["open"])]},
-            {"name": "none", "keys": [hash_key(KEYS["none"])], "models": []},
-        ],
-    })  # fmt: skip
-    with serving(settings) as s:
+    with serving(smollm2_settings(KEYS, {"none": {"models": []}})) as s:
         yield s
 
 

@@ -8,10 +8,7 @@ import math
 import httpx
 import openai
 import pytest
-from test_server import serving
-
-from realm.server.keys import hash_key
-from realm.server.settings import ServerSettings
+from test_server import serving, smollm2_settings
 
 MODEL = "smollm2-135m"
 QUESTION = [{"role": "user", "content": "Name three colours."}]
@@ -21,16 +18,7 @@ KEYS = {"open": "realm-test-open", "pair": "realm-test-pair"}
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    settings = ServerSettings.model_validate({
-        "port": 0,
-        "backend": "cpu",
-        "models": [MODEL],
-        "tenants": [
-            {"name": "open", "keys": [hash_key(KEYS["open"])]},
-            {"name": "pair", "keys": [hash_key(KEYS["pair"])], "limits": {"max_n": 3, "max_concurrent": 2}},
-        ],
-    })  # fmt: skip
-    with serving(settings) as s:
+    with serving(smollm2_settings(KEYS, {"pair": {"limits": {"max_n": 3, "max_concurrent": 2}}})) as s:
         yield s
 
 

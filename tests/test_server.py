@@ -95,6 +95,18 @@ def wait_ready(server: Server, timeout: float = 600) -> None:
     raise AssertionError(f"the server was not ready in {timeout} s: {server.app.state.host.load_error}")
 
 
+def smollm2_settings(keys: dict[str, str], tenants: dict[str, dict] | None = None, **top: object) -> ServerSettings:
+    """A server of smollm2-135m on the CPU and a free port, one tenant per key (its name ->
+    its plain key), each with `tenants[name]`'s settings besides; `top`: server settings."""
+    return ServerSettings.model_validate({
+        "port": 0,
+        "backend": "cpu",
+        "models": [MODEL],
+        **top,
+        "tenants": [{"name": t, "keys": [hash_key(k)], **(tenants or {}).get(t, {})} for t, k in keys.items()],
+    })  # fmt: skip
+
+
 @contextmanager
 def serving(settings: ServerSettings) -> Iterator[Server]:
     """A server for `settings`, ready; stopped after. The server sets torch's thread count
@@ -122,26 +134,16 @@ def guests(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(smollm2_path, guests):
-    def tenant(name: str, **kw) -> dict:
-        return {"name": name, "keys": [hash_key(KEYS[name])], **kw}
-
-    settings = ServerSettings.model_validate({
-        "port": 0,
-        "backend": "cpu",
-        "models": [MODEL],
-        "max_body_bytes": MAX_BODY,
-        "tenants": [
-            tenant("alpha"),
-            tenant("beta", guest=str(guests["upper"])),
-            tenant("gamma", limits={"max_concurrent": 4}),
-            tenant("delta", models=[]),
-            tenant("tiny", limits={"max_concurrent": 1, "max_tokens": 8}),
-            tenant("rate", limits={"tokens_per_minute": 30}),
-            tenant("trap", guest=str(guests["trap"])),
-            tenant("slow", guest=str(guests["loop"]), limits={"guest_seconds": 0.2, "guest_memory_mb": 16}),
-        ],
-    })  # fmt: skip
-    with serving(settings) as s:
+    tenants = {
+        "beta": {"guest": str(guests["upper"])},
+        "gamma": {"limits": {"max_concurrent": 4}},
+        "delta": {"models": []},
+        "tiny": {"limits": {"max_concurrent": 1, "max_tokens": 8}},
+        "rate": {"limits": {"tokens_per_minute": 30}},
+        "trap": {"guest": str(guests["trap"])},
+        "slow": {"guest": str(guests["loop"]), "limits": {"guest_seconds": 0.2, "guest_memory_mb": 16}},
+    }
+    with serving(smollm2_settings(KEYS, tenants, max_body_bytes=MAX_BODY)) as s:
         yield s
 
 

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_server import MODEL, error_of, metric, serving
+from test_server import MODEL, error_of, metric, serving, smollm2_settings
 
 from realm.server.keys import hash_key
 from realm.server.metrics import UNKNOWN_MODEL
 from realm.server.openapi import REQUESTS
-from realm.server.settings import ServerSettings
 
 KEYS = {t: f"realm-robust-{t}" for t in ("alpha", "flood", "fuzz")}
 METRICS_KEY = "realm-robust-metrics"
@@ -30,18 +29,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    settings = ServerSettings.model_validate({
-        "port": 0,
-        "backend": "cpu",
-        "models": [MODEL],
-        "metrics_keys": [hash_key(METRICS_KEY), "*"],
-        "tenants": [
-            {"name": "alpha", "keys": [hash_key(KEYS["alpha"])]},
-            {"name": "flood", "keys": [hash_key(KEYS["flood"])], "limits": {"max_concurrent": 32, "max_tokens": 8}},
-            {"name": "fuzz", "keys": [hash_key(KEYS["fuzz"])], "limits": {"max_tokens": 2}},
-        ],
-    })  # fmt: skip
-    with serving(settings) as s:
+    tenants = {"flood": {"limits": {"max_concurrent": 32, "max_tokens": 8}}, "fuzz": {"limits": {"max_tokens": 2}}}
+    with serving(smollm2_settings(KEYS, tenants, metrics_keys=[hash_key(METRICS_KEY), "*"])) as s:
         yield s
 
 

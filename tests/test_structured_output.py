@@ -14,10 +14,7 @@ import jsonschema
 import openai
 import pytest
 from schema_suite import SCHEMAS
-from test_server import Server, serving, streamed_text
-
-from realm.server.keys import hash_key
-from realm.server.settings import ServerSettings
+from test_server import Server, serving, smollm2_settings, streamed_text
 
 MODEL = "smollm2-135m"
 KEYS = {t: f"realm-structured-{t}" for t in ("alpha", "beta")}
@@ -25,13 +22,7 @@ KEYS = {t: f"realm-structured-{t}" for t in ("alpha", "beta")}
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    settings = ServerSettings.model_validate({
-        "port": 0,
-        "backend": "cpu",
-        "models": [MODEL],
-        "tenants": [{"name": t, "keys": [hash_key(k)], "limits": {"max_concurrent": 8}} for t, k in KEYS.items()],
-    })  # fmt: skip
-    with serving(settings) as s:
+    with serving(smollm2_settings(KEYS, dict.fromkeys(KEYS, {"limits": {"max_concurrent": 8}}))) as s:
         yield s
 
 
