@@ -31,8 +31,9 @@ GIL_SWITCH_S = 0.0005
 """How long a thread may hold the GIL while another waits for it (Python's default: 5 ms).
 The model runner releases the GIL in every tensor operation and takes it back after; with
 a hundred streams' guests and the event loop wanting it too, each take-back waited up to
-the interval, and an eager prefill round of a few hundred operations took 3-6 times longer
-than alone. At 0.5 ms a 100-client flood ran in half the time (benchmarks/flood.py)."""
+the interval. On a machine busy with other work (load 7-14 on 2 cores), a 100-client flood
+served in-process took 93 s at 0.5 ms against 195 s at 5 ms; on a quiet machine
+benchmarks/flood.py shows no difference either way (11 s both), nor does one stream."""
 
 
 class DrainingServer(uvicorn.Server):
