@@ -22,6 +22,7 @@ import pytest
 import ray
 import torch
 from ray import serve
+from ray.exceptions import RayActorError
 from test_server import KEYS, MODEL, QUESTION, TRAP_WAT, metric, streamed_text
 from typer.testing import CliRunner
 
@@ -220,7 +221,14 @@ def test_a_replica_outside_the_limits_actor_keeps_to_its_own_limits(cluster):
     with pytest.raises(LimitExceeded):
         quota.admit(10)
     settle(5)
-    ray.kill(actor, no_restart=True)
+    ray.kill(actor, no_restart=True)  # asynchronous: wait until the actor no longer answers
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.active.remote(), timeout=5)
+        except RayActorError:
+            break
+        time.sleep(0.1)
     local = quota.admit(10)  # no answer: this replica's own Quota admits
     assert fallbacks == [1] and quota.local.active == 1
     with pytest.raises(LimitExceeded):
