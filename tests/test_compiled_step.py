@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 
 import pytest
 import torch
@@ -115,3 +116,44 @@ def test_compile_mode_reads_realm_compile(monkeypatch):
     ):
         monkeypatch.setenv("REALM_COMPILE", raw)
         assert compiled.compile_mode() == mode, raw
+
+
+def test_a_compiled_step_leaves_the_gil_to_other_threads(smollm2_compiled, monkeypatch):
+    """While the model computes, the server's event loop and guests run: a thread counting
+    in Python advances during the compiled graphs' calls, not only between them."""
+    count, stop, advanced = [0], threading.Event(), []
+
+    def spin() -> None:
+        while not stop.is_set():
+            count[0] += 1
+
+    def watched(path):
+        graph = load_package(path)
+
+        def run(inputs):
+            before = count[0]
+            out = graph(inputs)
+            advanced.append(count[0] > before)
+            return out
+
+        return run
+
+    load_package = compiled._load_package
+    monkeypatch.setattr(compiled, "_load_package", watched)
+    model = smollm2_compiled
+    step = compiled.load(compiled.artifact_dir(model.sha256), model.transformer.weights.layers, 6)
+    monkeypatch.setattr(model.transformer, "decode_graph", step)
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a core for the counting thread: the test is of the GIL, not of the CPU
+    try:
+        session = model.new_session()
+        for token in [1, 504, 3458, 282, 253, 1345, 314, 260]:
+            session.feed([token])
+    finally:
+        torch.set_num_threads(threads)
+        stop.set()
+        spinner.join()
+    assert len(advanced) == 8 * 5  # 30 layers, 6 a graph
+    assert sum(advanced) >= 0.75 * len(advanced)

@@ -3,8 +3,9 @@
 Eagerly, a decode step spends more time dispatching its ~60 small PyTorch operations per
 layer than running them. Inductor fuses them into a few C++ loops around the matrix
 products, and AOTInductor writes the whole step, wrapper included, as one shared library:
-no Python runs between kernels and the GIL is free while it runs, which the server's
-guests and HTTP loop need meanwhile.
+no Python runs between kernels, and run through Realm's native library (when it is
+built) the GIL is free while it runs, which the server's guests and HTTP loop need
+meanwhile.
 
 Built once, ahead of time, never in a user's way (`realm compile`, `realm pull --compile`,
 or a background process that a first run starts): loading the library takes milliseconds,
@@ -60,6 +61,9 @@ through the GIL); six keeps a step at three to five calls for the models we run.
 GRAPHS = {"lone": 1, "batch": 2}
 """Graph kind -> the rows of the example it is traced with (a batch graph takes 2 and up)."""
 _SOURCES = (transformer, linear, quants, config)  # the code a graph is made of, besides this module
+
+Graph = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+"""A loaded graph: its inputs in, its outputs out."""
 
 
 def compile_mode() -> str:
@@ -180,9 +184,9 @@ class CompiledDecode:
     """`Transformer.decode_layers` as calls of compiled graphs, one per run of layers, the
     step's x going through each run in turn; `graphs[i]` is run i's (lone, batch) pair."""
 
-    def __init__(self, graphs: Sequence[tuple[Any, Any]], runs: Sequence[Sequence[LayerWeights]]) -> None:
+    def __init__(self, graphs: Sequence[tuple[Graph, Graph]], runs: Sequence[Sequence[LayerWeights]]) -> None:
         self._per_graph = len(runs[0])
-        self._runs = [(lone.run, batch.run, pytree.tree_leaves(list(run))) for (lone, batch), run in zip(graphs, runs)]
+        self._runs = [(lone, batch, pytree.tree_leaves(list(run))) for (lone, batch), run in zip(graphs, runs)]
 
     def __call__(self, x: torch.Tensor, *inputs: Any) -> torch.Tensor:
         """x and the other inputs of `Transformer.decode_layers` after the layers."""
@@ -206,16 +210,16 @@ def load(directory: Path, layers: Sequence[LayerWeights], per_graph: int) -> Com
         signatures = [weights_signature(r) for r in runs]
         if manifest["layers_per_graph"] != per_graph or manifest["runs"] != signatures:
             raise ValueError("it was built for weights of other shapes")
-        graphs = {}
+        graphs: dict[str, tuple[Graph, Graph]] = {}
         for sig in dict.fromkeys(signatures):
-            pair = []
+            pair: list[Graph] = []
             for kind in GRAPHS:
                 path = directory / f"{kind}-{sig}.pt2"
                 with open(path, "rb") as f:
                     if hashlib.file_digest(f, "sha256").hexdigest() != manifest["files"][path.name]:
                         raise ValueError(f"{path.name} does not match its manifest (truncated or altered)")
                 pair.append(_load_package(path))
-            graphs[sig] = tuple(pair)
+            graphs[sig] = (pair[0], pair[1])
         return CompiledDecode([graphs[s] for s in signatures], runs)
     except Exception as e:  # any defect of a cached file: rebuild rather than fail
         log.warning("ignoring the compiled decode step in %s (%s); it will be built again", directory, e)
@@ -223,10 +227,15 @@ def load(directory: Path, layers: Sequence[LayerWeights], per_graph: int) -> Com
         return None
 
 
-def _load_package(path: Path) -> Any:
-    """AOTInductor's loader itself: `torch._inductor.package.load_package` wraps the same
-    object but importing it costs about 2 s, more than the rest of a warm start."""
-    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+def _load_package(path: Path) -> Graph:
+    """A graph's package, run through Realm's native library when it is loaded: PyTorch's
+    own binding of AOTInductor's loader holds the GIL for the whole step, which kept the
+    server's event loop and guests waiting on every step (see compiled_runner.cpp).
+    AOTInductor's loader itself, not `torch._inductor.package.load_package`, which wraps
+    the same object but costs about 2 s to import, more than the rest of a warm start."""
+    if native.load():
+        return functools.partial(torch.ops.realm.run_compiled, torch.classes.realm.CompiledPackage(str(path)))
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1).run
 
 
 # --------------------------------------------------------------------------- building

@@ -1,6 +1,6 @@
 """Realm's own CPU kernels (`quantized_gemm.cpp`): built once from source, loaded as PyTorch
 operators (`torch.ops.realm.int4_gemm`, `int8_gemm`) that eager code and compiled graphs
-call alike.
+call alike. The same library runs compiled steps without the GIL (`compiled_runner.cpp`).
 
 PyTorch's int4 CPU kernel widens every weight to bf16 and multiplies in floating point;
 with 2 threads it spent ~5 ms of smollm2's ~11 ms decode step. This one multiplies as
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 GROUP = 16
 """Rows of a weight the kernels handle together; `group_layout` pads to a multiple."""
 SOURCE = Path(__file__).with_name("quantized_gemm.cpp")
+SOURCES = (SOURCE, Path(__file__).with_name("compiled_runner.cpp"))
 LIBRARY = "librealm_quantized_gemm.so"
 
 
@@ -54,7 +55,9 @@ def _key() -> str:
     version = (
         subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout if compiler != "none" else ""
     )
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
     digest.update(f"{torch.__version__}\n{version}".encode())
     return digest.hexdigest()[:24]
 
@@ -108,7 +111,7 @@ def build(force: bool = False) -> Path:
             "-w",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             *includes,
-            str(SOURCE),
+            *map(str, SOURCES),
             *libs,
             "-ltorch_cpu",
             "-lc10",
