@@ -198,3 +198,11 @@ def test_metadata_arrays_are_capped(tmp_path, monkeypatch):
     GGUFFile(_file(tmp_path, ARCH, items))
     with pytest.raises(ModelFormatError, match="the metadata arrays hold more than 5 items in all"):
         GGUFFile(_file(tmp_path, ARCH, items, _kv(b"x.more", 9, struct.pack("<IQ", 0, 2) + bytes(2))))
+
+
+def test_a_loaded_model_holds_its_vocabulary_once(smollm2):
+    """The GGUF's per-token arrays are dropped once the tokenizer has them in its own form."""
+    kept = [k for k, v in smollm2.gguf.metadata.items() if k.startswith("tokenizer.ggml.") and isinstance(v, list)]
+    assert kept == []
+    assert smollm2.gguf.metadata["tokenizer.ggml.model"] == "gpt2"
+    assert smollm2.tokenizer.decode(smollm2.tokenizer.encode("Hello world")) == "Hello world"

@@ -164,6 +164,7 @@ def load_model(
             template = chat_template_from_fields(gguf.metadata, tokenizer)
         except InvalidArgument as e:  # a broken template only breaks chat, not completion
             template_error = f"its chat template does not compile: {e}"
+        gguf.drop_vocabulary_arrays()
         weights, kv_pool, backend = _place(gguf, config, backend, name)
         gguf.drop_resident_pages()
     model = Model(

@@ -278,6 +278,13 @@ class GGUFFile:
         if libc is not None:
             libc.madvise(ctypes.c_void_p(self._map.ctypes.data), ctypes.c_size_t(self._map.nbytes), _MADV_DONTNEED)
 
+    def drop_vocabulary_arrays(self) -> None:
+        """Forget the vocabulary's per-token arrays (`tokenizer.ggml.tokens`, `scores`,
+        `token_type`, `merges`) once the tokenizer holds them in its own form: on gemma3's
+        262,144 tokens they are 14 MiB of Python objects that nothing reads again."""
+        for key in [k for k, v in self.metadata.items() if k.startswith("tokenizer.ggml.") and isinstance(v, list)]:
+            del self.metadata[key]
+
     def quant_types(self) -> dict[str, int]:
         """How many tensors use each quantization type."""
         counts: dict[str, int] = {}
