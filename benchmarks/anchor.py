@@ -99,14 +99,36 @@ def start_llama_server(
     return proc, f"http://127.0.0.1:{port}"
 
 
-def start_realm_server(config: str, workdir: Path, repo: Path = REPO) -> subprocess.Popen:
-    """`realm serve` of the checkout `repo` with this TOML config, written to
-    `workdir`/realm.toml; its log goes to `workdir`/realm.log. Not waited for: see wait_healthy."""
-    path = workdir / "realm.toml"
-    path.write_text(config)
+def start_realm_server(
+    models: str,
+    tenants: dict[str, dict[str, object]],
+    workdir: Path,
+    repo: Path = REPO,
+    settings: tuple[str, ...] = (),
+) -> tuple[subprocess.Popen, str, dict[str, str]]:
+    """`realm serve` of the checkout `repo`, serving `models` (a TOML value) to `tenants`:
+    name -> its limits, plus "guest" (a module's path) for a guest of its own. Each tenant
+    gets a new API key. The config (with `settings`, TOML lines) and the log go to
+    `workdir`. Not waited for (see wait_healthy): (process, base URL, name -> key)."""
+    sys.path.insert(0, str(REPO))
+    from realm.server.keys import hash_key, new_key
+
+    keys = {name: new_key() for name in tenants}
+    port = free_port()
+    lines = [f"port = {port}", 'backend = "cpu"', f"models = {models}", *settings, ""]
+    for name, spec in tenants.items():
+        limits = {k: v for k, v in spec.items() if k != "guest"}
+        lines += ["[[tenants]]", f'name = "{name}"', f'keys = ["{hash_key(keys[name])}"]']
+        if "guest" in spec:
+            lines.append(f'guest = "{spec["guest"]}"')
+        if limits:
+            lines += ["[tenants.limits]", *(f"{k} = {v}" for k, v in limits.items())]
+        lines.append("")
+    config = workdir / "realm.toml"
+    config.write_text("\n".join(lines))
     log = (workdir / "realm.log").open("w")
-    cmd = [sys.executable, "-m", "realm.cli", "serve", "--config", str(path), "--log-level", "warning"]
-    return subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=log)
+    cmd = [sys.executable, "-m", "realm.cli", "serve", "--config", str(config), "--log-level", "warning"]
+    return subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=log), f"http://127.0.0.1:{port}", keys
 
 
 def wait_healthy(urls: list[str], procs: list[subprocess.Popen], timeout: float) -> None:

@@ -21,13 +21,12 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from anchor import REPO, cpu_model, free_port, start_realm_server, wait_healthy
+from anchor import cpu_model, start_realm_server, wait_healthy
 
 MODEL = "smollm2-135m"
 GAUGES = ("realm_kv_blocks_in_use", "realm_queue_depth", "realm_active_requests")
@@ -39,18 +38,8 @@ def start_server(
     """`realm serve` of smollm2-135m with a tenant "flood" of these limits and a tenant
     "bystander" of the default ones, healthy: (process, base URL, each tenant's key). Its
     log goes to `workdir`/realm.log."""
-    sys.path.insert(0, str(REPO))
-    from realm.server.keys import hash_key, new_key
-
-    keys, port = {"flood": new_key(), "bystander": new_key()}, free_port()
-    config = (
-        f'port = {port}\nbackend = "cpu"\nmodels = ["{MODEL}"]\n\n'
-        f'[[tenants]]\nname = "flood"\nkeys = ["{hash_key(keys["flood"])}"]\n'
-        f"[tenants.limits]\nmax_concurrent = {max_concurrent}\nmax_tokens = {max_tokens}\n\n"
-        f'[[tenants]]\nname = "bystander"\nkeys = ["{hash_key(keys["bystander"])}"]\n'
-    )
-    server = start_realm_server(config, workdir)
-    base = f"http://127.0.0.1:{port}"
+    flood = {"max_concurrent": max_concurrent, "max_tokens": max_tokens}
+    server, base, keys = start_realm_server(f'["{MODEL}"]', {"flood": flood, "bystander": {}}, workdir)
     wait_healthy([base], [server], timeout=600)
     return server, base, keys
 

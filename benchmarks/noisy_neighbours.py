@@ -23,13 +23,12 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from anchor import REPO, cpu_model, free_port, start_realm_server, stop, wait_healthy
+from anchor import REPO, cpu_model, start_realm_server, stop, wait_healthy
 
 GUESTS = REPO / "tests" / "guests"
 HOSTILE = {"busy": "loop.wat", "flood": "host_flood.wat", "memory": "fill_memory.wat"}
@@ -41,22 +40,10 @@ PROMPTS = [
 
 def start_server(repo: Path, model: str, work: Path, hostile_seconds: float) -> tuple:
     """`realm serve` from `repo`: tenant victim (default guest) and one tenant per hostile guest."""
-    sys.path.insert(0, str(REPO))
-    from realm.server.keys import hash_key, new_key
-
-    keys = {name: new_key() for name in ["victim", *HOSTILE]}
-    port = free_port()
-    lines = [f"port = {port}", 'backend = "cpu"', f'models = ["{model}"]', ""]
-    for name, key in keys.items():
-        lines += ["[[tenants]]", f'name = "{name}"', f'keys = ["{hash_key(key)}"]']
-        if name in HOSTILE:
-            lines.append(f'guest = "{GUESTS / HOSTILE[name]}"')
-        lines += ["[tenants.limits]", "max_concurrent = 4"]
-        if name in HOSTILE:
-            lines += [f"guest_seconds = {hostile_seconds}", f"wall_seconds = {hostile_seconds}"]
-        lines.append("")
-    proc = start_realm_server("\n".join(lines), work, repo)
-    return proc, f"http://127.0.0.1:{port}", keys
+    hostile = {"max_concurrent": 4, "guest_seconds": hostile_seconds, "wall_seconds": hostile_seconds}
+    tenants: dict[str, dict[str, object]] = {"victim": {"max_concurrent": 4}}
+    tenants |= {name: {"guest": GUESTS / module, **hostile} for name, module in HOSTILE.items()}
+    return start_realm_server(f'["{model}"]', tenants, work, repo)
 
 
 async def victim_stream(http: httpx.AsyncClient, base: str, key: str, model: str, prompt: str, max_tokens: int) -> dict:

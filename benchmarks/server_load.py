@@ -39,7 +39,6 @@ import httpx
 from anchor import (
     REPO,
     cpu_model,
-    free_port,
     llama_bin,
     rss,
     start_llama_server,
@@ -227,25 +226,11 @@ def summarise(rows: list[dict]) -> dict[tuple[str, int], dict]:
 def start_realm(
     model_path: Path, tenants: int, threads: int | None, workdir: Path
 ) -> tuple[subprocess.Popen, list[tuple[str, str]]]:
-    sys.path.insert(0, str(REPO))
-    from realm.server.keys import hash_key, new_key
-
-    keys = [new_key() for _ in range(tenants)]
-    port = free_port()
-    lines = [f"port = {port}", 'backend = "cpu"', f'models = [{{ name = "bench", path = "{model_path}" }}]']
-    lines += [f"threads = {threads}", ""] if threads else [""]
-    for i, key in enumerate(keys):
-        lines += [
-            "[[tenants]]",
-            f'name = "tenant{i}"',
-            f'keys = ["{hash_key(key)}"]',
-            "[tenants.limits]",
-            "max_concurrent = 8",
-            "",
-        ]
-    proc = start_realm_server("\n".join(lines), workdir)
-    base = f"http://127.0.0.1:{port}"
-    return proc, [(base, k) for k in keys]
+    models = f'[{{ name = "bench", path = "{model_path}" }}]'
+    settings = (f"threads = {threads}",) if threads else ()
+    tenant_limits = {f"tenant{i}": {"max_concurrent": 8} for i in range(tenants)}
+    proc, base, keys = start_realm_server(models, tenant_limits, workdir, settings=settings)
+    return proc, [(base, k) for k in keys.values()]
 
 
 def realm_bench(model: str, threads: int | None) -> dict:

@@ -22,14 +22,13 @@ import asyncio
 import random
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
-from anchor import REPO, cpu_model, free_port, rss, start_realm_server, stop, wait_healthy
+from anchor import cpu_model, rss, start_realm_server, stop, wait_healthy
 from flood import gauges as flood_gauges
 from flood import settled
 from noisy_neighbours import GUESTS, HOSTILE
@@ -46,22 +45,10 @@ BAD = [  # (body or raw bytes, content type, the status it must get)
 
 
 def start_server(model: str, work: Path) -> tuple:
-    sys.path.insert(0, str(REPO))
-    from realm.server.keys import hash_key, new_key
-
-    keys = {name: new_key() for name in ["users", *HOSTILE]}
-    port = free_port()
-    lines = [f"port = {port}", 'backend = "cpu"', f'models = ["{model}"]', ""]
-    for name, key in keys.items():
-        lines += ["[[tenants]]", f'name = "{name}"', f'keys = ["{hash_key(key)}"]']
-        if name in HOSTILE:
-            lines += [f'guest = "{GUESTS / HOSTILE[name]}"', "[tenants.limits]", "max_concurrent = 2"]
-            lines += ["guest_seconds = 5", "wall_seconds = 5"]
-        else:
-            lines += ["[tenants.limits]", "max_concurrent = 16", "max_tokens = 64"]
-        lines.append("")
-    proc = start_realm_server("\n".join(lines), work)
-    return proc, f"http://127.0.0.1:{port}", keys
+    hostile = {"max_concurrent": 2, "guest_seconds": 5, "wall_seconds": 5}
+    tenants: dict[str, dict[str, object]] = {"users": {"max_concurrent": 16, "max_tokens": 64}}
+    tenants |= {name: {"guest": GUESTS / module, **hostile} for name, module in HOSTILE.items()}
+    return start_realm_server(f'["{model}"]', tenants, work)
 
 
 class Soak:

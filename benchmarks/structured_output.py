@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import jsonschema
 import numpy as np
-from anchor import REPO, cpu_model, free_port, start_realm_server, stop, wait_healthy
+from anchor import REPO, cpu_model, start_realm_server, stop, wait_healthy
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -206,16 +206,11 @@ async def validity(http: httpx.AsyncClient) -> dict[str, int]:
 
 async def server_figures(rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        config = (
-            f'port = {port}\nbackend = "cpu"\nmodels = ["{MODELS[0]}"]\n\n'
-            '[[tenants]]\nname = "bench"\nopen = true\n[tenants.limits]\nmax_concurrent = 32\n'
-        )
-        server = start_realm_server(config, Path(tmp))
-        base = f"http://127.0.0.1:{port}"
+        server, base, keys = start_realm_server(f'["{MODELS[0]}"]', {"bench": {"max_concurrent": 32}}, Path(tmp))
         try:
             wait_healthy([base], [server], timeout=600)
-            async with httpx.AsyncClient(base_url=base, timeout=600) as http:
+            auth = {"Authorization": f"Bearer {keys['bench']}"}
+            async with httpx.AsyncClient(base_url=base, timeout=600, headers=auth) as http:
                 await throughput(http, True, 2)  # warm up
                 print("\ntime to first token, median of 5 (smollm2-135m, streamed chat):")
                 for k, v in (await ttft(http)).items():
