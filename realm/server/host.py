@@ -128,8 +128,7 @@ class Host:
         self.load_error: BaseException | None = None
         self.draining = False  # shutting down: new requests get 503, running ones finish
         self._stopping = False  # shutting down, past the grace period: running ones are stopped
-        self._running: list[threading.Event] = []  # the cancel event of each guest running now
-        self._running_lock = threading.Lock()
+        self._running = _RunningGuests()
         self._closed = False
 
     # ------------------------------------------------------------------------- loading
@@ -217,15 +216,12 @@ class Host:
 
     def running(self) -> int:
         """Requests whose guests are still running."""
-        with self._running_lock:
-            return len(self._running)
+        return self._running.count()
 
     def stop_running(self) -> None:
         """Stop every running guest at its next host call; their clients get a 503 error."""
         self._stopping = True
-        with self._running_lock:
-            for cancel in self._running:
-                cancel.set()
+        self._running.cancel_all()
 
     def close(self) -> None:
         if self._closed:
@@ -431,7 +427,9 @@ class Host:
             raise
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        choices = _Choices(self, job.model.name, cancel, job.n, self.metrics.active.labels(tenant.name))
+        model = job.model.name
+        active = self.metrics.active.labels(tenant.name)
+        choices = _Choices(self._running, lambda: self.slots.release(model), cancel, job.n, active)
 
         def put(event: Event) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
@@ -502,25 +500,51 @@ class Host:
             pass
 
 
+class _RunningGuests:
+    """The cancel events of the guests running now, across requests: what a drain waits
+    for and what a shutdown past its grace period stops."""
+
+    def __init__(self) -> None:
+        self._events: list[threading.Event] = []
+        self._lock = threading.Lock()
+
+    def add(self, cancel: threading.Event) -> None:
+        with self._lock:
+            self._events.append(cancel)
+
+    def remove(self, cancel: threading.Event) -> None:
+        with self._lock:
+            self._events.remove(cancel)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._events)
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            for cancel in self._events:
+                cancel.set()
+
+
 class _Choices:
     """The guests of one request's choices while they run: counted in the tenant's active
-    gauge and in the host's running list (what a drain waits for); the model they use is
-    held loaded until the last has stopped."""
+    gauge and among the host's running guests; the model they use is held loaded until the
+    last has stopped (then `release_model`)."""
 
-    def __init__(self, host: Host, model: str, cancel: threading.Event, n: int, active: Any) -> None:
-        self.host, self.model, self.cancel, self.active = host, model, cancel, active
+    def __init__(
+        self, running: _RunningGuests, release_model: Callable[[], None], cancel: threading.Event, n: int, active: Any
+    ) -> None:
+        self.running, self.release_model, self.cancel, self.active = running, release_model, cancel, active
         self._left = n
         self._lock = threading.Lock()
 
     def started(self) -> None:
         self.active.inc()
-        with self.host._running_lock:
-            self.host._running.append(self.cancel)
+        self.running.add(self.cancel)
 
     def stopped(self) -> None:
         self.active.dec()
-        with self.host._running_lock:
-            self.host._running.remove(self.cancel)
+        self.running.remove(self.cancel)
         self.never_started()
 
     def never_started(self) -> None:
@@ -528,7 +552,7 @@ class _Choices:
             self._left -= 1
             last = self._left == 0
         if last:
-            self.host.slots.release(self.model)
+            self.release_model()
 
 
 async def _events(queue: asyncio.Queue[Event], cancel: threading.Event, n: int) -> AsyncIterator[Event]:
