@@ -1,22 +1,27 @@
-"""The output projection on the CPU: every logit screened in int8, the best ones exact.
+"""The output projection on the CPU: every logit screened in few bits, the best ones exact.
 
-The output projection is the largest matrix a decode step reads (a third of smollm2's
-bytes, half of gemma3's). Sampling, the reference bounds and a guest's choice of token all
-hang on the largest logits; the tail only has to keep its place far below them. So the
-vocabulary is screened first with one int8 code per weight and a scale per row, or per
-block of 32 with Realm's own kernel (1 to 1.06 bytes a weight against 1.25 for the two
-int4 planes a Q8_0 matrix takes), then each row's
-`CANDIDATES` largest logits are recomputed in float32 from their weights exactly as
-stored, read from the GGUF's memory map.
+The output projection is the largest matrix a decode step reads (a fifth of smollm2's
+bytes, more than half of gemma3's: 262,144 rows). Sampling, the reference bounds and a
+guest's choice of token all hang on the largest logits; the tail only has to keep its
+place far below them. So the vocabulary is screened first, then each row's `CANDIDATES`
+largest logits are recomputed in float32 from their weights exactly as stored, read from
+the GGUF's memory map.
+
+The screen, with Realm's own kernel (native.py): int8 codes with a float16 scale per block
+of 32 (1.06 bytes a weight), or, for a matrix whose 8-bit screen would pass
+`FOUR_BIT_FROM` bytes, 4-bit codes with a scale and a minimum per block (0.625 bytes a
+weight). Without the native library: oneDNN's int8 GEMM, one scale per row.
 
 Re-quantizing a whole row to int8 moves a logit by a few hundredths (a tenth with the
 activations rounded to int8 too, as below, and as llama.cpp computes every logit); that
 alone flipped near-tie argmaxes past the reference bounds. After the exact pass the
-largest logits carry no screening error at all, and the tail stays within
-`tests/test_screened.py`'s bounds. On 2 threads, smollm2: one row 2.3 ms with the planes,
-1.8 ms screened, eight rows 5.8 against 4.8 ms; gemma3, eight rows: 29 against 23 ms.
+largest logits carry no screening error at all. The tail moves by 0.04 on average with
+8-bit blocks (smollm2); with 4 bits by 0.26 (at most 1.9, gemma3's reference prompts),
+for a screen that reads half: gemma3's took 2.8 against 5.5 ms a row (AMD EPYC, 2
+threads), of a 13 ms step. Sampling with top-k up to `CANDIDATES` (the default is 40)
+sees exact logits only.
 
-The codes live in oneDNN's own blocked layout (`Int8Matrix`), prepacked once: against
+oneDNN's codes live in its own blocked layout (`Int8Matrix`), prepacked once: against
 `torch._int_mm` on the plain matrix, a whole decode step (steps of the two kinds taking
 turns, medians of 60, 2 threads) went on smollm2 from 9.3 / 13.6 / 20.2 ms to 9.3 / 12.3 /
 19.0 for 1 / 4 / 8 sequences, and on gemma3 from 18.9 / 28.9 / 46.1 to 17.4 / 22.0 / 37.4.
@@ -31,27 +36,37 @@ from realm.backends import native
 from realm.errors import InternalError
 from realm.models.gguf_file import TensorData
 
-CANDIDATES = 32
-"""Logits per row recomputed exactly: more than any reference check or sampler looks at
-closely (llama.cpp's reference keeps 20), few enough that the exact pass costs little."""
+CANDIDATES = 64
+"""Logits per row recomputed exactly: more than any reference check or default sampler
+looks at (llama.cpp's reference keeps 20, top-k defaults to 40), and enough that the
+4-bit screen never left one of the true top 20 out on gemma3's reference prompts (with
+32, 131 rows of 962 lost one); few enough that the exact pass costs little."""
+FOUR_BIT_FROM = 128 << 20
+"""Bytes of an 8-bit screen past which it is made of 4-bit codes instead: gemma3's (178 MB,
+more than half of a step's reads) is, smollm2's (30 MB, where 4 bits would save 6% of a
+step for a tail error 0.43 on average instead of 0.04) is not."""
 
 _ROWS_PER_PIECE = 8192  # bounds the float32 copy held while the codes are made
 _RUN = 64  # logits per run in `largest`
 
 
 class ScreenedLinear:
-    """`Linear` for an output projection: screened in int8, the top `CANDIDATES` exact."""
+    """`Linear` for an output projection: screened in 8 or 4 bits, the top `CANDIDATES` exact."""
 
     def __init__(self, tensor: TensorData) -> None:
         self.tensor = tensor
         self.out_features, self.in_features = tensor.shape
         self.candidates = min(CANDIDATES, self.out_features)
-        # exactly one of the two screens: Realm's kernel (codes and a scale per block of 32)
-        # or oneDNN's (codes and a scale per row)
+        # exactly one of the three screens: Realm's kernel (8-bit codes and a scale per block
+        # of 32, or 4-bit codes and a scale and a minimum) or oneDNN's (a scale per row)
         self.blocks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.nibbles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.codes: Int8Matrix | None = None
         if native.load() and self.in_features % 32 == 0:
-            self.blocks = _int8_blocks(tensor)
+            if self.out_features * self.in_features * 17 // 16 > FOUR_BIT_FROM:
+                self.nibbles = _int4_blocks(tensor)
+            else:
+                self.blocks = _int8_blocks(tensor)
             return
         codes, scales = [], []
         for start in range(0, self.out_features, _ROWS_PER_PIECE):
@@ -71,6 +86,19 @@ class ScreenedLinear:
         exact = torch.bmm(weights, x[:, :, None]).squeeze(2)
         return logits.scatter_(1, best, exact)
 
+    def precise(self, x: torch.Tensor) -> torch.Tensor:
+        """Every logit exact, for rows that want them all (perplexity, scoring), where the
+        tail's screening error would move a score: the matrix dequantized a slice of rows
+        at a time. gemma3, 292 rows: 0.9 s against 0.3 s screened."""
+        x = x.float()
+        return torch.cat(
+            [
+                x @ self.tensor.rows(slice(s, s + _ROWS_PER_PIECE)).T
+                for s in range(0, self.out_features, _ROWS_PER_PIECE)
+            ],
+            dim=1,
+        )
+
     def _screen(self, x: torch.Tensor) -> torch.Tensor:
         """Every logit, roughly, through oneDNN's int8 GEMM, the activations rounded to int8
         per row as well, as llama.cpp does for every product. It reads the codes once for
@@ -83,8 +111,10 @@ class ScreenedLinear:
         if self.codes is not None:
             codes, step = int8_rows(x)
             return self.codes(codes).mul_(step).mul_(self.scales)
+        if self.nibbles is not None:
+            return torch.ops.realm.int4_gemm(x, *self.nibbles, self.out_features)
         if self.blocks is None:
-            raise InternalError("a ScreenedLinear was built without its int8 codes")
+            raise InternalError("a ScreenedLinear was built without its codes")
         return torch.ops.realm.int8_gemm(x, *self.blocks, 1, self.out_features)
 
 
@@ -102,6 +132,24 @@ def _int8_blocks(tensor: TensorData) -> tuple[torch.Tensor, torch.Tensor]:
         scales.append(scale)
     packed, block_scales, _ = native.group_layout(torch.cat(codes), torch.cat(scales), bits=8)
     return packed, block_scales
+
+
+def _int4_blocks(tensor: TensorData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The matrix in 4-bit codes with a float16 scale and minimum per block of 32
+    (w ~ d * code + m, as Q4_1 stores a weight), in the native kernel's layout."""
+    codes, scales, mins = [], [], []
+    for start in range(0, tensor.shape[0], _ROWS_PER_PIECE):
+        w = tensor.rows(slice(start, start + _ROWS_PER_PIECE))
+        w = w.view(len(w), -1, 32)
+        low = w.amin(dim=2).half().float()
+        scale = ((w.amax(dim=2) - low) / 15).half().float()
+        step = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes.append(torch.round((w - low[:, :, None]) / step[:, :, None]).clamp_(0, 15).to(torch.uint8).flatten(1))
+        scales.append(scale)
+        mins.append(low)
+    packed, block_scales, block_mins = native.group_layout(torch.cat(codes), torch.cat(scales), torch.cat(mins))
+    assert block_mins is not None
+    return packed, block_scales, block_mins
 
 
 class Int8Matrix:

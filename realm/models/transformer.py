@@ -307,18 +307,26 @@ class Transformer:
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor, chunks: Sequence[Chunk]) -> None:
-        """Final norm and output projection of the rows each chunk wants; sets chunk.logits."""
+        """Final norm and output projection of the rows each chunk wants; sets chunk.logits.
+        Chunks that want every row's logits (perplexity, scoring) get them through the
+        projection's `precise` form where it has one: a screened projection
+        (backends/screened.py) is exact only at each row's largest logits."""
         rows, offset = [], 0
         for c in chunks:
             n = len(c.tokens)
             rows.append(x[offset : offset + n] if c.all_logits else x[offset + n - 1 : offset + n])
             offset += n
         w = self.weights
-        logits = w.output(rms_norm(torch.cat(rows), w.output_norm, self.config.norm_eps))
-        offset = 0
-        for c, r in zip(chunks, rows):
-            c.logits = logits[offset : offset + len(r)]
-            offset += len(r)
+        precise = getattr(w.output, "precise", w.output)
+        for every, project in ((False, w.output), (True, precise)):
+            group = [i for i, c in enumerate(chunks) if c.all_logits == every]
+            if not group:
+                continue
+            logits = project(rms_norm(torch.cat([rows[i] for i in group]), w.output_norm, self.config.norm_eps))
+            offset = 0
+            for i in group:
+                chunks[i].logits = logits[offset : offset + len(rows[i])]
+                offset += len(rows[i])
 
     def _qkv(
         self, layer: LayerWeights, x: torch.Tensor, neox: bool, cos: torch.Tensor, sin: torch.Tensor
