@@ -53,7 +53,7 @@ class _Runner:
     def __init__(self, name: str, calls: list, x_at: int) -> None:
         self.name, self.calls, self.x_at = name, calls, x_at
 
-    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def __call__(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         self.calls.append((self.name, inputs))
         return [inputs[self.x_at]]
 
