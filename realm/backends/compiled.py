@@ -48,7 +48,7 @@ import torch.utils._pytree as pytree
 
 from realm.backends import linear, native
 from realm.models import catalogue, config, quants, transformer
-from realm.models.transformer import LayerWeights, Transformer
+from realm.models.transformer import KV_DTYPE, LayerWeights, Transformer
 from realm.settings import host_settings
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def _example(model: Transformer, rows: int, per_graph: int, block_size: int) -> 
     pool of 4 blocks, each row's table 2 blocks long."""
     cfg = model.config
     positions = torch.zeros(rows, dtype=torch.long)
-    pool = [torch.zeros(4, cfg.n_kv_heads, block_size, cfg.head_dim) for _ in range(2 * per_graph)]
+    pool = [torch.zeros(4, cfg.n_kv_heads, block_size, cfg.head_dim, dtype=KV_DTYPE) for _ in range(2 * per_graph)]
     return (
         torch.zeros(rows, cfg.dim),
         positions,

@@ -20,7 +20,7 @@ from realm.backends.screened import ScreenedLinear
 from realm.errors import BackendUnavailable, InvalidArgument
 from realm.models.gguf_file import TensorData
 from realm.models.quants import dequantize
-from realm.models.transformer import Embedding, Linear
+from realm.models.transformer import KV_DTYPE, Embedding, Linear
 from realm.settings import host_settings
 
 
@@ -41,6 +41,11 @@ class Backend:
     @property
     def name(self) -> str:
         return {BackendKind.CPU: "cpu", BackendKind.GPU: "gpu", BackendKind.NONE: "naive"}[self.kind]
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV pool's element type: the naive backend is the float32 reference."""
+        return torch.float32 if self.kind == BackendKind.NONE else KV_DTYPE
 
     def pack_linear(self, tensors: Sequence[TensorData]) -> Linear:
         if self.kind == BackendKind.CPU:

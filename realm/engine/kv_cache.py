@@ -21,7 +21,7 @@ import torch
 
 from realm.errors import ContextOverflow
 from realm.models.config import ModelConfig
-from realm.models.transformer import KVPoolTensors
+from realm.models.transformer import KV_DTYPE, KVPoolTensors
 
 BLOCK = 16
 """Tokens per block."""
@@ -29,13 +29,15 @@ _INITIAL_BLOCKS = 16  # 256 tokens; the pool doubles as sessions need more
 
 
 class KVPool:
-    """Per layer, keys and values as (blocks, n_kv_heads, BLOCK, head_dim) float32: position
-    p of a sequence is at block table[p // BLOCK], offset p % BLOCK."""
+    """Per layer, keys and values as (blocks, n_kv_heads, BLOCK, head_dim) of `dtype` (the
+    backend's: float16, or float32 for the naive one): position p of a sequence is at block
+    table[p // BLOCK], offset p % BLOCK."""
 
-    def __init__(self, config: ModelConfig, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype = KV_DTYPE) -> None:
         self.n_layers = config.n_layers
         self.block_shape = (config.n_kv_heads, BLOCK, config.head_dim)
         self.device = device
+        self.dtype = dtype
         self.lock = threading.RLock()  # held by whoever runs the model over this pool
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -69,7 +71,7 @@ class KVPool:
         with self.lock, torch.inference_mode():
             for store in (self.keys, self.values):
                 for i in range(self.n_layers):
-                    grown = torch.zeros(n_blocks, *self.block_shape, device=self.device)
+                    grown = torch.zeros(n_blocks, *self.block_shape, device=self.device, dtype=self.dtype)
                     if i < len(store):
                         grown[: self.n_blocks] = store[i]
                         store[i] = grown
@@ -116,12 +118,12 @@ class KVCache:
         self.reserve(end)
         blocks, offsets = self.slots(start, end)
         keys, values = self.pool.keys[layer], self.pool.values[layer]
-        keys[blocks, :, offsets] = k.transpose(0, 1)
-        values[blocks, :, offsets] = v.transpose(0, 1)
+        keys[blocks, :, offsets] = k.transpose(0, 1).to(keys.dtype)
+        values[blocks, :, offsets] = v.transpose(0, 1).to(values.dtype)
         table = self.table()[: -(-end // BLOCK)]
         heads, _, dim = self._pool.block_shape
 
         def so_far(blocks: torch.Tensor) -> torch.Tensor:
-            return blocks[table].transpose(0, 1).reshape(heads, -1, dim)[:, :end]
+            return blocks[table].transpose(0, 1).reshape(heads, -1, dim)[:, :end].to(k.dtype)
 
         return so_far(keys), so_far(values)

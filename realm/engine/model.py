@@ -193,13 +193,13 @@ def _place(gguf: GGUFFile, config: ModelConfig, backend: Backend, name: str) -> 
     the weights) is not the end of the chain: the model then goes to the CPU, with a
     warning that names it and the error. An error on the CPU is the end."""
     try:
-        return _pack(gguf, config, backend), KVPool(config, backend.device), backend
+        return _pack(gguf, config, backend), KVPool(config, backend.device, backend.kv_dtype), backend
     except RuntimeError as error:
         if backend.kind != BackendKind.GPU:
             raise
         log.warning("model %s does not load on %s (%s); it runs on the CPU instead", name, backend.description, error)
     cpu = cpu_backend()  # after the except block: the GPU's partial weights are freed by now
-    return _pack(gguf, config, cpu), KVPool(config, cpu.device), cpu
+    return _pack(gguf, config, cpu), KVPool(config, cpu.device, cpu.kv_dtype), cpu
 
 
 def _pack(gguf: GGUFFile, config: ModelConfig, backend: Backend) -> Weights:

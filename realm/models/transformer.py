@@ -19,6 +19,11 @@ from torch.nn.utils.rnn import pad_sequence
 
 from realm.models.config import ModelConfig
 
+KV_DTYPE = torch.float16
+"""The KV pool's element type on the CPU and GPU backends: float16, as llama.cpp keeps its
+cache, for half the memory a token and half the bytes attention reads; the naive backend
+keeps float32 (backends/devices.py). Stored rounded, computed with in float32."""
+
 
 class Linear(Protocol):
     """y = x @ W.T for a weight the backend holds in whatever format is fastest."""
@@ -262,11 +267,11 @@ class Transformer:
         for i, layer in enumerate(layers):
             r = self._rope_index(i)
             q, k, v = self._qkv(layer, x, self.ropes[r].neox, *rope[r])
-            keys[i][blocks, :, offsets] = k
-            values[i][blocks, :, offsets] = v
+            keys[i][blocks, :, offsets] = k.to(keys[i].dtype)
+            values[i][blocks, :, offsets] = v.to(values[i].dtype)
             mask = visible & in_window if cfg.is_sliding(i) else visible
-            seq_k = keys[i][tables].transpose(1, 2).flatten(2, 3)  # (B, Hkv, S, D)
-            seq_v = values[i][tables].transpose(1, 2).flatten(2, 3)
+            seq_k = keys[i][tables].transpose(1, 2).flatten(2, 3).to(q.dtype)  # (B, Hkv, S, D)
+            seq_v = values[i][tables].transpose(1, 2).flatten(2, 3).to(q.dtype)
             scores = q.reshape(b, cfg.n_kv_heads, group, cfg.head_dim) @ seq_k.transpose(2, 3)
             scores = (scores * cfg.attn_scale).masked_fill(~mask[:, None, None, :], float("-inf"))
             o = torch.softmax(scores, dim=-1) @ seq_v  # (B, Hkv, G, D)
