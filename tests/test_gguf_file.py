@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFWriter
 
 from realm.errors import ModelFormatError
 from realm.models import gguf_file
 from realm.models.config import config_from_gguf
-from realm.models.gguf_file import GGUFFile
+from realm.models.gguf_file import GGUFFile, TensorData
 
 
 def write_gguf(path, arch: str = "llama", tensor_type: QT = QT.F32) -> None:
@@ -206,3 +207,33 @@ def test_a_loaded_model_holds_its_vocabulary_once(smollm2):
     assert kept == []
     assert smollm2.gguf.metadata["tokenizer.ggml.model"] == "gpt2"
     assert smollm2.tokenizer.decode(smollm2.tokenizer.encode("Hello world")) == "Hello world"
+
+
+def _mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path`."""
+    total, current = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and not parts[0].endswith(":"):
+                current = len(parts) > 5 and parts[5] == str(path)
+            elif current and parts[0] == "Rss:":
+                total += int(parts[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux's /proc")
+def test_rows_read_after_loading_map_nothing_and_match_the_mapped_bytes(smollm2_path):
+    """Scattered rows (embeddings, exact logits) are read, not mapped: mapped reads pulled
+    64 KiB around each row into the resident set."""
+    g = GGUFFile(smollm2_path)
+    g.drop_resident_pages()
+    embd = g.tensors["token_embd.weight"]
+    ids = np.random.default_rng(0).integers(0, embd.shape[0], 512)
+    got = embd.rows(ids)
+    assert _mapped_kib(g.path) < 256  # the header's pages at most; 512 mapped reads: ~30 MiB
+    mapped = TensorData(embd.name, embd.qtype, embd.shape, embd.raw)  # no reader: through the map
+    assert torch.equal(got, mapped.rows(ids))
+    assert torch.equal(embd.rows(slice(100, 164)), mapped.rows(slice(100, 164)))
+    with pytest.raises(IndexError):
+        embd.rows(np.array([embd.shape[0]]))

@@ -15,7 +15,9 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import os
 import struct
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,19 +127,62 @@ def _value_type(kind: int) -> GGUFValueType:
         raise ValueError(f"unknown value type {kind}") from None
 
 
+class RowReader:
+    """A GGUF opened for reading rows with pread(2), not through the memory map: the kernel
+    maps up to 64 KiB around every page a mapped read touches, so the few scattered rows a
+    decode step reads (an embedding, the exact logits' weights) soon mapped most of the
+    matrix into the process's resident set (smollm2's tied 30 MB embedding: 23 MiB after
+    one 64-token request). 64 scattered rows cost 68 us this way against 6 us mapped."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
+
+    def read(self, offset: int, row_bytes: int, ids: np.ndarray | slice, n_rows: int) -> np.ndarray:
+        """Rows `ids` of the n_rows x row_bytes matrix at `offset` of the file, (rows, row_bytes)."""
+        if isinstance(ids, slice):
+            start, stop, step = ids.indices(n_rows)
+            if step == 1:
+                out = np.empty((max(0, stop - start), row_bytes), np.uint8)
+                self._read_into(out, offset + start * row_bytes)
+                return out
+            ids = np.arange(start, stop, step)
+        index = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= n_rows):
+            raise IndexError(f"row ids outside 0..{n_rows - 1}")
+        out = np.empty((index.size, row_bytes), np.uint8)
+        for j, i in enumerate(index.tolist()):
+            self._read_into(out[j], offset + i * row_bytes)
+        return out
+
+    def _read_into(self, out: np.ndarray, at: int) -> None:
+        view = out.data.cast("B")
+        while view:
+            done = os.preadv(self.fd, [view], at)
+            if done <= 0:
+                raise ModelFormatError("the model file is shorter than it was when it was loaded")
+            view, at = view[done:], at + done
+
+
 @dataclass(frozen=True)
 class TensorData:
-    """One tensor's raw bytes (a view into the memory map) and its logical shape."""
+    """One tensor's raw bytes (a view into the memory map) and its logical shape; rows read
+    after loading come from `reader` at `offset` when the tensor has one."""
 
     name: str
     qtype: GGMLQuantizationType
     shape: tuple[int, ...]  # row-major: (rows, cols) for a matrix
     raw: np.ndarray  # uint8, one row of bytes per row of the tensor
+    reader: RowReader | None = None
+    offset: int = 0  # of the data in the file
 
     def rows(self, ids: np.ndarray | slice) -> torch.Tensor:
-        """Some rows of a matrix as float32, dequantized exactly as stored and read straight
-        from the memory map: only their pages are touched."""
-        picked = np.ascontiguousarray(self.raw[ids])
+        """Some rows of a matrix as float32, dequantized exactly as stored; only their bytes
+        are read (see RowReader)."""
+        if self.reader is None:
+            picked = np.ascontiguousarray(self.raw[ids])
+        else:
+            picked = self.reader.read(self.offset, self.raw.shape[-1], ids, self.raw.shape[0])
         return dequantize(picked, self.qtype, (len(picked), self.shape[-1]))
 
 
@@ -152,6 +197,7 @@ class GGUFFile:
         if self.size_bytes < 24:
             raise ModelFormatError(f"{self.path}: not a valid GGUF file ({self.size_bytes} bytes)")
         self._map = np.memmap(self.path, mode="r")  # the whole file, memory-mapped read-only
+        self._reader = RowReader(self.path)
         reader = _Reader(self._map.data)
         where = "the header"
         try:
@@ -248,7 +294,7 @@ class GGUFFile:
         if start + n_bytes > self.size_bytes:
             raise ValueError(f"its {n_bytes} bytes at {start} lie past the end of the file ({self.size_bytes} bytes)")
         raw = self._map[start : start + n_bytes].reshape(*shape[:-1], row_bytes)
-        return TensorData(name, qtype, shape, raw)
+        return TensorData(name, qtype, shape, raw, self._reader, start)
 
     def get(self, key: str, default: Any = None) -> Any:
         """Metadata value by key, or `default`."""
