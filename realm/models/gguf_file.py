@@ -147,11 +147,11 @@ class RowReader:
                 self._read_into(out, offset + start * row_bytes)
                 return out
             ids = np.arange(start, stop, step)
-        index = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if index.size and (index.min() < 0 or index.max() >= n_rows):
+        index = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()  # a step's few ids: lists beat numpy here
+        if index and (min(index) < 0 or max(index) >= n_rows):
             raise IndexError(f"row ids outside 0..{n_rows - 1}")
-        out = np.empty((index.size, row_bytes), np.uint8)
-        for j, i in enumerate(index.tolist()):
+        out = np.empty((len(index), row_bytes), np.uint8)
+        for j, i in enumerate(index):
             self._read_into(out[j], offset + i * row_bytes)
         return out
 
