@@ -1,7 +1,7 @@
-"""Token embedding lookup straight from the GGUF's memory map.
+"""Token embedding lookup straight from the GGUF file.
 
-Only the rows asked for are dequantized, exactly as stored, so the table costs no memory
-beyond the file's pages and matches llama.cpp's lookup bit for bit.
+Only the rows asked for are read and dequantized, exactly as stored (`TensorData.rows`),
+so the table costs no memory of its own and matches llama.cpp's lookup bit for bit.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ bytes, more than half of gemma3's: 262,144 rows). Sampling, the reference bounds
 guest's choice of token all hang on the largest logits; the tail only has to keep its
 place far below them. So the vocabulary is screened first, then each row's `CANDIDATES`
 largest logits are recomputed in float32 from their weights exactly as stored, read from
-the GGUF's memory map.
+the GGUF file.
 
 The screen, with Realm's own kernel (native.py): int8 codes with a float16 scale per block
 of 32 (1.06 bytes a weight), or, for a matrix whose 8-bit screen would pass

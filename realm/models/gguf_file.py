@@ -1,4 +1,5 @@
-"""A GGUF file opened read-only and memory-mapped, with every defect turned into a clear error.
+"""A GGUF file opened read-only and memory-mapped (rows read later come by pread: see
+RowReader), with every defect turned into a clear error.
 
 The format (a header, typed key/value metadata, tensor descriptions, aligned tensor data)
 is read here directly: the `gguf` package's reader makes a numpy view per array element,
