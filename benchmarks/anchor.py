@@ -105,11 +105,13 @@ def start_realm_server(
     workdir: Path,
     repo: Path = REPO,
     settings: tuple[str, ...] = (),
+    options: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen, str, dict[str, str]]:
-    """`realm serve` of the checkout `repo`, serving `models` (a TOML value) to `tenants`:
-    name -> its limits, plus "guest" (a module's path) for a guest of its own. Each tenant
-    gets a new API key. The config (with `settings`, TOML lines) and the log go to
-    `workdir`. Not waited for (see wait_healthy): (process, base URL, name -> key)."""
+    """`realm serve` of the checkout `repo` (with command-line `options`), serving `models`
+    (a TOML value) to `tenants`: name -> its limits, plus "guest" (a module's path) for a
+    guest of its own. Each tenant gets a new API key. The config (with `settings`, TOML
+    lines) and the log go to `workdir`. Not waited for (see wait_healthy): (process, base
+    URL, name -> key)."""
     sys.path.insert(0, str(REPO))
     from realm.server.keys import hash_key, new_key
 
@@ -127,7 +129,7 @@ def start_realm_server(
     config = workdir / "realm.toml"
     config.write_text("\n".join(lines))
     log = (workdir / "realm.log").open("w")
-    cmd = [sys.executable, "-m", "realm.cli", "serve", "--config", str(config), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "realm.cli", "serve", "--config", str(config), "--log-level", "warning", *options]
     return subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=log), f"http://127.0.0.1:{port}", keys
 
 

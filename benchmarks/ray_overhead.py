@@ -18,24 +18,11 @@ import argparse
 import asyncio
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from anchor import REPO, cpu_model, free_port, stop, wait_healthy
+from anchor import cpu_model, start_realm_server, stop, wait_healthy
 from server_load import phase
-
-
-def start(workdir: Path, config: str, ray: bool) -> subprocess.Popen:
-    """`realm serve` (or `realm serve --ray --replicas 1`) of this checkout; log in workdir."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "realm.toml"
-    path.write_text(config)
-    log = (workdir / "realm.log").open("w")
-    cmd = [sys.executable, "-m", "realm.cli", "serve", "--config", str(path), "--log-level", "warning"]
-    if ray:
-        cmd += ["--ray", "--replicas", "1"]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log)
 
 
 def main() -> None:
@@ -48,29 +35,28 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     args = p.parse_args()
     print(f"CPU: {cpu_model()}")
-    servers: dict[str, str] = {}
+    servers: dict[str, tuple[str, str]] = {}
     procs: list[subprocess.Popen] = []
+    settings = (f"threads = {args.threads}", "[ray]", f"cpus_per_replica = {args.threads}")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            for name in ("single", "ray"):
-                port = free_port()
-                config = (
-                    f'port = {port}\nmodels = ["{args.model}"]\nthreads = {args.threads}\n'
-                    f"[ray]\ncpus_per_replica = {args.threads}\n"
-                    f'[[tenants]]\nname = "bench"\nopen = true\n'
-                    f"[tenants.limits]\nmax_concurrent = {max(args.clients)}\n"
+            for name, options in (("single", ()), ("ray", ("--ray", "--replicas", "1"))):
+                (Path(tmp) / name).mkdir()
+                tenants = {"bench": {"max_concurrent": max(args.clients)}}
+                proc, base, keys = start_realm_server(
+                    f'["{args.model}"]', tenants, Path(tmp) / name, settings=settings, options=options
                 )
-                procs.append(start(Path(tmp) / name, config, ray=name == "ray"))
-                servers[name] = f"http://127.0.0.1:{port}"
-            wait_healthy(list(servers.values()), procs, timeout=600)
-            for base in servers.values():  # the first request loads the model (on the replica: on demand)
-                asyncio.run(phase([(base, None)], args.model, 1, 1, 4, {}))
+                procs.append(proc)
+                servers[name] = (base, keys["bench"])
+            wait_healthy([base for base, _ in servers.values()], procs, timeout=600)
+            for target in servers.values():  # the first request loads the model (on the replica: on demand)
+                asyncio.run(phase([target], args.model, 1, 1, 4, {}))
             rows: dict[tuple[str, int], list[dict]] = {}
             for round_ in range(args.rounds):
                 for clients in args.clients:
-                    for name, base in servers.items():
+                    for name, target in servers.items():
                         row = asyncio.run(
-                            phase([(base, None)] * clients, args.model, clients, args.requests, args.max_tokens, {})
+                            phase([target] * clients, args.model, clients, args.requests, args.max_tokens, {})
                         )
                         rows.setdefault((name, clients), []).append(row)
                         print(
