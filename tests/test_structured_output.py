@@ -16,6 +16,8 @@ import pytest
 from schema_suite import SCHEMAS
 from test_server import Server, serving, smollm2_settings, streamed_text
 
+from realm.engine import grammar
+
 MODEL = "smollm2-135m"
 KEYS = {t: f"realm-structured-{t}" for t in ("alpha", "beta")}
 
@@ -214,3 +216,14 @@ def test_a_constraint_with_logprobs_and_n_choices_whole_and_streamed(server):
     for call in calls.values():
         assert call["name"] == "get_weather"
         jsonschema.validate(json.loads(call["arguments"]), WEATHER["function"]["parameters"])
+
+
+def test_the_vocabulary_for_masks_is_built_by_the_first_constrained_request(smollm2_path):
+    """A server that serves no structured output spends nothing on llguidance's view of the
+    vocabulary (18 MiB on smollm2, 96 MiB on gemma3); the first constrained request builds it."""
+    with serving(smollm2_settings(KEYS, dict.fromkeys(KEYS, {}))) as s:
+        ask(s, "Hi", max_tokens=2)
+        tokenizer = s.app.state.host.models[MODEL].model.tokenizer
+        assert tokenizer not in grammar._tokenizers
+        ask(s, "Hi", max_tokens=2, response_format={"type": "json_object"})
+        assert tokenizer in grammar._tokenizers

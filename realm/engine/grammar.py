@@ -123,7 +123,7 @@ class _Vocabulary:
 def lltokenizer(tokenizer: Tokenizer, vocab_size: int) -> llg.LLTokenizer:
     """llguidance's view of `tokenizer` with `vocab_size` rows of logits (padded with empty
     tokens that no grammar allows), its end tokens the model's end-of-generation set. Built
-    once per tokenizer (a few tenths of a second on 262k tokens)."""
+    once per tokenizer, on first use (0.9 s and 96 MiB on gemma3's 262k tokens, 2 cores)."""
     with _tokenizers_lock:
         built = _tokenizers.setdefault(tokenizer, {})
         if vocab_size not in built:

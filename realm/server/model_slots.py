@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from realm.engine.grammar import lltokenizer
 from realm.engine.model_store import ModelStore, StoredModel
 from realm.engine.scheduler import BatchScheduler
 from realm.engine.step_router import SchedulerRouter
@@ -150,10 +149,6 @@ class ModelSlots:
             raise
         self.router.add(scheduler)
         self.metrics.serve(slot.name, scheduler, entry.model.kv_pool)
-        # llguidance's view of the vocabulary (seconds on 262k tokens), built beside serving
-        # rather than at the first request with a schema, which waits for it if it comes first
-        tokenizer, rows = entry.model.tokenizer, entry.model.config.vocab_size
-        threading.Thread(target=lltokenizer, args=(tokenizer, rows), name="realm-grammar-vocab", daemon=True).start()
         with self._lock:
             self._schedulers[slot.name] = scheduler
             self._last_used[slot.name] = time.monotonic()
