@@ -11,16 +11,17 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
-from realm.backends import linear
+from realm.backends import linear, native
 from realm.backends.embedding import RawEmbedding
 from realm.backends.screened import ScreenedLinear
 from realm.errors import BackendUnavailable, InvalidArgument
 from realm.models.gguf_file import TensorData
 from realm.models.quants import dequantize
-from realm.models.transformer import KV_DTYPE, Embedding, Linear
+from realm.models.transformer import KV_DTYPE, Embedding, Linear, PagedAttention, attend_pages
 from realm.settings import host_settings
 
 
@@ -46,6 +47,13 @@ class Backend:
     def kv_dtype(self) -> torch.dtype:
         """The KV pool's element type: the naive backend is the float32 reference."""
         return torch.float32 if self.kind == BackendKind.NONE else KV_DTYPE
+
+    @property
+    def paged_attention(self) -> PagedAttention:
+        """Realm's kernel on the CPU (paged_attention.cpp), PyTorch's operations elsewhere."""
+        if self.kind == BackendKind.CPU and native.load():
+            return cast(PagedAttention, torch.ops.realm.paged_attention)
+        return attend_pages
 
     def pack_linear(self, tensors: Sequence[TensorData]) -> Linear:
         if self.kind == BackendKind.CPU:

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 GROUP = 16
 """Rows of a weight the kernels handle together; `group_layout` pads to a multiple."""
 SOURCE = Path(__file__).with_name("quantized_gemm.cpp")
-SOURCES = (SOURCE, Path(__file__).with_name("compiled_runner.cpp"))
+SOURCES = (SOURCE, Path(__file__).with_name("paged_attention.cpp"), Path(__file__).with_name("compiled_runner.cpp"))
+HEADERS = (Path(__file__).with_name("kernel_isa.h"),)
 LIBRARY = "librealm_quantized_gemm.so"
 
 
@@ -56,7 +57,7 @@ def _key() -> str:
         subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout if compiler != "none" else ""
     )
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     digest.update(f"{torch.__version__}\n{version}".encode())
     return digest.hexdigest()[:24]
@@ -165,6 +166,7 @@ def load() -> bool:
 
     torch.library.register_fake("realm::int4_gemm", _int4_shape)
     torch.library.register_fake("realm::int8_gemm", _int8_shape)
+    torch.library.register_fake("realm::paged_attention", _attention_shape)
 
     return True
 
@@ -208,6 +210,18 @@ def _int8_shape(
     return x.new_empty((x.shape[0], out_features))
 
 
+def _attention_shape(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tables: torch.Tensor,
+    positions: torch.Tensor,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
 def isa() -> str:
     """The instruction set the loaded kernel runs (`avx512-vnni`, `avx2`, `scalar`), or
     `pytorch` when it is not loaded."""
@@ -221,7 +235,7 @@ def identity() -> str:
     kernels when these are not loaded."""
     if not load():
         return "pytorch"
-    schemas = re.findall(r'm\.def\("([^"]+)"', SOURCE.read_text())
+    schemas = [schema for source in SOURCES for schema in re.findall(r'm\.def\("([^"]+)"', source.read_text())]
     return "realm " + hashlib.sha256("\n".join(schemas).encode()).hexdigest()[:16]
 
 

@@ -30,10 +30,11 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "kernel_isa.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -301,17 +302,15 @@ struct Choice {
   const char* name;
 };
 
-// REALM_KERNEL_ISA=avx2 or =scalar caps the choice (tests run every body on one machine).
 Choice pick_kernel() {
-  __builtin_cpu_init();
-  const char* cap = std::getenv("REALM_KERNEL_ISA");
-  const std::string most = cap ? cap : "";
-  if (most != "scalar" && most != "avx2" && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"))
-    return {by_tiles<4, 1, Avx512>, by_tiles<8, 1, Avx512>, by_tiles<8, 2, Avx512>, quantize_rows_avx512, "avx512-vnni"};
-  if (most != "scalar" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
-    return {by_tiles<4, 1, Avx2>, by_tiles<8, 1, Avx2>, by_tiles<8, 2, Avx2>, quantize_rows, "avx2"};
-  return {group_scalar<4, 1>, group_scalar<8, 1>, group_scalar<8, 2>, quantize_rows, "scalar"};
+  switch (realm::kernel_isa()) {
+    case realm::Isa::avx512:
+      return {by_tiles<4, 1, Avx512>, by_tiles<8, 1, Avx512>, by_tiles<8, 2, Avx512>, quantize_rows_avx512, "avx512-vnni"};
+    case realm::Isa::avx2:
+      return {by_tiles<4, 1, Avx2>, by_tiles<8, 1, Avx2>, by_tiles<8, 2, Avx2>, quantize_rows, "avx2"};
+    default:
+      return {group_scalar<4, 1>, group_scalar<8, 1>, group_scalar<8, 2>, quantize_rows, "scalar"};
+  }
 }
 
 const Choice KERNEL = pick_kernel();

@@ -176,7 +176,7 @@ def load_model(
         tokenizer=tokenizer,
         chat_template=template,
         chat_template_error=template_error,
-        transformer=Transformer(config, weights),
+        transformer=Transformer(config, weights, backend.paged_attention),
         kv_pool=kv_pool,
         backend=backend,
         load_seconds=time.perf_counter() - started,

@@ -92,6 +92,47 @@ class Weights:
     output: Linear  # dim -> vocab
 
 
+class PagedAttention(Protocol):
+    """Decode attention over a KV pool: each row's queries q (rows, heads * head_dim) f32
+    against the keys and values (blocks, n_kv_heads, block, head_dim) that its table
+    (rows, N) names, up to its position (rows,) and within `window` keys of it (0: no
+    window); (rows, heads * head_dim) f32. `attend_pages` below, or a backend's kernel."""
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        tables: torch.Tensor,
+        positions: torch.Tensor,
+        window: int,
+        scale: float,
+    ) -> torch.Tensor: ...
+
+
+def attend_pages(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tables: torch.Tensor,
+    positions: torch.Tensor,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """`PagedAttention` in PyTorch's operations: each row's keys gathered from the pool,
+    padded to the longest table (the zero block) and masked past the row's position."""
+    rows, (kv_heads, block, dim) = q.shape[0], keys.shape[1:]
+    key_pos = torch.arange(tables.shape[1] * block, device=q.device)[None, :]
+    visible = key_pos <= positions[:, None]
+    if window:
+        visible &= key_pos > positions[:, None] - window
+    seq_k = keys[tables].transpose(1, 2).flatten(2, 3).to(q.dtype)  # (B, Hkv, S, D)
+    seq_v = values[tables].transpose(1, 2).flatten(2, 3).to(q.dtype)
+    scores = q.reshape(rows, kv_heads, -1, dim) @ seq_k.transpose(2, 3)
+    scores = (scores * scale).masked_fill(~visible[:, None, None, :], float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ seq_v).reshape(rows, -1)
+
+
 DecodeGraph = Callable[..., torch.Tensor]
 """`decode_layers` with the layers bound: (x, positions, blocks, offsets, tables, rope, keys,
 values) -> the last hidden states."""
@@ -169,9 +210,10 @@ class Transformer:
     until a compiled graph of the same function replaces it (`use_decode_graph`;
     realm/backends/compiled.py), which may happen between any two steps."""
 
-    def __init__(self, config: ModelConfig, weights: Weights) -> None:
+    def __init__(self, config: ModelConfig, weights: Weights, paged_attention: PagedAttention = attend_pages) -> None:
         self.config = config
         self.weights = weights
+        self.paged_attention = paged_attention
         cfg = config
         self.ropes = [Rope(cfg.head_dim, cfg.rope_base, cfg.rope_neox, cfg.rope_scale)]
         if cfg.sliding_window:
@@ -257,25 +299,17 @@ class Transformer:
         """The decode step as a pure function of tensors (what gets compiled): `layers` (the
         model's, or a run of them with the same pattern of sliding layers) over x (B, dim)
         at `positions` (B,); writes each layer's new keys and values at `blocks`, `offsets`
-        (B,) of the pool, then attends over the blocks of each row's table (B, N), padded
-        with the zero block and masked past its position; the last hidden states (B, dim)."""
+        (B,) of the pool, then attends (`paged_attention`) over the blocks of each row's
+        table (B, N) up to its position; the last hidden states (B, dim)."""
         cfg = self.config
-        b, group = x.shape[0], cfg.n_heads // cfg.n_kv_heads
-        key_pos = torch.arange(tables.shape[1] * keys[0].shape[2], device=x.device)[None, :]
-        visible = key_pos <= positions[:, None]
-        in_window = key_pos > positions[:, None] - cfg.sliding_window if cfg.sliding_window else visible
         for i, layer in enumerate(layers):
             r = self._rope_index(i)
             q, k, v = self._qkv(layer, x, self.ropes[r].neox, *rope[r])
             keys[i][blocks, :, offsets] = k.to(keys[i].dtype)
             values[i][blocks, :, offsets] = v.to(values[i].dtype)
-            mask = visible & in_window if cfg.is_sliding(i) else visible
-            seq_k = keys[i][tables].transpose(1, 2).flatten(2, 3).to(q.dtype)  # (B, Hkv, S, D)
-            seq_v = values[i][tables].transpose(1, 2).flatten(2, 3).to(q.dtype)
-            scores = q.reshape(b, cfg.n_kv_heads, group, cfg.head_dim) @ seq_k.transpose(2, 3)
-            scores = (scores * cfg.attn_scale).masked_fill(~mask[:, None, None, :], float("-inf"))
-            o = torch.softmax(scores, dim=-1) @ seq_v  # (B, Hkv, G, D)
-            x = self._block_out(layer, x, o.reshape(b, -1))
+            window = cfg.sliding_window if cfg.is_sliding(i) else 0
+            o = self.paged_attention(q.flatten(1), keys[i], values[i], tables, positions, window, cfg.attn_scale)
+            x = self._block_out(layer, x, o)
         return x
 
     def rope_tables(self, positions: torch.Tensor, device: torch.device) -> RopeTables:
