@@ -12,7 +12,7 @@ import pytest
 import torch
 from sandbox_helpers import greedy_request, make_runtime
 
-from realm.engine.grammar import ACCEPTING, DONE, GrammarCache, compile_grammar
+from realm.engine.grammar import ACCEPTING, DONE, GrammarCache, apply_mask, compile_grammar
 from realm.engine.sampling import SamplingParams
 from realm.errors import InvalidArgument, NotFound
 from realm.sandbox import abi, toolchain
@@ -67,6 +67,21 @@ def test_a_random_walk_through_the_mask_always_gives_valid_json(name, smollm2, g
                 break
         value = json.loads(tok.decode(out))
         assert set(value) == {"name", "age"} and len(value["name"]) <= 12 and 0 <= value["age"] <= 120
+
+
+@pytest.mark.parametrize("allowed_share", [0.001, 0.05, 0.5, 0.999])
+@pytest.mark.parametrize("vocab", [49152, 262144, 1000, 33])
+def test_a_mask_forbids_exactly_the_tokens_whose_bit_is_clear(vocab: int, allowed_share: float) -> None:
+    rng = np.random.default_rng(vocab)
+    allowed = rng.random(vocab) < allowed_share
+    mask = np.packbits(np.pad(allowed, (0, -vocab % 32)), bitorder="little").view(np.uint32)
+    mask[-1] |= (
+        np.uint32(0xFFFFFFFF) << np.uint32(32 - (-vocab % 32)) if vocab % 32 else 0
+    )  # stray bits past the vocabulary
+    logits = rng.standard_normal(vocab).astype(np.float32)
+    want = np.where(allowed, logits, -np.inf)
+    apply_mask(mask, logits)
+    assert np.array_equal(logits, want)
 
 
 def test_consume_is_all_or_nothing_and_forced_tokens_fast_forward(smollm2):

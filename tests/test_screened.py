@@ -93,6 +93,22 @@ def test_largest_logits_are_exact_and_the_tail_close(request, reference_dir, nam
         assert error.max() <= max_bound, float(error.max())
 
 
+def test_a_mask_over_the_candidates_leaves_the_best_allowed_exact(gemma3):
+    """gemma3's 4-bit screen: a mask (a grammar, a guest's) that forbids every exact
+    candidate would leave the rough tail to decide; the session rescores the best tokens
+    left from the weights as stored."""
+    session = gemma3.new_session(64)
+    row = session.feed(gemma3.tokenizer.encode("The capital of France is"))[-1].numpy().copy()
+    precise = gemma3.transformer.weights.output.precise(session.hidden)[0]
+    candidates = largest(torch.from_numpy(row)[None], CANDIDATES)[0]
+    row[candidates.numpy()] = -np.inf
+    left = largest(torch.from_numpy(row)[None], CANDIDATES)[0]
+    assert (torch.from_numpy(row)[left] - precise[left]).abs().max() > 0.05  # rough before
+    session.rescore(row)
+    torch.testing.assert_close(torch.from_numpy(row)[left], precise[left], rtol=1e-5, atol=1e-4)
+    assert np.isneginf(row[candidates.numpy()]).all()  # what the mask forbade stays forbidden
+
+
 def test_a_rows_screen_is_the_same_in_any_batch(smollm2):
     """The screen's integer sums make a sequence's screened logits independent of what
     else shares its step."""

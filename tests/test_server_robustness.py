@@ -94,6 +94,8 @@ def test_a_prompt_far_over_the_context_is_refused_before_tokenizing(server):
     messages = f'[{{"role": "user", "content": "{prompt}"}}]'
     r = post(server, "/v1/chat/completions", f'{{"model": "{MODEL}", "messages": {messages}}}')
     assert r.status_code == 400 and error_of(r)["code"] == "context_overflow"
+    r = post(server, "/tokenize", f'{{"model": "{MODEL}", "content": "{prompt}"}}')
+    assert r.status_code == 400 and "the content has 3000000 characters" in error_of(r)["message"]
 
 
 @pytest.mark.parametrize(

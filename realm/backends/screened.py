@@ -85,9 +85,17 @@ class ScreenedLinear:
         x = x.float()
         logits = self._screen(x)
         best = largest(logits, self.candidates)  # (T, candidates)
-        weights = self.tensor.rows(best.flatten().numpy()).view(len(x), self.candidates, self.in_features)
-        exact = torch.bmm(weights, x[:, :, None]).squeeze(2)
-        return logits.scatter_(1, best, exact)
+        return logits.scatter_(1, best, self._exact(x, best))
+
+    def exact(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The exact logits of `ids` (k,) for one row x (1, in): for a mask that forbids this
+        row's own candidates, so that the best tokens it allows are exact too."""
+        return self._exact(x.float(), ids[None])[0]
+
+    def _exact(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Row t's logits at ids[t] (T, k), from the weights as stored."""
+        weights = self.tensor.rows(ids.flatten().numpy()).view(*ids.shape, self.in_features)
+        return torch.bmm(weights, x[:, :, None]).squeeze(2)
 
     def precise(self, x: torch.Tensor) -> torch.Tensor:
         """Every logit exact, for rows that want them all (perplexity, scoring), where the

@@ -87,12 +87,13 @@ class Generation:
             yield Piece(-1, tail)
 
     def _masked(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits with the tokens the grammar forbids at -inf, as the host does for a
-        guest whose session has the grammar (sandbox/host_grammar.py)."""
+        """The logits with the tokens the grammar forbids at -inf and the best left exact,
+        as the host does for a guest whose session has the grammar (sandbox/host_grammar.py)."""
         if self.grammar is None:
             return logits
         row = logits.numpy().copy()
         self.grammar.apply(row)
+        self.session.rescore(row)
         return torch.from_numpy(row)
 
 

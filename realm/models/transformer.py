@@ -148,6 +148,7 @@ class Chunk:
     all_logits: bool = False  # logits for every token (perplexity), else only the last
     graph: DecodeGraph | None = field(default=None, repr=False)  # the decode step it keeps to
     logits: torch.Tensor | None = field(default=None, repr=False)  # filled by forward()
+    hidden: torch.Tensor | None = field(default=None, repr=False)  # (1, dim): what made the last logits
 
 
 def token_positions(chunks: Sequence[Chunk]) -> torch.Tensor:
@@ -361,11 +362,20 @@ class Transformer:
             group = [i for i, c in enumerate(chunks) if c.all_logits == every]
             if not group:
                 continue
-            logits = project(rms_norm(torch.cat([rows[i] for i in group]), w.output_norm, self.config.norm_eps))
+            normed = rms_norm(torch.cat([rows[i] for i in group]), w.output_norm, self.config.norm_eps)
+            logits = project(normed)
             offset = 0
             for i in group:
                 chunks[i].logits = logits[offset : offset + len(rows[i])]
+                chunks[i].hidden = normed[offset + len(rows[i]) - 1 : offset + len(rows[i])]
                 offset += len(rows[i])
+
+    def exact_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """The exact logits of `ids` for a chunk's `hidden`, where the output projection
+        computes some roughly (a screened one; backends/screened.py); None where every
+        logit it gives is exact already."""
+        exact = getattr(self.weights.output, "exact", None)
+        return None if exact is None else exact(hidden, ids)
 
     def _qkv(
         self, layer: LayerWeights, x: torch.Tensor, neox: bool, cos: torch.Tensor, sin: torch.Tensor

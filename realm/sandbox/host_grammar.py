@@ -135,14 +135,24 @@ def session_backup(st: GuestState, caller: StoreContext, handle: int, n: int) ->
 
 def steer(s: HostSession, logits: np.ndarray) -> None:
     """What the guest set for this session's step, applied to its row of logits (vocab,)
-    float32 in place: the bias, then the one-step mask and the grammar's mask (-inf for
-    every token either forbids). The one-step mask and bias are then cleared."""
-    if s.bias is not None:
-        tokens, values = s.bias
-        np.add.at(logits, tokens, values)
-        s.bias = None
+    float32 in place: the one-step mask, the grammar's mask and the bias's bans (-inf for
+    every token any of them forbids); where something was forbidden, the best tokens left
+    made exact (`Session.rescore`); then the rest of the bias. The one-step mask and bias
+    are then cleared."""
+    forbidden = s.mask is not None or s.grammar is not None
     if s.mask is not None:
         apply_mask(s.mask, logits)
         s.mask = None
     if s.grammar is not None:
         s.grammar.apply(logits)
+    bias, s.bias = s.bias, None
+    if bias is not None:
+        tokens, values = bias
+        banned = np.isneginf(values)
+        logits[tokens[banned]] = -np.inf
+        forbidden |= bool(banned.any())
+        bias = tokens[~banned], values[~banned]
+    if forbidden:
+        s.session.rescore(logits)
+    if bias is not None:
+        np.add.at(logits, *bias)

@@ -316,14 +316,20 @@ class Host:
             text = model.chat_template.render(messages)
         else:
             return model.prompt_tokens(messages=messages)  # raises: says why the model cannot chat
+        self.check_text_fits(served, text, "prompt")
+        return prompt_rule.encode(model.tokenizer, text)
+
+    def check_text_fits(self, served: Served, text: str, what: str) -> None:
+        """Refuse, before tokenizing it, a text that cannot fit the model's context: it has at
+        least one token per `longest_token` characters, so no CPU goes to a text that must fail."""
+        model = served.entry.model
         longest = self.slots.longest_token.get(served.name) or longest_token(model.tokenizer)
         fewest = -(-len(text) // longest)
         if fewest >= model.config.context_length:
             raise ContextOverflow(
-                f"the prompt has {len(text)} characters, at least {fewest} tokens; model {model.name}'s "
+                f"the {what} has {len(text)} characters, at least {fewest} tokens; model {model.name}'s "
                 f"context holds {model.config.context_length} (and at least one token must be generated)"
             )
-        return prompt_rule.encode(model.tokenizer, text)
 
     def check_context(self, entry: StoredModel, n_prompt: int) -> None:
         ctx = entry.model.config.context_length

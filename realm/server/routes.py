@@ -300,6 +300,7 @@ async def tokenize(request: Request, host: HostDep, tenant: TenantDep) -> dict[s
     body = await parse_body(request, TokenizeRequest)
     served = await asyncio.to_thread(host.resolve, tenant, host.model_name(tenant, body.model))  # may load it
     tok = served.entry.model.tokenizer
+    host.check_text_fits(served, body.content, "content")
     tokens = await asyncio.to_thread(
         tok.encode, body.content, add_bos=body.add_special and tok.add_bos, parse_special=body.parse_special
     )
