@@ -174,3 +174,16 @@ def test_a_damaged_library_is_a_warning_and_pytorchs_kernels(tmp_path: Path) -> 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "pytorch"]
     assert "do not load" in done.stderr
+
+
+def test_rows_read_by_the_native_loop_are_the_files_rows(smollm2_path) -> None:
+    """file_rows.cpp: the same bytes, dequantized the same, as TensorData.rows; an id
+    outside the matrix is an error, never a read past it."""
+    from realm.errors import ModelFormatError
+    from realm.models.gguf_file import GGUFFile
+
+    tensor = GGUFFile(smollm2_path).tensors["token_embd.weight"]
+    ids = torch.tensor([0, 49151, 7, 7, 30000])
+    assert torch.equal(native.read_rows(tensor, ids), tensor.rows(ids.numpy()))
+    with pytest.raises(ModelFormatError, match="outside"):
+        native.read_rows(tensor, torch.tensor([49152]))

@@ -93,20 +93,29 @@ def test_largest_logits_are_exact_and_the_tail_close(request, reference_dir, nam
         assert error.max() <= max_bound, float(error.max())
 
 
-def test_a_mask_over_the_candidates_leaves_the_best_allowed_exact(gemma3):
+def test_a_mask_over_the_candidates_leaves_the_best_allowed_exact(gemma3, monkeypatch):
     """gemma3's 4-bit screen: a mask (a grammar, a guest's) that forbids every exact
-    candidate would leave the rough tail to decide; the session rescores the best tokens
-    left from the weights as stored."""
-    session = gemma3.new_session(64)
-    row = session.feed(gemma3.tokenizer.encode("The capital of France is"))[-1].numpy().copy()
-    precise = gemma3.transformer.weights.output.precise(session.hidden)[0]
-    candidates = largest(torch.from_numpy(row)[None], CANDIDATES)[0]
-    row[candidates.numpy()] = -np.inf
-    left = largest(torch.from_numpy(row)[None], CANDIDATES)[0]
-    assert (torch.from_numpy(row)[left] - precise[left]).abs().max() > 0.05  # rough before
-    session.rescore(row)
-    torch.testing.assert_close(torch.from_numpy(row)[left], precise[left], rtol=1e-5, atol=1e-4)
-    assert np.isneginf(row[candidates.numpy()]).all()  # what the mask forbade stays forbidden
+    candidate would leave the rough tail to decide; a step told the mask (`allowed`)
+    computes the best tokens it leaves from the weights as stored, and keeps the rest."""
+    output = gemma3.transformer.weights.output
+    seen: list[torch.Tensor] = []
+    constrained = output.constrained
+
+    def recording(x: torch.Tensor, rows: list[int], allowed: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return constrained(x, rows, allowed)
+
+    monkeypatch.setattr(output, "constrained", recording)
+    prompt = gemma3.tokenizer.encode("The capital of France is")
+    free = gemma3.new_session(64).feed(prompt)[-1]
+    allowed = torch.ones(gemma3.config.vocab_size, dtype=torch.bool)
+    allowed[largest(free[None], CANDIDATES)[0]] = False
+    row = gemma3.new_session(64).feed(prompt, allowed=allowed)[-1]
+    precise = output.precise(seen[0])[0]
+    left = largest(row.masked_fill(~allowed, float("-inf"))[None], CANDIDATES // 2)[0]  # clear of the edge
+    assert (free[left] - precise[left]).abs().max() > 0.05  # without the mask: rough there
+    torch.testing.assert_close(row[left], precise[left], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(row[~allowed], free[~allowed])  # unmasked: the favourites as before
 
 
 def test_a_rows_screen_is_the_same_in_any_batch(smollm2):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from realm.backends import native
 from realm.models.gguf_file import TensorData
 
 
@@ -18,4 +19,4 @@ class RawEmbedding:
         self.vocab_size, self.dim = tensor.shape
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.tensor.rows(ids.cpu().numpy()).to(self.device)
+        return native.read_rows(self.tensor, ids.cpu()).to(self.device)

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from realm.errors import InternalError
+from realm.errors import InternalError, ModelFormatError
 from realm.models.catalogue import realm_home
+from realm.models.gguf_file import TensorData
 from realm.settings import host_settings
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,10 @@ log = logging.getLogger(__name__)
 GROUP = 16
 """Rows of a weight the kernels handle together; `group_layout` pads to a multiple."""
 SOURCE = Path(__file__).with_name("quantized_gemm.cpp")
-SOURCES = (SOURCE, Path(__file__).with_name("paged_attention.cpp"), Path(__file__).with_name("compiled_runner.cpp"))
+SOURCES = (
+    SOURCE,
+    *(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "file_rows.cpp", "compiled_runner.cpp")),
+)
 HEADERS = (Path(__file__).with_name("kernel_isa.h"),)
 LIBRARY = "librealm_quantized_gemm.so"
 
@@ -220,6 +224,19 @@ def _attention_shape(
     scale: float,
 ) -> torch.Tensor:
     return q.new_empty(q.shape)
+
+
+def read_rows(tensor: TensorData, ids: torch.Tensor) -> torch.Tensor:
+    """`tensor.rows(ids)`, the pread loop in the native library (file_rows.cpp) where it is
+    loaded: 64 scattered rows in ~40 us rather than ~170."""
+    reader = tensor.reader
+    if reader is None or not load():
+        return tensor.rows(ids.numpy())
+    try:
+        raw = torch.ops.realm.read_rows(reader.fd, tensor.offset, tensor.raw.shape[-1], tensor.raw.shape[0], ids)
+    except RuntimeError as e:
+        raise ModelFormatError(str(e).splitlines()[0]) from e
+    return tensor.decode(raw.numpy())
 
 
 def isa() -> str:

@@ -87,14 +87,23 @@ class ScreenedLinear:
         best = largest(logits, self.candidates)  # (T, candidates)
         return logits.scatter_(1, best, self._exact(x, best))
 
-    def exact(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The exact logits of `ids` (k,) for one row x (1, in): for a mask that forbids this
-        row's own candidates, so that the best tokens it allows are exact too."""
-        return self._exact(x.float(), ids[None])[0]
+    def constrained(self, x: torch.Tensor, rows: list[int], allowed: torch.Tensor) -> torch.Tensor:
+        """As a call, and rows `rows` of x also exact at the best `candidates` tokens that
+        `allowed` (len(rows), out) bool leaves them: a mask (a grammar, a guest's) that forbids
+        a row's favourites then lets no roughly screened logit (4 bits: ~0.3 off) decide
+        among the rest. The logits stay unmasked: the caller masks them."""
+        x = x.float()
+        logits = self._screen(x)
+        best = largest(logits, self.candidates)
+        logits.scatter_(1, best, self._exact(x, best))
+        picked = logits[rows].masked_fill_(~allowed, float("-inf"))
+        best_allowed = largest(picked, self.candidates)
+        index = torch.tensor(rows)
+        return logits.index_put_((index[:, None], best_allowed), self._exact(x[index], best_allowed))
 
     def _exact(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Row t's logits at ids[t] (T, k), from the weights as stored."""
-        weights = self.tensor.rows(ids.flatten().numpy()).view(*ids.shape, self.in_features)
+        weights = native.read_rows(self.tensor, ids.flatten()).view(*ids.shape, self.in_features)
         return torch.bmm(weights, x[:, :, None]).squeeze(2)
 
     def precise(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from realm.engine.grammar import DONE, Grammar
+from realm.engine.grammar import DONE, Grammar, allowed_tokens, apply_mask
 from realm.engine.sampling import Sampler, SamplingParams
 from realm.engine.session import Session
 from realm.errors import ContextOverflow, InvalidArgument
@@ -60,7 +60,7 @@ class Generation:
         decoder = StreamDecoder(self.tokenizer)
         end_ids = self.tokenizer.eot_ids
         pending = ""  # decoded text not yet shown: it might be the start of a stop string
-        logits = self._masked(session.feed(self.prompt)[-1])
+        logits = self._step(self.prompt)
         while True:
             if len(self.tokens) >= budget:
                 self.finish_reason = "length"
@@ -80,20 +80,21 @@ class Generation:
             if self.grammar is not None and self.grammar.consume([token]) & DONE:
                 self.finish_reason = "stop"  # only an end token could follow
                 break
-            logits = self._masked(session.feed([token])[-1])
+            logits = self._step([token])
         tail = pending + decoder.flush()
         if tail:
             self.text += tail
             yield Piece(-1, tail)
 
-    def _masked(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits with the tokens the grammar forbids at -inf and the best left exact,
-        as the host does for a guest whose session has the grammar (sandbox/host_grammar.py)."""
+    def _step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """The logits after `tokens`, those the grammar forbids at -inf, as the host does for
+        a guest whose session has the grammar (sandbox/host_grammar.py)."""
         if self.grammar is None:
-            return logits
-        row = logits.numpy().copy()
-        self.grammar.apply(row)
-        self.session.rescore(row)
+            return self.session.feed(tokens)[-1]
+        mask = self.grammar.mask().copy()
+        allowed = allowed_tokens(mask, self.session.vocab_size)
+        row = self.session.feed(tokens, allowed=allowed)[-1].numpy().copy()
+        apply_mask(mask, row)
         return torch.from_numpy(row)
 
 

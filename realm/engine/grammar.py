@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import llguidance as llg
 import numpy as np
+import torch
 
 from realm.errors import InvalidArgument
 from realm.models.tokenizer import Tokenizer
@@ -85,6 +86,11 @@ def _string(constraint: Mapping[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidArgument(f"a {constraint.get('type')} constraint needs {key!r}: a non-empty string")
     return value
+
+
+def allowed_tokens(mask: np.ndarray, vocab_size: int) -> torch.Tensor:
+    """A bitmask (words,) uint32 as the tokens it allows, (vocab_size,) bool."""
+    return torch.from_numpy(np.unpackbits(mask.view(np.uint8), bitorder="little", count=vocab_size).view(bool))
 
 
 def apply_mask(mask: np.ndarray, logits: np.ndarray) -> None:

@@ -65,6 +65,7 @@ class StepRequest:
     tenant: str
     outcome: Handoff = field(default_factory=Handoff)
     done: int = 0  # tokens already run (a prompt runs in pieces)
+    allowed: torch.Tensor | None = None  # a mask on the token after the last (Session.chunk)
 
     @property
     def remaining(self) -> int:
@@ -126,13 +127,15 @@ class BatchScheduler:
         self._thread = threading.Thread(target=self._run, name="realm-model-runner", daemon=True)
         self._thread.start()
 
-    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> np.ndarray:
+    def step(
+        self, session: Session, tokens: Sequence[int], tenant: str = "", allowed: torch.Tensor | None = None
+    ) -> np.ndarray:
         """Run `tokens` for `session` (batched with whatever else is waiting); returns the
-        logits of the last token, (vocab,) float32. Blocks until done."""
+        logits of the last token, (vocab,) float32 (see StepRunner). Blocks until done."""
         if not tokens:
             raise InvalidArgument("no tokens to run")
         session.check(tokens)
-        request = StepRequest(session, list(tokens), tenant)
+        request = StepRequest(session, list(tokens), tenant, allowed=allowed)
         with self._wake:
             if self._closed:
                 raise InternalError("the model runner has shut down")
@@ -174,7 +177,10 @@ class BatchScheduler:
             del plan  # hold no session while waiting: one that ends meanwhile gives its KV blocks back now
 
     def _run_round(self, plan: list[tuple[StepRequest, int]]) -> None:
-        chunks = [r.session.chunk(r.tokens[r.done : r.done + n]) for r, n in plan]
+        chunks = [
+            r.session.chunk(r.tokens[r.done : r.done + n], allowed=r.allowed if r.done + n == len(r.tokens) else None)
+            for r, n in plan
+        ]
         try:
             self.transformer.forward(chunks)
         except Exception as exc:  # a failed batch fails its requests, never the runner

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
-from realm.backends.screened import CANDIDATES, largest
 from realm.engine.kv_cache import KVCache, KVPool
 from realm.errors import ContextOverflow, InternalError, InvalidArgument
 from realm.models.transformer import Chunk, Transformer
@@ -26,7 +24,6 @@ class Session:
         # The decode step this sequence started with, kept to its end: a model switched to its
         # compiled step meanwhile (engine/compiled_step.py) changes no sequence midway.
         self.graph = transformer.decode_graph
-        self.hidden: torch.Tensor | None = None  # what made the last step's logits (rescore)
 
     def check(self, tokens: Sequence[int]) -> None:
         """Refuse tokens outside the vocabulary or past the context before any work is done."""
@@ -38,36 +35,25 @@ class Session:
         if bad:
             raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
 
-    def chunk(self, tokens: Sequence[int], all_logits: bool = False) -> Chunk:
-        """The next forward step for this session, for a caller that batches sessions."""
+    def chunk(self, tokens: Sequence[int], all_logits: bool = False, allowed: torch.Tensor | None = None) -> Chunk:
+        """The next forward step for this session, for a caller that batches sessions;
+        `allowed` (vocab,) bool: the tokens a mask lets follow (Transformer.logits)."""
         self.check(tokens)
-        return Chunk(list(tokens), len(self.tokens), self.kv, all_logits, self.graph)
+        return Chunk(list(tokens), len(self.tokens), self.kv, all_logits, self.graph, allowed=allowed)
 
     def commit(self, chunk: Chunk) -> torch.Tensor:
         """Record that `chunk` has run; returns the logits the forward step gave it."""
         if chunk.logits is None:
             raise InternalError("a forward step returned without the logits of one of its chunks")
         self.tokens.extend(chunk.tokens)
-        self.hidden = chunk.hidden
         return chunk.logits
 
-    def rescore(self, logits: np.ndarray) -> None:
-        """Make exact, in place, the best logits that a mask left of the last step's row
-        (vocab,). A screened output projection (backends/screened.py) is exact only at the
-        row's CANDIDATES best; a mask that forbids some of them would otherwise let roughly
-        computed logits decide (a 4-bit screen is ~0.3 off on average)."""
-        if self.hidden is None:
-            return
-        row = torch.from_numpy(logits)
-        best = largest(row[None], CANDIDATES)[0]
-        best = best[torch.isfinite(row[best])]
-        exact = self.transformer.exact_logits(self.hidden, best)
-        if exact is not None:
-            row[best] = exact
-
-    def feed(self, tokens: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+    def feed(
+        self, tokens: Sequence[int], all_logits: bool = False, allowed: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run tokens through the model; logits of the last token (1, V) or of all (T, V),
-        on the CPU whatever the device."""
+        on the CPU whatever the device. `allowed`: the tokens a mask lets follow the last
+        (`chunk`); the logits come back unmasked."""
         if not tokens:
             raise InvalidArgument("no tokens to feed")
         self.check(tokens)
@@ -75,7 +61,7 @@ class Session:
         for i in range(0, len(tokens), PREFILL_CHUNK):
             piece = tokens[i : i + PREFILL_CHUNK]
             last = i + PREFILL_CHUNK >= len(tokens)
-            chunk = self.chunk(piece, all_logits)
+            chunk = self.chunk(piece, all_logits, allowed if last else None)
             self.transformer.forward([chunk])
             logits = self.commit(chunk)
             if all_logits or last:

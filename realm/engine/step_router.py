@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from realm.engine.scheduler import BatchScheduler
 from realm.engine.session import Session
@@ -30,11 +31,13 @@ class SchedulerRouter:
         """Stop routing to `scheduler` (its model is being unloaded)."""
         self._by_transformer.pop(id(scheduler.transformer), None)
 
-    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> np.ndarray:
+    def step(
+        self, session: Session, tokens: Sequence[int], tenant: str = "", allowed: torch.Tensor | None = None
+    ) -> np.ndarray:
         scheduler = self._by_transformer.get(id(session.transformer))
         if scheduler is None:  # a model no scheduler serves (tenants are refused those): run alone
-            return self._direct.step(session, tokens, tenant)
-        return scheduler.step(session, tokens, tenant)
+            return self._direct.step(session, tokens, tenant, allowed)
+        return scheduler.step(session, tokens, tenant, allowed)
 
     def schedulers(self) -> list[BatchScheduler]:
         return list(self._by_transformer.values())

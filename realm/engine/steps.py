@@ -11,14 +11,18 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from realm.engine.session import Session
 
 
 class StepRunner(Protocol):
-    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> np.ndarray:
+    def step(
+        self, session: Session, tokens: Sequence[int], tenant: str = "", allowed: torch.Tensor | None = None
+    ) -> np.ndarray:
         """Run `tokens` through `session` for `tenant`; the logits of the last one, (vocab,)
-        float32. NumPy rather than torch: copying them on into guest memory then takes no
+        float32, unmasked but exact where the mask `allowed` (vocab,) bool lets the best tokens
+        through (Session.chunk). NumPy rather than torch: copying them on into guest memory then takes no
         torch call, and every torch call gives up the GIL, a wait behind every other guest
         thread to get it back. `BatchScheduler` (realm/engine/scheduler.py) has this shape."""
         ...
@@ -27,5 +31,7 @@ class StepRunner(Protocol):
 class DirectStepRunner:
     """Each step runs at once, alone: batch 1, exactly what the host-direct path runs."""
 
-    def step(self, session: Session, tokens: Sequence[int], tenant: str = "") -> np.ndarray:
-        return session.feed(tokens)[-1].numpy()
+    def step(
+        self, session: Session, tokens: Sequence[int], tenant: str = "", allowed: torch.Tensor | None = None
+    ) -> np.ndarray:
+        return session.feed(tokens, allowed=allowed)[-1].numpy()

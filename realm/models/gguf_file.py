@@ -184,6 +184,10 @@ class TensorData:
             picked = np.ascontiguousarray(self.raw[ids])
         else:
             picked = self.reader.read(self.offset, self.raw.shape[-1], ids, self.raw.shape[0])
+        return self.decode(picked)
+
+    def decode(self, picked: np.ndarray) -> torch.Tensor:
+        """Rows of this tensor's bytes (rows, row bytes) as float32, exactly as stored."""
         return dequantize(picked, self.qtype, (len(picked), self.shape[-1]))
 
 

@@ -148,7 +148,7 @@ class Chunk:
     all_logits: bool = False  # logits for every token (perplexity), else only the last
     graph: DecodeGraph | None = field(default=None, repr=False)  # the decode step it keeps to
     logits: torch.Tensor | None = field(default=None, repr=False)  # filled by forward()
-    hidden: torch.Tensor | None = field(default=None, repr=False)  # (1, dim): what made the last logits
+    allowed: torch.Tensor | None = field(default=None, repr=False)  # (vocab,) bool: a mask on its next token
 
 
 def token_positions(chunks: Sequence[Chunk]) -> torch.Tensor:
@@ -350,7 +350,8 @@ class Transformer:
         """Final norm and output projection of the rows each chunk wants; sets chunk.logits.
         Chunks that want every row's logits (perplexity, scoring) get them through the
         projection's `precise` form where it has one: a screened projection
-        (backends/screened.py) is exact only at each row's largest logits."""
+        (backends/screened.py) is exact only at each row's largest logits, and, through its
+        `constrained` form, at the largest its chunk's mask (`allowed`) leaves."""
         rows, offset = [], 0
         for c in chunks:
             n = len(c.tokens)
@@ -363,19 +364,17 @@ class Transformer:
             if not group:
                 continue
             normed = rms_norm(torch.cat([rows[i] for i in group]), w.output_norm, self.config.norm_eps)
-            logits = project(normed)
+            masked = [j for j, i in enumerate(group) if chunks[i].allowed is not None]
+            constrained = getattr(project, "constrained", None)
+            if masked and constrained is not None:  # every row of this group is one chunk's last
+                allowed = torch.stack([chunks[group[j]].allowed for j in masked])  # type: ignore[misc]
+                logits = constrained(normed, masked, allowed)
+            else:
+                logits = project(normed)
             offset = 0
             for i in group:
                 chunks[i].logits = logits[offset : offset + len(rows[i])]
-                chunks[i].hidden = normed[offset + len(rows[i]) - 1 : offset + len(rows[i])]
                 offset += len(rows[i])
-
-    def exact_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
-        """The exact logits of `ids` for a chunk's `hidden`, where the output projection
-        computes some roughly (a screened one; backends/screened.py); None where every
-        logit it gives is exact already."""
-        exact = getattr(self.weights.output, "exact", None)
-        return None if exact is None else exact(hidden, ids)
 
     def _qkv(
         self, layer: LayerWeights, x: torch.Tensor, neox: bool, cos: torch.Tensor, sin: torch.Tensor

@@ -9,12 +9,13 @@ import struct
 
 from realm.backends.devices import BackendKind
 from realm.engine import layer_step
+from realm.engine.grammar import allowed_tokens
 from realm.engine.layer_step import LayerStep
 from realm.engine.logprobs import token_logprobs
 from realm.engine.named_weights import tensor_by_name, tensor_values, weight_by_name
 from realm.errors import InvalidArgument, LimitExceeded, Unsupported
 from realm.sandbox.host_args import check_cancel, guest_memory, name, non_negative, tokens
-from realm.sandbox.host_grammar import steer
+from realm.sandbox.host_grammar import steer, step_mask
 from realm.sandbox.memory import MAX_TRANSFER, GuestMemory
 from realm.sandbox.state import GuestState, HostSession
 from realm.sandbox.wasmtime_bridge import StoreContext
@@ -50,11 +51,13 @@ def forward(st: GuestState, caller: StoreContext, handle: int, ids: int, n: int,
         raise InvalidArgument("a per-layer step is in progress on this session (finish it with realm_logits)")
     mem = guest_memory(st, caller)
     _logits_buffer(mem, s, logits, cap)
-    out = st.host.steps.step(s.session, tokens(mem, ids, n, s.session.context_length), st.tenant)
+    run = tokens(mem, ids, n, s.session.context_length)
+    mask = step_mask(s)
+    allowed = None if mask is None else allowed_tokens(mask, s.session.vocab_size)
+    out = st.host.steps.step(s.session, run, st.tenant, allowed)
     # realm_logprobs reports the model's own distribution, not what the guest's steering made of it
-    steered = s.bias is not None or s.mask is not None or s.grammar is not None
-    s.last_logits = out.copy() if steered else out
-    steer(s, out)
+    s.last_logits = out.copy() if mask is not None or s.bias is not None else out
+    steer(s, out, mask)
     return mem.write_floats(logits, out, "logits")
 
 

@@ -6,7 +6,9 @@ up). docs/ABI.md, "Programmable decoding", is the contract.
 What a guest steers crosses once per step as data in its memory: a bitmask (one bit per
 token) or a short list of biases, never a host call per token. The host applies it to the
 session's own row of logits when the batched step hands them back, on the guest's thread,
-so one tenant's constraint never slows another's row.
+so one tenant's constraint never slows another's row. The step itself only learns which
+tokens the mask allows, to compute exactly the best of them (a screened output projection
+is otherwise exact only at the row's own favourites).
 """
 
 from __future__ import annotations
@@ -133,26 +135,36 @@ def session_backup(st: GuestState, caller: StoreContext, handle: int, n: int) ->
     return held - n
 
 
-def steer(s: HostSession, logits: np.ndarray) -> None:
-    """What the guest set for this session's step, applied to its row of logits (vocab,)
-    float32 in place: the one-step mask, the grammar's mask and the bias's bans (-inf for
-    every token any of them forbids); where something was forbidden, the best tokens left
-    made exact (`Session.rescore`); then the rest of the bias. The one-step mask and bias
-    are then cleared."""
-    forbidden = s.mask is not None or s.grammar is not None
+def step_mask(s: HostSession) -> np.ndarray | None:
+    """What this session's next step allows, as a bitmask (words,) uint32: its one-step
+    mask, its grammar's and its bias's bans (-inf) together; None if nothing is forbidden.
+    Taken before the step, which then computes exactly the best tokens the mask leaves
+    (Session.chunk); `steer` applies it to the logits the step hands back."""
+    parts = []
     if s.mask is not None:
-        apply_mask(s.mask, logits)
-        s.mask = None
+        parts.append(s.mask)
     if s.grammar is not None:
-        s.grammar.apply(logits)
-    bias, s.bias = s.bias, None
-    if bias is not None:
-        tokens, values = bias
-        banned = np.isneginf(values)
-        logits[tokens[banned]] = -np.inf
-        forbidden |= bool(banned.any())
-        bias = tokens[~banned], values[~banned]
-    if forbidden:
-        s.session.rescore(logits)
-    if bias is not None:
-        np.add.at(logits, *bias)
+        parts.append(s.grammar.mask().copy())  # the grammar reuses its buffer
+    if s.bias is not None and np.isneginf(s.bias[1]).any():
+        banned = s.bias[0][np.isneginf(s.bias[1])]
+        ban = np.full(words(s.session.vocab_size), 0xFFFFFFFF, np.uint32)
+        np.bitwise_and.at(ban, banned >> 5, ~(np.uint32(1) << (banned & 31).astype(np.uint32)))
+        parts.append(ban)
+    if not parts:
+        return None
+    mask = parts[0].copy()
+    for part in parts[1:]:
+        mask &= part
+    return mask
+
+
+def steer(s: HostSession, logits: np.ndarray, mask: np.ndarray | None) -> None:
+    """What the guest set for this session's step, applied to its row of logits (vocab,)
+    float32 in place: `step_mask`'s mask (-inf for every token it forbids), then the bias.
+    The one-step mask and the bias are then cleared."""
+    if mask is not None:
+        apply_mask(mask, logits)
+    if s.bias is not None:
+        tokens, values = s.bias
+        np.add.at(logits, tokens, values)
+    s.mask = s.bias = None
