@@ -92,22 +92,14 @@ class Weights:
     output: Linear  # dim -> vocab
 
 
-class PagedAttention(Protocol):
-    """Decode attention over a KV pool: each row's queries q (rows, heads * head_dim) f32
-    against the keys and values (blocks, n_kv_heads, block, head_dim) that its table
-    (rows, N) names, up to its position (rows,) and within `window` keys of it (0: no
-    window); (rows, heads * head_dim) f32. `attend_pages` below, or a backend's kernel."""
-
-    def __call__(
-        self,
-        q: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        tables: torch.Tensor,
-        positions: torch.Tensor,
-        window: int,
-        scale: float,
-    ) -> torch.Tensor: ...
+PagedAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor
+]
+"""Decode attention over a KV pool, (q, keys, values, tables, positions, window, scale) ->
+(rows, heads * head_dim) f32: each row's queries q (rows, heads * head_dim) f32 against the
+keys and values (blocks, n_kv_heads, block, head_dim) that its table (rows, N) names, up to
+its position (rows,) and within `window` keys of it (0: no window). `attend_pages` below, or
+a backend's kernel."""
 
 
 def attend_pages(
