@@ -70,7 +70,8 @@ def main() -> None:
                 outcome = f"FAILED {type(exc).__name__}"
                 args.keep.mkdir(exist_ok=True)
                 kept = args.keep / f"{model}-{len(failures)}.gguf"
-                path.replace(kept)
+                if path.exists():  # not when writing the case was what failed
+                    path.replace(kept)
                 failures.append({"error": repr(exc)[:300], "at": f"{where.filename}:{where.lineno}", "file": str(kept)})
             seconds = time.perf_counter() - t0
             slowest = max(slowest, (seconds, f"{model}: {outcome}"))

@@ -180,7 +180,8 @@ def _mutate_header(draw: st.DrawFn, header: Header) -> Header:
         if j == len(dims):  # one dimension more, or one fewer
             dims = dims[:-1] if draw(st.booleans()) and len(dims) > 1 else [*dims, size]
         else:
-            dims[j] = draw(st.sampled_from([size, dims[j] - 1, dims[j] + 1, dims[j] * 2, dims[j] // 2]))
+            # % 2**64: what the header's uint64 can hold, after earlier mutations of the same dimension
+            dims[j] = draw(st.sampled_from([size, dims[j] - 1, dims[j] + 1, dims[j] * 2, dims[j] // 2])) % 2**64
         tensors[i] = replace(t, dims=tuple(dims))
     elif what == "type":
         tensors[i] = replace(t, qtype=draw(st.sampled_from([*map(int, GGMLQuantizationType), 4, 99, 2**32 - 1])))
