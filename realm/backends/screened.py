@@ -93,9 +93,7 @@ class ScreenedLinear:
         a row's favourites then lets no roughly screened logit (4 bits: ~0.3 off) decide
         among the rest. The logits stay unmasked: the caller masks them."""
         x = x.float()
-        logits = self._screen(x)
-        best = largest(logits, self.candidates)
-        logits.scatter_(1, best, self._exact(x, best))
+        logits = self(x)
         picked = logits[rows].masked_fill_(~allowed, float("-inf"))
         best_allowed = largest(picked, self.candidates)
         index = torch.tensor(rows)

@@ -100,8 +100,7 @@ def apply_mask(mask: np.ndarray, logits: np.ndarray) -> None:
     against 0.13 for np.copyto with `where`, which stays for masks that allow many)."""
     words = np.flatnonzero(mask)
     if words.size * 8 >= mask.size:
-        allowed = np.unpackbits(mask.view(np.uint8), bitorder="little", count=logits.size).view(bool)
-        np.copyto(logits, np.float32(-np.inf), where=~allowed)
+        np.copyto(logits, np.float32(-np.inf), where=~allowed_tokens(mask, logits.size).numpy())
         return
     bits = np.unpackbits(mask[words].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little").view(bool)
     ids = (words[:, None] * 32 + np.arange(32))[bits]

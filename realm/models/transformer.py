@@ -356,11 +356,10 @@ class Transformer:
             if not group:
                 continue
             normed = rms_norm(torch.cat([rows[i] for i in group]), w.output_norm, self.config.norm_eps)
-            masked = [j for j, i in enumerate(group) if chunks[i].allowed is not None]
+            masks = {j: a for j, i in enumerate(group) if (a := chunks[i].allowed) is not None}
             constrained = getattr(project, "constrained", None)
-            if masked and constrained is not None:  # every row of this group is one chunk's last
-                allowed = torch.stack([chunks[group[j]].allowed for j in masked])  # type: ignore[misc]
-                logits = constrained(normed, masked, allowed)
+            if masks and constrained is not None:  # every row of this group is one chunk's last
+                logits = constrained(normed, list(masks), torch.stack(list(masks.values())))
             else:
                 logits = project(normed)
             offset = 0
