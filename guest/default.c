@@ -868,59 +868,104 @@ static int32_t vocabulary_load(int32_t model, vocabulary *v) {
 
 int32_t realm_guest_abi(void) { return REALM_ABI_VERSION; }
 
-/* Sample, emit and step until an end token, a stop string, the end of the grammar or the
- * budget: the tokens so far are history[0..n_prompt), and logits hold the last step's
- * (masked by the host when a grammar is bound to the session). Ends with realm_finish. */
+/* A generation in progress: the tokens so far are history[0..n_history), the prompt's and
+ * then the `generated` ones; text decoded but not yet shown waits in `pending`. */
+typedef struct output {
+    const request *req;
+    const model_ref *m;
+    vocabulary voc;
+    int32_t session, grammar;
+    int32_t *history;
+    size_t n_history;
+    int32_t generated;
+    text_buf pending;
+    utf8_dec decoder;
+} output;
+
+enum { GO_ON = 0, STOPPED = 1, ENDED = 2 }; /* what taking a token leads to (errors are < 0) */
+
+/* One generated token: its text shown (held back while it may be the start of a stop string),
+ * its log-probabilities when asked for, the grammar told. STOPPED: a stop string completed
+ * (its text is not shown); ENDED: nothing but an end token may follow under the grammar. */
+static int32_t take(output *o, int32_t token) {
+    int32_t rc;
+    o->history[o->n_history++] = token;
+    const char *piece = o->voc.bytes + o->voc.offsets[token];
+    int32_t n = (int32_t)(o->voc.offsets[token + 1] - o->voc.offsets[token]);
+    if (o->generated++ == 0 && o->m->add_space_prefix && n > 0 && piece[0] == ' ') { piece++; n--; }
+    utf8_push(&o->decoder, piece, (size_t)n, &o->pending);
+    if (o->req->top_logprobs >= 0 && (rc = realm_logprobs(o->session, token, o->req->top_logprobs)) < 0) return rc;
+    int stopped = 0;
+    size_t shown = split_at_stop(&o->pending, o->req->stops, o->req->n_stops, &stopped);
+    if ((rc = realm_emit(token, o->pending.data, shown)) < 0) return rc;
+    if (stopped) return STOPPED;
+    text_buf_drop(&o->pending, shown);
+    if (o->grammar) {
+        int32_t status = realm_grammar_consume(o->grammar, &token, 1);
+        if (status < 0) return status;
+        if (status & REALM_GRAMMAR_DONE) return ENDED;
+    }
+    return GO_ON;
+}
+
+/* Fast-forward: the tokens the grammar forces next (the rest of a key, the punctuation between
+ * fields), taken now, up to the budget, so that the next realm_forward runs them all in one
+ * step. Not when log-probabilities are asked for: a forced token was never sampled. */
+static int32_t fast_forward(output *o, int64_t budget) {
+    if (!o->grammar || o->req->top_logprobs >= 0) return GO_ON;
+    int32_t *forced = o->history + o->n_history; /* written in place: take() puts each back */
+    int32_t n = realm_grammar_forced(o->grammar, forced, (size_t)o->m->ctx + 1 - o->n_history);
+    if (n < 0) return n;
+    if ((size_t)n > (size_t)o->m->ctx + 1 - o->n_history) return GO_ON; /* not written: did not fit */
+    for (int32_t i = 0; i < n && o->generated < budget; i++) {
+        int32_t token = forced[i], rc;
+        if ((uint32_t)token >= o->voc.n || o->voc.flags[token] & REALM_TOKEN_END) return ENDED;
+        if ((rc = take(o, token)) != GO_ON) return rc;
+    }
+    return GO_ON;
+}
+
+/* Step, sample and emit until an end token, a stop string, the end of the grammar or the
+ * budget, from the prompt in history[0..n_prompt). `logits` receives each step's logits of
+ * the last position (masked by the host when a grammar is bound to the session). Ends with
+ * realm_finish. */
 static int32_t decode(const request *req, const model_ref *m, int32_t session, int32_t grammar, int32_t *history,
                       int32_t n_prompt, int64_t budget, float *logits) {
-    vocabulary voc;
+    output o = {req, m, {0}, session, grammar, history, (size_t)n_prompt, 0, {0}, {{0}, 0}};
     sampler smp;
     int32_t rc;
-    if ((rc = vocabulary_load(m->id, &voc)) < 0) return rc;
+    if ((rc = vocabulary_load(m->id, &o.voc)) < 0) return rc;
     if (!sampler_init(&smp, &req->p, m->vocab)) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the sampler", NULL);
     for (int32_t i = 0; i < req->p.n_bias; i++)
         if (req->p.bias_ids[i] >= m->vocab)
             return fail_n(REALM_E_INVALID_ARGUMENT, "logit_bias names token ", req->p.bias_ids[i], ", outside the vocabulary of ", m->vocab);
-    text_buf pending = {0};
-    utf8_dec decoder = {{0}, 0};
-    int32_t generated = 0, reason = REALM_FINISH_LENGTH;
-    size_t n_history = (size_t)n_prompt;
-    while (generated < budget) {
-        int32_t token = sample(&smp, logits, history, n_history);
-        if ((uint32_t)token >= voc.n)
-            return fail_n(REALM_E_INVALID_ARGUMENT, "sampled token ", token, " is outside the vocabulary of ", voc.n);
-        if (voc.flags[token] & REALM_TOKEN_END) {
+    int32_t reason = REALM_FINISH_LENGTH, outcome = GO_ON;
+    size_t fed = 0; /* history[0..fed) has run through the model */
+    for (;;) {
+        if ((outcome = fast_forward(&o, budget)) != GO_ON) break;
+        if (fed && o.generated >= budget) break; /* nothing more to sample: no step to run */
+        if ((rc = realm_forward(session, history + fed, o.n_history - fed, logits, (size_t)m->vocab)) < 0) return rc;
+        fed = o.n_history;
+        if (o.generated >= budget) break;
+        int32_t token = sample(&smp, logits, history, o.n_history);
+        if ((uint32_t)token >= o.voc.n)
+            return fail_n(REALM_E_INVALID_ARGUMENT, "sampled token ", token, " is outside the vocabulary of ", o.voc.n);
+        if (o.voc.flags[token] & REALM_TOKEN_END) {
             reason = REALM_FINISH_STOP;
             break;
         }
-        history[n_history++] = token;
-        const char *piece = voc.bytes + voc.offsets[token];
-        int32_t n = (int32_t)(voc.offsets[token + 1] - voc.offsets[token]);
-        if (generated++ == 0 && m->add_space_prefix && n > 0 && piece[0] == ' ') { piece++; n--; }
-        utf8_push(&decoder, piece, (size_t)n, &pending);
-        if (req->top_logprobs >= 0 && (rc = realm_logprobs(session, token, req->top_logprobs)) < 0) return rc;
-        int stopped = 0;
-        size_t shown = split_at_stop(&pending, req->stops, req->n_stops, &stopped);
-        if ((rc = realm_emit(token, pending.data, shown)) < 0) return rc;
-        if (stopped) {
-            realm_session_close(session);
-            return realm_finish(REALM_FINISH_STOP, n_prompt, generated);
-        }
-        text_buf_drop(&pending, shown);
-        if (grammar) {
-            int32_t status = realm_grammar_consume(grammar, &token, 1);
-            if (status < 0) return status;
-            if (status & REALM_GRAMMAR_DONE) { /* only an end token could follow: stop here */
-                reason = REALM_FINISH_STOP;
-                break;
-            }
-        }
-        if ((rc = realm_forward(session, &token, 1, logits, (size_t)m->vocab)) < 0) return rc;
+        if ((outcome = take(&o, token)) != GO_ON) break;
     }
-    utf8_flush(&decoder, &pending);
-    if (pending.len && (rc = realm_emit(-1, pending.data, pending.len)) < 0) return rc;
+    if (outcome < 0) return outcome;
+    if (outcome == STOPPED) {
+        realm_session_close(session);
+        return realm_finish(REALM_FINISH_STOP, n_prompt, o.generated);
+    }
+    if (outcome == ENDED) reason = REALM_FINISH_STOP;
+    utf8_flush(&o.decoder, &o.pending);
+    if (o.pending.len && (rc = realm_emit(-1, o.pending.data, o.pending.len)) < 0) return rc;
     realm_session_close(session);
-    return realm_finish(reason, n_prompt, generated);
+    return realm_finish(reason, n_prompt, o.generated);
 }
 
 static int32_t run(void) {
@@ -951,7 +996,6 @@ static int32_t run(void) {
         if ((grammar = realm_grammar_compile(m.id, req.constraint, req.constraint_len)) < 0) return grammar;
         if ((rc = realm_session_set_grammar(session, grammar)) < 0) return rc;
     }
-    if ((rc = realm_forward(session, history, n_prompt, logits, (size_t)m.vocab)) < 0) return rc;
     return decode(&req, &m, session, grammar, history, n_prompt, budget, logits);
 }
 

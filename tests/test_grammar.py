@@ -151,6 +151,33 @@ def test_the_guest_under_a_schema_equals_the_host_token_for_token(runtime, insta
     assert instance.state.grammars == {}  # freed with the request
 
 
+def test_forced_tokens_are_taken_unsampled_and_run_in_one_step_in_the_guest_and_on_the_host(
+    runtime, instance, smollm2, monkeypatch
+):
+    """Fast-forward: what the schema forces (`{"name": "`, `", "age": `) is emitted without
+    sampling and runs through the model with the token before it, in one step."""
+    steps: list[int] = []  # tokens of each forward call
+    forward = smollm2.transformer.forward
+
+    def counted(chunks):
+        steps.append(sum(len(c.tokens) for c in chunks))
+        return forward(chunks)
+
+    monkeypatch.setattr(smollm2.transformer, "forward", counted)
+    constraint = {"type": "json_schema", "schema": PERSON}
+    host = smollm2.generate("Describe a person as JSON.", 30, SamplingParams.greedy(), chat=True, constraint=constraint)
+    list(host)
+    host_steps, steps[:] = steps[:], []
+    request = greedy_request(
+        runtime, SMOL, max_tokens=30, constraint=constraint, messages=[{"role": "user", "content": "Describe a person as JSON."}]
+    )
+    got = instance.generate(request)
+    assert got.tokens == host.tokens and steps == host_steps
+    forced_runs = [n for n in host_steps[1:] if n > 1]
+    assert forced_runs, host_steps  # `", "age": ` ran with the name's last token
+    assert len(host_steps) < len(host.tokens) / 2  # a step each sampled token: half of them were forced
+
+
 def test_a_regex_and_a_gbnf_grammar_constrain_the_guest(runtime, instance):
     out = instance.generate(
         greedy_request(runtime, SMOL, "My phone number is", 20, constraint={"type": "regex", "pattern": r"\d{3}-\d{4}"})

@@ -60,8 +60,40 @@ class Generation:
         decoder = StreamDecoder(self.tokenizer)
         end_ids = self.tokenizer.eot_ids
         pending = ""  # decoded text not yet shown: it might be the start of a stop string
-        logits = self._step(self.prompt)
+
+        def take(token: int) -> tuple[Piece, bool, bool]:
+            """One generated token: its text shown (held back while it may be the start of a
+            stop string), the grammar told. Also: did a stop string complete; may nothing
+            but an end token follow under the grammar."""
+            nonlocal pending
+            self.tokens.append(token)
+            pending += decoder.push(token)
+            shown, pending, stopped = _split_at_stop(pending, self.stop)
+            self.text += shown
+            ended = not stopped and self.grammar is not None and bool(self.grammar.consume([token]) & DONE)
+            return Piece(token, shown), stopped, ended
+
+        fresh, ran, ended = list(self.prompt), False, False  # fresh: not yet run through the model
         while True:
+            for token in self._forced(budget - len(self.tokens)):  # fast-forward, as the default guest does
+                ended = token in end_ids
+                if ended:
+                    break
+                fresh.append(token)
+                piece, stopped, ended = take(token)
+                yield piece
+                if stopped:
+                    self.finish_reason = "stop"
+                    return
+                if ended:
+                    break
+            if ended:
+                self.finish_reason = "stop"
+                break
+            if ran and len(self.tokens) >= budget:  # nothing more to sample: no step to run
+                self.finish_reason = "length"
+                break
+            logits, ran = self._step(fresh), True
             if len(self.tokens) >= budget:
                 self.finish_reason = "length"
                 break
@@ -69,22 +101,24 @@ class Generation:
             if token in end_ids:
                 self.finish_reason = "stop"
                 break
-            self.tokens.append(token)
-            pending += decoder.push(token)
-            shown, pending, stopped = _split_at_stop(pending, self.stop)
-            self.text += shown
-            yield Piece(token, shown)
+            fresh = [token]
+            piece, stopped, ended = take(token)
+            yield piece
             if stopped:
                 self.finish_reason = "stop"
                 return
-            if self.grammar is not None and self.grammar.consume([token]) & DONE:
+            if ended:
                 self.finish_reason = "stop"  # only an end token could follow
                 break
-            logits = self._step([token])
         tail = pending + decoder.flush()
         if tail:
             self.text += tail
             yield Piece(-1, tail)
+
+    def _forced(self, room: int) -> list[int]:
+        """The tokens the grammar forces next (the rest of a key, the punctuation between
+        fields), at most `room`: taken at once, so that one step runs them all."""
+        return [] if self.grammar is None or room <= 0 else self.grammar.forced()[:room]
 
     def _step(self, tokens: Sequence[int]) -> torch.Tensor:
         """The logits after `tokens`, those the grammar forbids at -inf, as the host does for
