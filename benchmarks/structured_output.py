@@ -4,13 +4,18 @@
 
 1. Mask cost per sequence-step on both models (smollm2-135m: 49k tokens, gemma3-270m:
    262k), for 1 and for 8 sequences at once (8 threads, as 8 guests would be): the
-   grammar's mask for the state, applied to a row of logits, and the chosen token taken,
+   grammar's mask for the state, applied to a row of logits, the chosen token taken and
+   the tokens the grammar then forces taken too (fast-forward: they run in the same step),
    which is all the host adds to a constrained step (engine/grammar.py). The schemas are
-   tests/schema_suite.py's; a sequence whose grammar is complete starts again.
+   tests/schema_suite.py's; a sequence whose grammar is complete starts again. Two kinds
+   of tokens: the model's own greedy output under each schema, and the best of random
+   logits (the worst case: strings of random tokens filled to their maxLength).
 2. Compiling each schema of the suite (a cache miss), and a cache hit.
 3. Through a real `realm serve` of smollm2-135m: time to first token with no schema, with a
    schema never seen (compiled for this request) and with the same schema again (cached):
-   the first-token latency a compile adds. Then 8 clients at once, unconstrained against
+   the difference of the last two is the first-token latency a compile adds (with a
+   schema, the first text is the forced `{"name": "`, sent before the prompt's step).
+   Then 8 clients at once, unconstrained against
    response_format json_schema, in alternating rounds, each request 64 tokens (the schema
    asks for more, so none ends early): aggregate completion tokens/s and the ratio. Then
    schema validity: every schema of the suite, greedy and 3 seeds at temperature 0.8,
@@ -39,7 +44,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 from schema_suite import SCHEMAS  # noqa: E402
 
+from realm.backends.devices import cpu_backend  # noqa: E402
 from realm.engine.grammar import DONE, GrammarCache, lltokenizer  # noqa: E402
+from realm.engine.model import load  # noqa: E402
+from realm.engine.sampling import SamplingParams  # noqa: E402
 from realm.models.catalogue import pull  # noqa: E402
 from realm.models.gguf_file import GGUFFile  # noqa: E402
 from realm.models.tokenizer import Tokenizer  # noqa: E402
@@ -48,14 +56,34 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 STEPS = 200  # sequence-steps per thread
 
 
-def mask_cost(tokenizer: Tokenizer, sequences: int) -> tuple[float, float]:
+def own_outputs(name: str) -> list[tuple[dict, list[int]]]:
+    """Each schema of the suite with the tokens the model itself writes under it (greedy,
+    its question, fast-forwarded as the default guest does): the steps of a real request."""
+    model = load(name, cpu_backend(), progress=False)
+    out = []
+    for question, schema in SCHEMAS.values():
+        constraint = {"type": "json_schema", "schema": schema}
+        chat = model.chat_template is not None  # gemma3-270m is a base model
+        g = model.generate(question, 120, SamplingParams.greedy(), chat=chat, constraint=constraint)
+        list(g)
+        out.append((constraint, g.tokens))
+    return out
+
+
+def mask_cost(
+    tokenizer: Tokenizer, sequences: int, written: list[tuple[dict, list[int]]] | None
+) -> tuple[float, float]:
     """(CPU ms, wall ms) per sequence-step, means, with `sequences` threads each stepping
-    its own grammar; the token taken is the best of random logits under the mask. CPU time
-    is the thread's own (time.thread_time): what a step costs, whatever else runs; wall
-    time adds the waits for a core, which 8 threads on few cores have."""
+    its own grammar through what the host adds to a constrained step: the mask, applied to
+    a row of logits, the token taken, then the tokens the grammar forces taken too (they
+    run in the same step). The tokens are the model's own (`written`) or, with None, the
+    best of random logits under the mask: strings of random tokens of the whole vocabulary,
+    filled to their maxLength, where a mask costs the most. CPU time is the thread's own
+    (time.thread_time); wall time adds the waits for a core, which 8 threads on few cores
+    have."""
     cache, vocab = GrammarCache(), tokenizer.vocab_size
-    constraints = [{"type": "json_schema", "schema": s} for _, s in SCHEMAS.values()]
-    for c in constraints:
+    work = written or [({"type": "json_schema", "schema": s}, None) for _, s in SCHEMAS.values()]
+    for c, _ in work:
         cache.compile("bench", tokenizer, vocab, c)  # compiled once, before the clock
     times: list[tuple[float, float]] = []
     lock = threading.Lock()
@@ -63,25 +91,24 @@ def mask_cost(tokenizer: Tokenizer, sequences: int) -> tuple[float, float]:
     def run(seed: int) -> None:
         rng = np.random.default_rng(seed)
         rows = rng.standard_normal((4, vocab)).astype(np.float32)
-        mine, i = [], seed
-        grammar = cache.compile("bench", tokenizer, vocab, constraints[i % len(constraints)])
-        for step in range(STEPS):
-            logits = rows[step % 4].copy()
-            cpu, wall = time.thread_time(), time.perf_counter()
-            grammar.apply(logits)
-            cpu_masked, wall_masked = time.thread_time(), time.perf_counter()
-            token = int(np.argmax(logits))  # sampling: not a cost of the mask
-            cpu_picked, wall_picked = time.thread_time(), time.perf_counter()
-            done = token in tokenizer.eot_ids or grammar.consume([token]) & DONE
-            mine.append(
-                (
-                    (cpu_masked - cpu) + (time.thread_time() - cpu_picked),
-                    (wall_masked - wall) + (time.perf_counter() - wall_picked),
-                )
-            )
-            if done:
-                i += 1
-                grammar = cache.compile("bench", tokenizer, vocab, constraints[i % len(constraints)])
+        mine: list[tuple[float, float]] = []
+        for i in range(seed, seed + 10_000):
+            constraint, tokens = work[i % len(work)]
+            grammar = cache.compile("bench", tokenizer, vocab, constraint)
+            done = grammar.consume(forced := grammar.forced()) & DONE
+            at = len(forced)  # tokens of `tokens` taken so far
+            while not done and (tokens is None or at < len(tokens)) and len(mine) < STEPS:
+                logits = rows[len(mine) % 4].copy()
+                cpu, wall = time.thread_time(), time.perf_counter()
+                grammar.apply(logits)
+                token = int(np.argmax(logits)) if tokens is None else tokens[at]
+                done = token in tokenizer.eot_ids or grammar.consume([token]) & DONE
+                if not done:
+                    done = grammar.consume(forced := grammar.forced()) & DONE
+                    at += 1 + len(forced)
+                mine.append((time.thread_time() - cpu, time.perf_counter() - wall))
+            if len(mine) >= STEPS:
+                break
         with lock:
             times.extend(mine)
 
@@ -255,9 +282,11 @@ def main() -> None:
             + ", ".join(f"{k} {v:.1f}" for k, v in per_schema.items())
             + f"; cached {hit:.2f}"
         )
-        for n in (1, 8):
-            cpu, wall = mask_cost(tokenizer, n)
-            print(f"  mask + apply + consume, {n} at once: {cpu:.3f} ms CPU per sequence-step ({wall:.3f} ms wall)")
+        written = own_outputs(name)
+        for what, tokens in (("the model's own output", written), ("random tokens", None)):
+            for n in (1, 8):
+                cpu, wall = mask_cost(tokenizer, n, tokens)
+                print(f"  {what}, {n} at once: {cpu:.3f} ms CPU per sequence-step ({wall:.3f} ms wall)")
     if not args.skip_server:
         asyncio.run(server_figures(args.rounds))
 

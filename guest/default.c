@@ -943,10 +943,9 @@ static int32_t decode(const request *req, const model_ref *m, int32_t session, i
     size_t fed = 0; /* history[0..fed) has run through the model */
     for (;;) {
         if ((outcome = fast_forward(&o, budget)) != GO_ON) break;
-        if (fed && o.generated >= budget) break; /* nothing more to sample: no step to run */
+        if (o.generated >= budget) break; /* nothing more to sample: no step to run */
         if ((rc = realm_forward(session, history + fed, o.n_history - fed, logits, (size_t)m->vocab)) < 0) return rc;
         fed = o.n_history;
-        if (o.generated >= budget) break;
         int32_t token = sample(&smp, logits, history, o.n_history);
         if ((uint32_t)token >= o.voc.n)
             return fail_n(REALM_E_INVALID_ARGUMENT, "sampled token ", token, " is outside the vocabulary of ", o.voc.n);

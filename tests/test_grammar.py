@@ -169,7 +169,11 @@ def test_forced_tokens_are_taken_unsampled_and_run_in_one_step_in_the_guest_and_
     list(host)
     host_steps, steps[:] = steps[:], []
     request = greedy_request(
-        runtime, SMOL, max_tokens=30, constraint=constraint, messages=[{"role": "user", "content": "Describe a person as JSON."}]
+        runtime,
+        SMOL,
+        max_tokens=30,
+        constraint=constraint,
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
     )
     got = instance.generate(request)
     assert got.tokens == host.tokens and steps == host_steps

@@ -7,6 +7,7 @@ string that later completes.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -46,74 +47,54 @@ class Generation:
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
 
     def __iter__(self) -> Iterator[Piece]:
-        if not self.prompt:
-            raise InvalidArgument("the prompt is empty")
-        if self.max_tokens < 0:
-            raise InvalidArgument("max_tokens must be >= 0")
-        session = self.session
-        if len(self.prompt) >= session.context_length:
-            raise ContextOverflow(
-                f"the prompt has {len(self.prompt)} tokens; the context holds {session.context_length}"
-            )
-        budget = min(self.max_tokens, session.context_length - len(self.prompt))
+        budget = self._budget()
         sampler = Sampler(self.params)
         decoder = StreamDecoder(self.tokenizer)
-        end_ids = self.tokenizer.eot_ids
         pending = ""  # decoded text not yet shown: it might be the start of a stop string
-
-        def take(token: int) -> tuple[Piece, bool, bool]:
-            """One generated token: its text shown (held back while it may be the start of a
-            stop string), the grammar told. Also: did a stop string complete; may nothing
-            but an end token follow under the grammar."""
-            nonlocal pending
+        fresh = list(self.prompt)  # tokens not yet run through the model
+        forced = deque(self._forced(budget))  # fast-forward, as the default guest does
+        self.finish_reason = "length"
+        while len(self.tokens) < budget:  # no step after the last token the budget allows
+            sampled = not forced
+            if sampled:
+                token = sampler.sample(self._step(fresh), self.session.tokens)
+                fresh = []
+            else:
+                token = forced.popleft()
+            if token in self.tokenizer.eot_ids:
+                self.finish_reason = "stop"
+                break
+            fresh.append(token)
             self.tokens.append(token)
             pending += decoder.push(token)
             shown, pending, stopped = _split_at_stop(pending, self.stop)
             self.text += shown
-            ended = not stopped and self.grammar is not None and bool(self.grammar.consume([token]) & DONE)
-            return Piece(token, shown), stopped, ended
-
-        fresh, ran, ended = list(self.prompt), False, False  # fresh: not yet run through the model
-        while True:
-            for token in self._forced(budget - len(self.tokens)):  # fast-forward, as the default guest does
-                ended = token in end_ids
-                if ended:
-                    break
-                fresh.append(token)
-                piece, stopped, ended = take(token)
-                yield piece
-                if stopped:
-                    self.finish_reason = "stop"
-                    return
-                if ended:
-                    break
-            if ended:
-                self.finish_reason = "stop"
-                break
-            if ran and len(self.tokens) >= budget:  # nothing more to sample: no step to run
-                self.finish_reason = "length"
-                break
-            logits, ran = self._step(fresh), True
-            if len(self.tokens) >= budget:
-                self.finish_reason = "length"
-                break
-            token = sampler.sample(logits, session.tokens)
-            if token in end_ids:
-                self.finish_reason = "stop"
-                break
-            fresh = [token]
-            piece, stopped, ended = take(token)
-            yield piece
+            yield Piece(token, shown)
             if stopped:
                 self.finish_reason = "stop"
                 return
-            if ended:
+            if self.grammar is not None and self.grammar.consume([token]) & DONE:
                 self.finish_reason = "stop"  # only an end token could follow
                 break
+            if sampled:
+                forced.extend(self._forced(budget - len(self.tokens)))
         tail = pending + decoder.flush()
         if tail:
             self.text += tail
             yield Piece(-1, tail)
+
+    def _budget(self) -> int:
+        """Tokens this generation may make; InvalidArgument or ContextOverflow for a request
+        that cannot run."""
+        if not self.prompt:
+            raise InvalidArgument("the prompt is empty")
+        if self.max_tokens < 0:
+            raise InvalidArgument("max_tokens must be >= 0")
+        if len(self.prompt) >= self.session.context_length:
+            raise ContextOverflow(
+                f"the prompt has {len(self.prompt)} tokens; the context holds {self.session.context_length}"
+            )
+        return min(self.max_tokens, self.session.context_length - len(self.prompt))
 
     def _forced(self, room: int) -> list[int]:
         """The tokens the grammar forces next (the rest of a key, the punctuation between
