@@ -103,7 +103,7 @@ async def phase(base: str, keys: dict, model: str, hostile: str | None, args) ->
             ]
             while await asyncio.to_thread(active, base, hostile) < args.hostile:
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)  # past the first slice of each hostile guest
+            await asyncio.sleep(args.settle)
         runs = [await victim_stream(http, base, keys["victim"], model, p, args.max_tokens) for p in PROMPTS]
         stop_event.set()
         sent = sum(await asyncio.gather(*attackers))
@@ -129,6 +129,13 @@ def main() -> None:
     parser.add_argument("--hostile", type=int, default=4, help="hostile requests at once")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--hostile-seconds", type=float, default=10.0, help="the hostile tenants' time limits")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.3,
+        help="seconds from the hostile requests running to the victim's first (0.3: their CPU slices before "
+        "demotion, 0.25 s each, fall in the victim's streams; 2: the victim sees demoted guests only)",
+    )
     parser.add_argument("--repo", type=Path, nargs="+", default=[REPO], help="the checkouts whose servers run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()

@@ -148,7 +148,8 @@ def host_call(fn: HostFunction) -> HostImpl:
         if st is None:
             log.error("host function %s called with no guest running on this thread", fn.name)
             return InternalError.abi_code
-        st.cpu.pause()
+        if not fn.model_work:  # model work is paced by the model's own cost
+            st.cpu.pause()
         result = invoke(fn, st, context, args)
         if st.fault is not None and not st.stopping:
             st.stopping = True

@@ -16,9 +16,13 @@ and every few epoch ticks while it runs WebAssembly. Demoted:
 
 * its thread runs at idle priority (Linux `SCHED_IDLE`: the OS gives it a core only when no
   other thread wants one), so a spinning guest takes no core from anyone else;
-* each of its host calls first sleeps `PAUSE_S`, holding no GIL, so a flood of host calls
-  cannot keep the host's Python threads (the event loop, the model runners, other guests)
-  waiting for the GIL.
+* its host calls (but those that run the model) are paced at `DEMOTED_CALLS_PER_S` (in
+  bursts of `DEMOTED_CALL_BURST`): a call over that rate first sleeps, holding no GIL. So
+  a flood of host calls cannot keep the host's Python threads (the event loop, the model
+  runners, other guests) waiting for the GIL, while a guest that makes a few host calls a
+  token (a model step apart) is not slowed. Every guest's host calls are paced too, at
+  `CALLS_PER_S`, so that a flood does not take the GIL from everyone else in the slice
+  before its demotion.
 
 An honest guest stays well inside both and is never demoted; what it pays is a clock read
 and a lock per model step and per check. The thread gets its priority back when the run
@@ -48,8 +52,12 @@ BURST_S = 0.5
 SLICE_S = 0.25
 """The most CPU time one guest may use on its own without waiting for a model step."""
 
-PAUSE_S = 0.001
-"""How long each host call of a demoted guest first sleeps."""
+CALLS_PER_S, CALL_BURST = 1000, 64
+"""The host calls a second a guest may make, and at once before the pace holds it back
+(the default guest makes 1 or 2 a token besides realm_forward, about 10 to set up)."""
+
+DEMOTED_CALLS_PER_S, DEMOTED_CALL_BURST = 200, 8
+"""The same for a demoted guest."""
 
 _IDLE = getattr(os, "SCHED_IDLE", None)  # Linux only; elsewhere a demoted guest only pauses
 _restore_refused = False
@@ -86,6 +94,8 @@ class CpuShare:
         self._rested_at = 0.0  # thread CPU time when the guest last waited for a model step
         self._thread_id = 0
         self._policy: int | None = None  # the thread's scheduling policy before demotion
+        self._calls = float(CALL_BURST)  # host calls it may make now without waiting
+        self._calls_at = 0.0  # time.monotonic() when `_calls` was last brought up to date
 
     def start(self) -> None:
         """A run of guest code begins on this thread."""
@@ -113,9 +123,13 @@ class CpuShare:
             self._charged_at = self._rested_at = time.thread_time()
 
     def pause(self) -> None:
-        """Before a host call: a demoted guest waits, holding no GIL."""
-        if self.demoted:
-            time.sleep(PAUSE_S)
+        """Before a host call: a guest over its pace waits for its turn, holding no GIL."""
+        rate, burst = (DEMOTED_CALLS_PER_S, DEMOTED_CALL_BURST) if self.demoted else (CALLS_PER_S, CALL_BURST)
+        now = time.monotonic()
+        self._calls = min(burst, self._calls + (now - self._calls_at) * rate) - 1
+        self._calls_at = now
+        if self._calls < 0:
+            time.sleep(-self._calls / rate)
 
     def _demote(self) -> None:
         self.demoted = True
