@@ -374,8 +374,24 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _MMAP_FLOOR, _MMAP_CEILING = 128 * 1024, 32 * 1024 * 1024  # glibc's defaults on 64-bit
+SERVING_ARENAS = 2
+"""malloc arenas a server keeps (glibc's default: up to 8 a core)."""
+
+
+def few_heap_arenas() -> None:
+    """Caps the process's malloc arenas at SERVING_ARENAS, for a server, before its threads
+    start. glibc gives a thread that allocates while another holds an arena's lock an arena
+    of its own, which keeps what was freed in it; a server's guest threads come and go with
+    its requests, each leaving one behind. Measured (benchmarks/server_load.py, gemma3,
+    3 runs each way, AMD EPYC, 2 cores): resident memory with 8 tenants streaming at once
+    against one, 1.15-1.20 -> 1.10-1.14 (about 40 MiB less at 8), tokens/s unchanged
+    within the runs' spread. A no-op without glibc, or where the environment sets
+    MALLOC_ARENA_MAX (glibc has read it)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt") and "MALLOC_ARENA_MAX" not in os.environ:
+        libc.mallopt(_M_ARENA_MAX, SERVING_ARENAS)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from types import FrameType
 import uvicorn
 
 from realm.errors import RealmError
+from realm.models.gguf_file import few_heap_arenas
 from realm.server.app import create_app
 from realm.server.host import Host
 from realm.server.settings import ServerSettings
@@ -73,6 +74,7 @@ def serve(settings: ServerSettings, reread: Callable[[], ServerSettings], log_le
     """Run the server for `settings` until it is told to stop; `reread` reads the config
     again on SIGHUP. Returns the error that kept it from starting, if one did."""
     sys.setswitchinterval(GIL_SWITCH_S)
+    few_heap_arenas()
     application = create_app(settings)
     host: Host = application.state.host
     server = DrainingServer(

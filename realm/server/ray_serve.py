@@ -40,6 +40,7 @@ from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from realm.errors import InternalError, PayloadTooLarge, RealmError, ServiceUnavailable
+from realm.models.gguf_file import few_heap_arenas
 from realm.server.app import create_app, error_response
 from realm.server.asgi_call import HttpRequest, ResponseHead, call
 from realm.server.cluster_limits import RemoteQuota, start_limits_actor
@@ -70,6 +71,7 @@ class RealmReplica:
 
     def __init__(self, settings: dict[str, Any], config_dir: str | None, limits: Any) -> None:
         sys.setswitchinterval(GIL_SWITCH_S)  # as `realm serve` does: see process.py
+        few_heap_arenas()
         loaded = ServerSettings.model_validate(settings | {"config_dir": config_dir})
         self.settings = replica_settings(loaded)
         self.metrics = Metrics()
