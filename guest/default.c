@@ -914,9 +914,10 @@ static int32_t take(output *o, int32_t token) {
 static int32_t fast_forward(output *o, int64_t budget) {
     if (!o->grammar || o->req->top_logprobs >= 0) return GO_ON;
     int32_t *forced = o->history + o->n_history; /* written in place: take() puts each back */
-    int32_t n = realm_grammar_forced(o->grammar, forced, (size_t)o->m->ctx + 1 - o->n_history);
+    size_t room = (size_t)o->m->ctx + 1 - o->n_history;
+    int32_t n = realm_grammar_forced(o->grammar, forced, room);
     if (n < 0) return n;
-    if ((size_t)n > (size_t)o->m->ctx + 1 - o->n_history) return GO_ON; /* not written: did not fit */
+    if ((size_t)n > room) return GO_ON; /* not written: did not fit */
     for (int32_t i = 0; i < n && o->generated < budget; i++) {
         int32_t token = forced[i], rc;
         if ((uint32_t)token >= o->voc.n || o->voc.flags[token] & REALM_TOKEN_END) return ENDED;

@@ -144,7 +144,7 @@ def step_mask(s: HostSession) -> np.ndarray | None:
     if s.mask is not None:
         parts.append(s.mask)
     if s.grammar is not None:
-        parts.append(s.grammar.mask().copy())  # the grammar reuses its buffer
+        parts.append(s.grammar.mask())  # its reused buffer: only read below, into a copy
     if s.bias is not None and np.isneginf(s.bias[1]).any():
         banned = s.bias[0][np.isneginf(s.bias[1])]
         ban = np.full(words(s.session.vocab_size), 0xFFFFFFFF, np.uint32)
