@@ -141,6 +141,21 @@ def test_decode_special_tokens(smollm2: Tokenizer, gemma3: Tokenizer) -> None:
     assert smollm2.token_text(np.int64(2)) == "<|im_end|>"
 
 
+def test_every_token_by_id_and_by_text_and_all_at_once(model: tuple[str, Tokenizer]) -> None:
+    """The texts and ids come from the encoder's own vocabulary and the pieces from one
+    buffer: every token is still found both ways, and the table matches it token by token."""
+    _, tok = model
+    for special in (False, True):
+        offsets, blob = tok.pieces_table(special=special)
+        assert len(offsets) == tok.vocab_size + 1
+        pieces = [blob[offsets[i] : offsets[i + 1]] for i in range(tok.vocab_size)]
+        assert pieces == [tok.token_bytes(i, special=special) for i in range(tok.vocab_size)]
+    texts = [tok.token_text(i) for i in range(tok.vocab_size)]
+    assert [tok.token_to_id(t) for t in texts] == list(range(tok.vocab_size))
+    assert tok.longest_text == max(map(len, texts))
+    assert tok.token_to_id("no such token \u2603") is None
+
+
 # -- streaming ---------------------------------------------------------------------------------
 
 STREAM_TEXT = "日本語のテキスト 🙂🚀 👍🏽 naïve Привет — 中文分词测试 ∑∫√ end"

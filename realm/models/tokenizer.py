@@ -20,19 +20,21 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import operator
+from array import array
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
 from realm.errors import InvalidArgument
 from realm.models.bpe_pre import BpePre, bpe_pre
 from realm.models.byte_level import bytes_to_unicode as _bytes_to_unicode  # noqa: F401  (tests import it here)
-from realm.models.detokenize import clean_spaces, inert, token_pieces
+from realm.models.detokenize import TokenPieces, clean_spaces, inert
 from realm.models.encoders import bpe_encoder, spm_encoder
 from realm.models.special_split import SpecialSplitter
 from realm.models.special_tokens import SpecialDefaults, resolve_special_tokens
-from realm.models.vocabulary import ATTR_HIDDEN, Vocabulary, bool_field, read_vocabulary, string_field
+from realm.models.vocabulary import ATTR_HIDDEN, ATTR_SPECIAL, Vocabulary, bool_field, read_vocabulary, string_field
 
 __all__ = ["StreamDecoder", "Tokenizer"]
 
@@ -79,6 +81,7 @@ class Tokenizer:
         add_space_prefix: a SentencePiece space is put in front of the text (and the
             leading space is dropped again when decoding).
         clean_spaces: decoded text gets llama.cpp's `clean_spaces` pass.
+        longest_text: characters of the longest token text.
         kind: "spm" or "bpe"; pre: the BPE pre-tokenizer name ("" for SPM).
     """
 
@@ -94,12 +97,11 @@ class Tokenizer:
     add_eos: bool
     add_space_prefix: bool
     clean_spaces: bool
-    _texts: list[str]  # by id
-    _vocab: dict[str, int]  # text -> id
-    _attrs: list[int]  # llama.cpp's token attributes by id
+    longest_text: int
+    _attrs: array[int]  # llama.cpp's token attributes by id
     _splitter: SpecialSplitter
-    _hf: HFTokenizer
-    _pieces: dict[bool, list[bytes]]  # special -> each token's bytes
+    _hf: HFTokenizer  # also the texts by id and the ids by text (its vocabulary is the file's)
+    _pieces: TokenPieces
 
     def __init__(self) -> None:  # use from_gguf_fields
         raise TypeError("build a Tokenizer with Tokenizer.from_gguf_fields(fields)")
@@ -114,18 +116,19 @@ class Tokenizer:
         self = object.__new__(cls)
         self.kind, self.pre = vocab.kind, settings.pre_name
         self.vocab_size = vocab.size
-        self._texts, self._vocab, self._attrs = vocab.texts, vocab.ids, vocab.attrs
+        self.longest_text = max(map(len, vocab.texts))
+        self._attrs = array("H", vocab.attrs)
         self.bos_id, self.eos_id, self.unk_id = special.bos_id, special.eos_id, special.unk_id
         self.eot_id, self.eot_ids = special.eot_id, special.eog_ids
         self.add_bos, self.add_eos = special.add_bos, special.add_eos
         self.add_space_prefix, self.clean_spaces = settings.add_space_prefix, settings.clean_spaces
-        self._splitter = SpecialSplitter(vocab.texts, vocab.attrs)
+        specials = {i: vocab.texts[i] for i, a in enumerate(vocab.attrs) if a & ATTR_SPECIAL}
+        self._splitter = SpecialSplitter(specials, self._attrs)
         if settings.pre is not None:
             self._hf = bpe_encoder(fields, vocab, settings.pre)
         else:
             self._hf = spm_encoder(vocab, special.unk_id, settings.add_space_prefix)
-        rendered, plain = token_pieces(vocab)
-        self._pieces = {True: rendered, False: plain}
+        self._pieces = TokenPieces(vocab)
         return self
 
     # -- queries ---------------------------------------------------------------------------
@@ -137,11 +140,11 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         """The token's text as stored in the vocabulary (e.g. 'Ġthe', '▁the', '<|im_end|>')."""
-        return self._texts[self._check_id(token_id)]
+        return self._hf.id_to_token(self._check_id(token_id))  # type: ignore[return-value]
 
     def token_to_id(self, text: str) -> int | None:
         """The id of the token whose vocabulary text is `text`, if any."""
-        return self._vocab.get(text)
+        return self._hf.token_to_id(text)
 
     def is_control(self, token_id: int) -> bool:
         """Whether llama.cpp treats the token as a control token (hidden unless special)."""
@@ -160,7 +163,12 @@ class Tokenizer:
         which case they give their text (llama.cpp's `special` argument); unused tokens
         give b"".
         """
-        return self._pieces[bool(special)][self._check_id(token_id)]
+        return self._pieces.piece(self._check_id(token_id), bool(special))
+
+    def pieces_table(self, *, special: bool = False) -> tuple[np.ndarray, bytes]:
+        """Every token's `token_bytes` at once: offsets (vocab_size + 1, uint64) into one
+        buffer."""
+        return self._pieces.table(special)
 
     def _check_id(self, token_id: int) -> int:
         try:
@@ -213,18 +221,12 @@ class Tokenizer:
         `detokenize` and llama.cpp's server stream do). User-defined tokens are always
         rendered. Invalid UTF-8 becomes U+FFFD.
         """
-        pieces = self._pieces[not skip_special]
         ids = list(ids)
-        try:
-            parts = [pieces[i] for i in ids]
-            valid = not parts or min(ids) >= 0
-        except (TypeError, IndexError):
-            valid = False
-        if not valid:
-            for i in ids:
-                self._check_id(i)
-        if not parts:
+        if not ids:
             return ""
+        if not (all(type(i) is int for i in ids) and 0 <= min(ids) and max(ids) < self.vocab_size):
+            ids = [self._check_id(i) for i in ids]
+        parts = self._pieces.pieces(ids, not skip_special)
         if self.add_space_prefix and parts[0][:1] == b" ":
             parts[0] = parts[0][1:]
         text = b"".join(parts).decode("utf-8", errors="replace")
@@ -250,7 +252,7 @@ class StreamDecoder:
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True) -> None:
         self._tok = tokenizer
-        self._pieces = tokenizer._pieces[not skip_special]
+        self._special = not skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._first = True
         self._clean = tokenizer.clean_spaces
@@ -259,7 +261,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (maybe "")."""
-        piece = self._pieces[self._tok._check_id(token_id)]
+        piece = self._tok.token_bytes(token_id, special=self._special)
         if self._first:
             self._first = False
             if self._tok.add_space_prefix and piece[:1] == b" ":

@@ -135,12 +135,10 @@ def _vocab_table(tok: Tokenizer) -> bytes:
     built once per tokenizer."""
     table = _vocab_tables.get(tok)
     if table is None:
-        pieces = [tok.token_bytes(i) for i in range(tok.vocab_size)]
-        offsets = np.zeros(len(pieces) + 1, dtype="<u4")
-        np.cumsum([len(p) for p in pieces], out=offsets[1:])
-        flags = np.zeros(len(pieces), dtype=np.uint8)
+        offsets, pieces = tok.pieces_table()
+        flags = np.zeros(tok.vocab_size, dtype=np.uint8)
         flags[sorted(tok.eot_ids)] = TOKEN_END
-        table = struct.pack("<I", len(pieces)) + offsets.tobytes() + flags.tobytes() + b"".join(pieces)
+        table = struct.pack("<I", tok.vocab_size) + offsets.astype("<u4").tobytes() + flags.tobytes() + pieces
         _vocab_tables[tok] = table
     return table
 

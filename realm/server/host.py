@@ -45,7 +45,7 @@ from realm.sandbox.request import build_request
 from realm.sandbox.runtime import ModuleCache, Runtime
 from realm.server.keys import KeyRing
 from realm.server.metrics import Metrics
-from realm.server.model_slots import SHA256_MODEL, ModelSlots, longest_token, unloaded_card
+from realm.server.model_slots import SHA256_MODEL, ModelSlots, unloaded_card
 from realm.server.openai_format import model_card
 from realm.server.schemas import ChatRequest, CompletionRequest, invalid
 from realm.server.settings import ALL_KEYS, ServerSettings, TenantSettings
@@ -321,10 +321,11 @@ class Host:
 
     def check_text_fits(self, served: Served, text: str, what: str) -> None:
         """Refuse, before tokenizing it, a text that cannot fit the model's context: it has at
-        least one token per `longest_token` characters, so no CPU goes to a text that must fail."""
+        least one token per `Tokenizer.longest_text` characters (byte-level BPE writes one
+        character a byte; SentencePiece writes a space as one `▁`), so no CPU goes to a text
+        that must fail."""
         model = served.entry.model
-        longest = self.slots.longest_token.get(served.name) or longest_token(model.tokenizer)
-        fewest = -(-len(text) // longest)
+        fewest = -(-len(text) // max(1, model.tokenizer.longest_text))
         if fewest >= model.config.context_length:
             raise ContextOverflow(
                 f"the {what} has {len(text)} characters, at least {fewest} tokens; model {model.name}'s "

@@ -9,7 +9,7 @@ loads on the thread of the request that first needs it (that client waits; /heal
 recently used idle model; a model with a request running (`hold` ... `release`) is never
 unloaded, and if every loaded model is busy the load is refused with 503.
 
-The maps readers iterate (`loaded`, `loaded_at`, `longest_token`) are replaced whole on
+The maps readers iterate (`loaded`, `loaded_at`) are replaced whole on
 every change, never mutated, so the event loop may iterate them while a loader thread
 swaps them.
 """
@@ -30,7 +30,6 @@ from realm.engine.step_router import SchedulerRouter
 from realm.errors import ServiceUnavailable, UnknownModel
 from realm.files import sha256_file
 from realm.models import catalogue
-from realm.models.tokenizer import Tokenizer
 from realm.server.metrics import Metrics
 from realm.server.settings import ServerSettings
 
@@ -73,7 +72,6 @@ class ModelSlots:
         self.slots: dict[str, Slot] = {}
         self.loaded: dict[str, StoredModel] = {}  # replaced whole on change
         self.loaded_at: dict[str, int] = {}  # unix time; replaced whole on change
-        self.longest_token: dict[str, int] = {}  # replaced whole on change
         self.on_load: list[Callable[[str, StoredModel], None]] = []
         self.store: ModelStore | None = None
         self._schedulers: dict[str, BatchScheduler] = {}
@@ -136,7 +134,6 @@ class ModelSlots:
         self._make_room(slot.name, source.path.stat().st_size)
         entry = self.store.store_source(catalogue.ModelSource(source.path, slot.name, slot.sha256))
         try:
-            longest = longest_token(entry.model.tokenizer)
             s = self.settings
             scheduler = BatchScheduler(
                 entry.model.transformer,
@@ -152,7 +149,6 @@ class ModelSlots:
         with self._lock:
             self._schedulers[slot.name] = scheduler
             self._last_used[slot.name] = time.monotonic()
-            self.longest_token = {**self.longest_token, slot.name: longest}
             self.loaded_at = {**self.loaded_at, slot.name: int(time.time())}
             self.loaded = {**self.loaded, slot.name: entry}
         for notify in self.on_load:
@@ -214,7 +210,6 @@ class ModelSlots:
         entry = self.loaded[name]
         self.loaded = {n: e for n, e in self.loaded.items() if n != name}
         self.loaded_at = {n: t for n, t in self.loaded_at.items() if n != name}
-        self.longest_token = {n: t for n, t in self.longest_token.items() if n != name}
         self._last_used.pop(name, None)
         return entry, self._schedulers.pop(name)
 
@@ -270,10 +265,3 @@ def unloaded_card(name: str, sha256: str) -> dict[str, Any]:
         "sha256": sha256,
         "info": {"loaded": False},
     }
-
-
-def longest_token(tokenizer: Tokenizer) -> int:
-    """Characters of the vocabulary's longest token text: no token covers more characters of
-    a prompt (byte-level BPE writes one character a byte; SentencePiece writes a space as one
-    `▁`), so a text of n characters has at least n / this many tokens."""
-    return max(1, max(len(tokenizer.token_text(i)) for i in range(tokenizer.vocab_size)))
