@@ -16,6 +16,10 @@ and every few epoch ticks while it runs WebAssembly. Demoted:
 
 * its thread runs at idle priority (Linux `SCHED_IDLE`: the OS gives it a core only when no
   other thread wants one), so a spinning guest takes no core from anyone else;
+* while it keeps running on its own past its slice and its tenant's budget is spent, it
+  waits at each epoch check until the budget has refilled (`overdraft_s`), so a tenant's
+  spinning guests get TENANT_SHARE of a core between them, not every idle core (memory
+  sweeps take memory bandwidth even from idle cores);
 * its host calls (but those that run the model) are paced at `DEMOTED_CALLS_PER_S` (in
   bursts of `DEMOTED_CALL_BURST`): a call over that rate first sleeps, holding no GIL. So
   a flood of host calls cannot keep the host's Python threads (the event loop, the model
@@ -82,6 +86,11 @@ class CpuBudget:
             self._at = now
             return self._level > 0
 
+    def refill_s(self) -> float:
+        """How long until the budget is out of debt (0 if it is not in debt)."""
+        with self._lock:
+            return max(0.0, -self._level) / TENANT_SHARE
+
 
 class CpuShare:
     """One guest's CPU clock and whether it is demoted; used on the thread that runs it."""
@@ -111,6 +120,13 @@ class CpuShare:
         self._charged_at = now
         if not self.demoted and (not left or now - self._rested_at > SLICE_S):
             self._demote()
+
+    def overdraft_s(self) -> float:
+        """How long a spinning guest (over its slice) must wait for its tenant's budget to
+        refill before it runs on: 0 if it is not spinning or the budget is not spent."""
+        if time.thread_time() - self._rested_at <= SLICE_S:
+            return 0.0
+        return self.budget.refill_s()
 
     def waiting(self, step: Callable[[], T]) -> T:
         """Run `step`, model work the guest asked of the host (a batched step, a layer, a

@@ -56,13 +56,19 @@ def _tick(eng: wasmtime.Engine) -> None:
 
 
 def _stop_reason() -> str | None:
-    """Every CHECK_TICKS while a guest runs WebAssembly: demote it if it is over its CPU slice
+    """Every CHECK_TICKS while a guest runs WebAssembly: demote it if it is over its CPU slice,
+    hold it while its tenant's budget refills if it spins on a spent one
     (realm/sandbox/cpu_share.py); why it must stop (it broke a limit), or None to run on."""
     st = guest_state.current()
     if st is None:
         return None
     st.cpu.check()
     reason = st.over_limit()
+    wait = st.cpu.overdraft_s() if reason is None else 0.0
+    while reason is None and wait > 0:  # spinning on a spent budget: it waits for the refill
+        time.sleep(min(wait, TICK_S))
+        wait -= TICK_S
+        reason = st.over_limit()
     if reason is None:
         return None
     st.fault = reason
