@@ -8,8 +8,9 @@
  * memory), sample here in WebAssembly, emit the token's text, stop on an end-of-generation
  * token, a stop string or max_tokens. With a `constraint` (a JSON schema, regex or grammar),
  * the host's grammar engine masks each step's logits and the guest tells it each token
- * (realm_grammar_consume); generation stops when the grammar is complete. Token texts and end flags come from the vocabulary,
- * fetched once (realm_vocab): two host calls a token, realm_emit and realm_forward. It
+ * (realm_grammar_consume); generation stops when the grammar is complete. A token's text is
+ * asked of the host the first time the token comes up and kept: two host calls a token,
+ * realm_emit and realm_forward, and a third the first time. It
  * mirrors the host's own loop (realm/engine/generation.py) and sampler
  * (realm/engine/sampling.py):
  *
@@ -319,11 +320,12 @@ static int sampler_init(sampler *s, const params *p, int32_t vocab) {
     s->idx = s->ids = s->recent = NULL;
     s->val = NULL;
     s->cum = NULL;
-    if (p->temperature > 0) {
-        s->idx = (int32_t *)rt_alloc((size_t)vocab * sizeof(int32_t));
-        s->val = (float *)rt_alloc((size_t)vocab * sizeof(float));
-        s->ids = (int32_t *)rt_alloc((size_t)vocab * sizeof(int32_t));
-        s->cum = (double *)rt_alloc((size_t)vocab * sizeof(double));
+    if (p->temperature > 0) { /* candidates: the first top_k, or every token */
+        size_t n = p->top_k > 0 && p->top_k < vocab ? (size_t)p->top_k : (size_t)vocab;
+        s->idx = (int32_t *)rt_alloc(n * sizeof(int32_t));
+        s->val = (float *)rt_alloc(n * sizeof(float));
+        s->ids = (int32_t *)rt_alloc(n * sizeof(int32_t));
+        s->cum = (double *)rt_alloc(n * sizeof(double));
         if (!s->idx || !s->val || !s->ids || !s->cum) return 0;
     }
     if (p->repeat_last_n > 0) {
@@ -745,10 +747,30 @@ static int32_t parse_request(const char *json, size_t len, request *r) {
 
 /* --- the prompt's tokens ------------------------------------------------------------------------ */
 
+#define MAX_END_TOKENS 64
+
 typedef struct model_ref {
     int32_t id, vocab, ctx;
     int add_space_prefix; /* the tokenizer's leading space, dropped from the first token's text */
+    int32_t n_ends;       /* the tokens that end generation (the info's eot_ids); -1: ask the host */
+    int32_t ends[MAX_END_TOKENS];
 } model_ref;
+
+/* The info's `eot_ids` into m->ends; n_ends stays -1 if it is absent or longer than fits. */
+static void end_tokens(rt_span v, model_ref *m) {
+    if (!v.p || v.p[0] != '[') return;
+    int32_t n = 0;
+    size_t i = rt_json_ws(v.p, v.len, 1);
+    while (i < v.len && v.p[i] != ']') {
+        size_t e = rt_json_skip(v.p, v.len, i);
+        uint64_t id;
+        if (!e || n == MAX_END_TOKENS || !u64_of((rt_span){v.p + i, e - i}, &id) || id > INT32_MAX) return;
+        m->ends[n++] = (int32_t)id;
+        i = rt_json_ws(v.p, v.len, e);
+        if (i < v.len && v.p[i] == ',') i = rt_json_ws(v.p, v.len, i + 1);
+    }
+    m->n_ends = n;
+}
 
 /* The model the request names, by name from the host, its identity checked against the
  * request's SHA-256. */
@@ -758,13 +780,14 @@ static int32_t model_open(const request *req, model_ref *m) {
     if (id < 0) return id;
     int32_t rc = realm_validate_model_id(id, req->sha256);
     if (rc < 0) return rc;
-    *m = (model_ref){id, (int32_t)info.vocab_size, (int32_t)info.context_length, 0};
+    *m = (model_ref){id, (int32_t)info.vocab_size, (int32_t)info.context_length, 0, -1, {0}};
     int32_t info_len = realm_get_model_info(id, NULL, 0);
     if (info_len > 0) {
         char *info_json = (char *)rt_alloc((size_t)info_len);
         if (info_json && realm_get_model_info(id, info_json, (size_t)info_len) == info_len) {
             rt_span flag = field(info_json, (size_t)info_len, "add_space_prefix");
             m->add_space_prefix = flag.len == 4 && rt_memeq(flag.p, "true", 4);
+            end_tokens(field(info_json, (size_t)info_len, "eot_ids"), m);
         }
     }
     return 0;
@@ -838,30 +861,82 @@ static int32_t prompt_tokens(const char *json, size_t len, const request *req, c
     return tokens_given(given, m, *history);
 }
 
-/* --- the vocabulary ------------------------------------------------------------------------------ */
+/* --- the vocabulary, token by token -----------------------------------------------------------
+ * A token's bytes are asked of the host the first time the token comes up (realm_token_bytes:
+ * one host call) and kept in an open-addressed table; whether it ends generation comes from
+ * the model's info (realm_token_is_end if the info has no list). A request meets a few
+ * hundred distinct tokens; the whole table (realm_vocab) would put 3.3 MB of gemma3's
+ * 262,144 tokens into every guest's memory. */
 
 typedef struct {
-    uint32_t n;
-    const uint32_t *offsets; /* token i's bytes: bytes[offsets[i] .. offsets[i + 1]) */
-    const uint8_t *flags;    /* REALM_TOKEN_END */
-    const char *bytes;
+    int32_t token; /* -1: an empty slot */
+    int32_t end;   /* 1 if the token ends generation */
+    size_t at, n;  /* its bytes: bytes.data[at .. at + n) */
+} known_token;
+
+typedef struct {
+    const model_ref *m;
+    known_token *slots;
+    size_t cap, used; /* cap: a power of two, kept at most half full */
+    text_buf bytes;
 } vocabulary;
 
-static int32_t vocabulary_load(int32_t model, vocabulary *v) {
-    int32_t size = realm_vocab(model, NULL, 0);
-    if (size < 0) return size;
-    uint8_t *table = (uint8_t *)rt_alloc((size_t)size);
-    if (!table) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the vocabulary", NULL);
-    int32_t rc = realm_vocab(model, table, (size_t)size);
-    if (rc < 0) return rc;
-    uint32_t n = 0;
-    if (size >= 4) __builtin_memcpy(&n, table, 4);
-    size_t head = 4 + 4 * ((size_t)n + 1) + n;
-    const uint32_t *offsets = (const uint32_t *)(table + 4);
-    if (size < 4 || head > (size_t)size || offsets[n] > (size_t)size - head)
-        return fail(REALM_E_INTERNAL, "the host's vocabulary table is malformed", NULL);
-    *v = (vocabulary){n, offsets, table + 4 + 4 * ((size_t)n + 1), (const char *)table + head};
+enum { TOKEN_BYTES_GUESS = 32 }; /* room offered for a new token's bytes before asking its size */
+
+static known_token *vocabulary_slot(known_token *slots, size_t cap, int32_t token) {
+    size_t i = ((uint32_t)token * 2654435761u) & (cap - 1);
+    while (slots[i].token != -1 && slots[i].token != token) i = (i + 1) & (cap - 1);
+    return &slots[i];
+}
+
+static int vocabulary_grow(vocabulary *v, size_t cap) {
+    known_token *slots = (known_token *)rt_alloc(cap * sizeof(known_token));
+    if (!slots) return 0;
+    for (size_t i = 0; i < cap; i++) slots[i].token = -1;
+    for (size_t i = 0; i < v->cap; i++)
+        if (v->slots[i].token != -1) *vocabulary_slot(slots, cap, v->slots[i].token) = v->slots[i];
+    v->slots = slots;
+    v->cap = cap;
+    return 1;
+}
+
+static int32_t vocabulary_init(vocabulary *v, const model_ref *m) {
+    *v = (vocabulary){m, NULL, 0, 0, {0}};
+    if (!vocabulary_grow(v, 256)) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the vocabulary", NULL);
     return 0;
+}
+
+static const known_token *vocabulary_full(int32_t *rc) {
+    *rc = fail(REALM_E_LIMIT_EXCEEDED, "no memory for the vocabulary", NULL);
+    return NULL;
+}
+
+/* Token `token` (inside the vocabulary), asked of the host the first time; NULL with *rc set
+ * on an error. Its bytes stay where they are until the next token is asked for. */
+static const known_token *vocabulary_get(vocabulary *v, int32_t token, int32_t *rc) {
+    known_token *k = vocabulary_slot(v->slots, v->cap, token);
+    if (k->token == token) return k;
+    if (2 * (v->used + 1) > v->cap) {
+        if (!vocabulary_grow(v, 2 * v->cap)) return vocabulary_full(rc);
+        k = vocabulary_slot(v->slots, v->cap, token);
+    }
+    if (!text_buf_reserve(&v->bytes, TOKEN_BYTES_GUESS)) return vocabulary_full(rc);
+    int32_t model = v->m->id;
+    int32_t n = realm_token_bytes(model, token, v->bytes.data + v->bytes.len, v->bytes.cap - v->bytes.len);
+    if (n >= 0 && (size_t)n > v->bytes.cap - v->bytes.len) { /* longer than the room offered */
+        if (!text_buf_reserve(&v->bytes, (size_t)n)) return vocabulary_full(rc);
+        n = realm_token_bytes(model, token, v->bytes.data + v->bytes.len, (size_t)n);
+    }
+    int32_t end = 0;
+    if (n < 0 || (v->m->n_ends < 0 && (end = realm_token_is_end(model, token)) < 0)) {
+        *rc = n < 0 ? n : end;
+        return NULL;
+    }
+    for (int32_t i = 0; i < v->m->n_ends; i++) end |= v->m->ends[i] == token;
+    *k = (known_token){token, end, v->bytes.len, (size_t)n};
+    v->bytes.len += (size_t)n;
+    v->used++;
+    return k;
 }
 
 /* --- generate --------------------------------------------------------------------------------- */
@@ -890,8 +965,10 @@ enum { GO_ON = 0, STOPPED = 1, ENDED = 2 }; /* what taking a token leads to (err
 static int32_t take(output *o, int32_t token) {
     int32_t rc;
     o->history[o->n_history++] = token;
-    const char *piece = o->voc.bytes + o->voc.offsets[token];
-    int32_t n = (int32_t)(o->voc.offsets[token + 1] - o->voc.offsets[token]);
+    const known_token *k = vocabulary_get(&o->voc, token, &rc);
+    if (!k) return rc;
+    const char *piece = o->voc.bytes.data + k->at;
+    int32_t n = (int32_t)k->n;
     if (o->generated++ == 0 && o->m->add_space_prefix && n > 0 && piece[0] == ' ') { piece++; n--; }
     utf8_push(&o->decoder, piece, (size_t)n, &o->pending);
     if (o->req->top_logprobs >= 0 && (rc = realm_logprobs(o->session, token, o->req->top_logprobs)) < 0) return rc;
@@ -919,8 +996,11 @@ static int32_t fast_forward(output *o, int64_t budget) {
     if (n < 0) return n;
     if ((size_t)n > room) return GO_ON; /* not written: did not fit */
     for (int32_t i = 0; i < n && o->generated < budget; i++) {
-        int32_t token = forced[i], rc;
-        if ((uint32_t)token >= o->voc.n || o->voc.flags[token] & REALM_TOKEN_END) return ENDED;
+        int32_t token = forced[i], rc = 0;
+        if ((uint32_t)token >= (uint32_t)o->m->vocab) return ENDED;
+        const known_token *k = vocabulary_get(&o->voc, token, &rc);
+        if (!k) return rc;
+        if (k->end) return ENDED;
         if ((rc = take(o, token)) != GO_ON) return rc;
     }
     return GO_ON;
@@ -935,7 +1015,7 @@ static int32_t decode(const request *req, const model_ref *m, int32_t session, i
     output o = {req, m, {0}, session, grammar, history, (size_t)n_prompt, 0, {0}, {{0}, 0}};
     sampler smp;
     int32_t rc;
-    if ((rc = vocabulary_load(m->id, &o.voc)) < 0) return rc;
+    if ((rc = vocabulary_init(&o.voc, m)) < 0) return rc;
     if (!sampler_init(&smp, &req->p, m->vocab)) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the sampler", NULL);
     for (int32_t i = 0; i < req->p.n_bias; i++)
         if (req->p.bias_ids[i] >= m->vocab)
@@ -948,9 +1028,11 @@ static int32_t decode(const request *req, const model_ref *m, int32_t session, i
         if ((rc = realm_forward(session, history + fed, o.n_history - fed, logits, (size_t)m->vocab)) < 0) return rc;
         fed = o.n_history;
         int32_t token = sample(&smp, logits, history, o.n_history);
-        if ((uint32_t)token >= o.voc.n)
-            return fail_n(REALM_E_INVALID_ARGUMENT, "sampled token ", token, " is outside the vocabulary of ", o.voc.n);
-        if (o.voc.flags[token] & REALM_TOKEN_END) {
+        if ((uint32_t)token >= (uint32_t)m->vocab)
+            return fail_n(REALM_E_INVALID_ARGUMENT, "sampled token ", token, " is outside the vocabulary of ", m->vocab);
+        const known_token *k = vocabulary_get(&o.voc, token, &rc);
+        if (!k) return rc;
+        if (k->end) {
             reason = REALM_FINISH_STOP;
             break;
         }
