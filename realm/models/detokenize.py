@@ -45,9 +45,6 @@ class TokenPieces:
         self._offsets = array("Q", accumulate(map(len, rendered), initial=0))
         self._hidden = bytes(bool(a & ATTR_HIDDEN) for a in attrs)
 
-    def __len__(self) -> int:
-        return len(self._hidden)
-
     def piece(self, token_id: int, special: bool) -> bytes:
         """The token's bytes; a control token's are empty unless `special` (an id in range)."""
         if not special and self._hidden[token_id]:
