@@ -156,4 +156,6 @@ def test_a_compiled_step_leaves_the_gil_to_other_threads(smollm2_compiled, monke
         stop.set()
         spinner.join()
     assert len(advanced) == 8 * 5  # 30 layers, 6 a graph
-    assert sum(advanced) >= 0.75 * len(advanced)
+    # a graph that held the GIL would let the counter advance in none of its calls; a busy
+    # machine (a fresh-clone CI run: 27 of 40) delays the counting thread's wake-up in some
+    assert sum(advanced) >= 0.5 * len(advanced)
