@@ -7,7 +7,6 @@ server that lists none). They are not part of the OpenAI API, so not in /openapi
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import Annotated, Any
 
@@ -16,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from realm.errors import PermissionDenied, Unauthorized
 from realm.server.host import Host
 from realm.server.keys import KeyRing
+from realm.server.off_loop import off_loop
 from realm.server.routes import HostDep, bearer_key
 
 admin_router = APIRouter(prefix="/admin", include_in_schema=False)
@@ -46,14 +46,14 @@ async def models(host: OperatorDep) -> dict[str, Any]:
 @admin_router.post("/models/{name}/load")
 async def load(name: str, host: OperatorDep) -> dict[str, Any]:
     """Load `name` now (a no-op if loaded), unloading idle ones past the budget; answers when loaded."""
-    await asyncio.to_thread(host.slots.load, name)
+    await off_loop(host.slots.load, name)
     return _state(host, name)
 
 
 @admin_router.post("/models/{name}/unload")
 async def unload(name: str, host: OperatorDep) -> dict[str, Any]:
     """Unload `name` now (503 while requests run on it); it loads again on its next request."""
-    await asyncio.to_thread(host.slots.unload, name)
+    await off_loop(host.slots.unload, name)
     return _state(host, name)
 
 

@@ -24,7 +24,6 @@ Not `from __future__ import annotations` here: Ray's class-based FastAPI view re
 routes' parameter annotations as objects (a string `Request` would be a query parameter).
 """
 
-import asyncio
 import json
 import logging
 import os
@@ -46,6 +45,7 @@ from realm.server.asgi_call import HttpRequest, ResponseHead, call
 from realm.server.cluster_limits import RemoteQuota, start_limits_actor
 from realm.server.host import Host
 from realm.server.metrics import Metrics, merge_expositions
+from realm.server.off_loop import off_loop
 from realm.server.openai_format import Reply
 from realm.server.process import GIL_SWITCH_S
 from realm.server.routes import bearer_key
@@ -98,7 +98,7 @@ class RealmReplica:
         name = self._slot_name(model_id)
         if name is None:
             raise ServiceUnavailable(f"no served model is {model_id!r}")
-        await asyncio.to_thread(self.host.slots.load, name)
+        await off_loop(self.host.slots.load, name)
         return LoadedModel(self.host, name)
 
     def _slot_name(self, model_id: str) -> str | None:
@@ -133,7 +133,7 @@ class RealmReplica:
     async def metrics_text(self, key: str | None) -> tuple[str, bytes]:
         """This replica's Prometheus text, if `key` may read /metrics here."""
         self.host.check_metrics_key(key)
-        return self.replica_id, await asyncio.to_thread(self.metrics.render)
+        return self.replica_id, await off_loop(self.metrics.render)
 
     def __del__(self) -> None:
         host = getattr(self, "host", None)

@@ -25,6 +25,7 @@ from realm.sandbox.instance import GuestResult
 from realm.server.embeddings import embeddings
 from realm.server.host import Emitted, Event, Failed, Finished, Host, describe_failure, is_guest_trap
 from realm.server.metrics import Tracker
+from realm.server.off_loop import off_loop
 from realm.server.openai_format import Reply
 from realm.server.openapi import (
     ChatCompletion,
@@ -140,7 +141,7 @@ async def generate(request: Request, host: Host, tenant: Tenant, body: Completio
     `request.state` carries the labels the error handlers count a failure under."""
     request.state.generation = True
     request.state.model = host.model_name(tenant, body.model)
-    job = await asyncio.to_thread(host.plan, tenant, request.state.model, body)
+    job = await off_loop(host.plan, tenant, request.state.model, body)
     request.state.model = job.model.name  # a model named by its hash counts under its served name
     tracker = request.state.tracker = Tracker(host.metrics, tenant.name, job.model.name)
     cancel = threading.Event()
@@ -274,7 +275,7 @@ async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> As
 )
 async def create_embeddings(request: Request, host: HostDep, tenant: TenantDep) -> dict[str, Any]:
     body = await parse_body(request, EmbeddingRequest)
-    return await asyncio.to_thread(embeddings, host, tenant, body)
+    return await off_loop(embeddings, host, tenant, body)
 
 
 # ---------------------------------------------------------------------------- models, tokens, health, metrics
@@ -298,10 +299,10 @@ async def get_model(model: str, host: HostDep, tenant: TenantDep) -> dict[str, A
 )
 async def tokenize(request: Request, host: HostDep, tenant: TenantDep) -> dict[str, Any]:
     body = await parse_body(request, TokenizeRequest)
-    served = await asyncio.to_thread(host.resolve, tenant, host.model_name(tenant, body.model))  # may load it
+    served = await off_loop(host.resolve, tenant, host.model_name(tenant, body.model))  # may load it
     tok = served.entry.model.tokenizer
     host.check_text_fits(served, body.content, "content")
-    tokens = await asyncio.to_thread(
+    tokens = await off_loop(
         tok.encode, body.content, add_bos=body.add_special and tok.add_bos, parse_special=body.parse_special
     )
     return {"model": served.name, "tokens": tokens}
@@ -315,12 +316,12 @@ async def tokenize(request: Request, host: HostDep, tenant: TenantDep) -> dict[s
 )
 async def detokenize(request: Request, host: HostDep, tenant: TenantDep) -> dict[str, Any]:
     body = await parse_body(request, DetokenizeRequest)
-    served = await asyncio.to_thread(host.resolve, tenant, host.model_name(tenant, body.model))  # may load it
+    served = await off_loop(host.resolve, tenant, host.model_name(tenant, body.model))  # may load it
     tok = served.entry.model.tokenizer
     bad = next((t for t in body.tokens if not 0 <= t < tok.vocab_size), None)
     if bad is not None:
         raise invalid(f"token id {bad} is outside the vocabulary (size {tok.vocab_size})", "tokens")
-    return {"model": served.name, "content": await asyncio.to_thread(tok.decode, body.tokens)}
+    return {"model": served.name, "content": await off_loop(tok.decode, body.tokens)}
 
 
 @router.get("/health", response_model=None, responses=answers(Health, errors=(503,)))
@@ -339,4 +340,4 @@ async def health(host: HostDep) -> dict[str, Any]:
 )
 async def prometheus(host: HostDep) -> Response:
     """Rendered on a worker thread: the live gauges take the model runners' locks."""
-    return Response(await asyncio.to_thread(host.metrics.render), media_type=host.metrics.content_type)
+    return Response(await off_loop(host.metrics.render), media_type=host.metrics.content_type)
