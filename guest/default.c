@@ -756,20 +756,36 @@ typedef struct model_ref {
     int32_t ends[MAX_END_TOKENS];
 } model_ref;
 
-/* The info's `eot_ids` into m->ends; n_ends stays -1 if it is absent or longer than fits. */
-static void end_tokens(rt_span v, model_ref *m) {
-    if (!v.p || v.p[0] != '[') return;
+/* A JSON array of token ids, each below `below`, into out (room for `cap` ids): the count;
+ * -1 if v is not such an array, -2 if an id is `below` or more (*bad: that id), -3 if it
+ * holds more than `cap`. */
+static int32_t id_array(rt_span v, uint64_t below, int32_t *out, int32_t cap, uint64_t *bad) {
+    if (!v.p || v.p[0] != '[') return -1;
     int32_t n = 0;
     size_t i = rt_json_ws(v.p, v.len, 1);
     while (i < v.len && v.p[i] != ']') {
         size_t e = rt_json_skip(v.p, v.len, i);
         uint64_t id;
-        if (!e || n == MAX_END_TOKENS || !u64_of((rt_span){v.p + i, e - i}, &id) || id > INT32_MAX) return;
-        m->ends[n++] = (int32_t)id;
+        if (!e || !u64_of((rt_span){v.p + i, e - i}, &id)) return -1;
+        if (id >= below) {
+            *bad = id;
+            return -2;
+        }
+        if (n == cap) return -3;
+        out[n++] = (int32_t)id;
         i = rt_json_ws(v.p, v.len, e);
         if (i < v.len && v.p[i] == ',') i = rt_json_ws(v.p, v.len, i + 1);
+        else if (i >= v.len || v.p[i] != ']') return -1;
     }
-    m->n_ends = n;
+    return n;
+}
+
+/* The info's `eot_ids` into m->ends; n_ends stays -1 if it is absent, malformed or longer
+ * than fits. */
+static void end_tokens(rt_span v, model_ref *m) {
+    uint64_t bad;
+    int32_t n = id_array(v, (uint64_t)m->vocab, m->ends, MAX_END_TOKENS, &bad);
+    if (n >= 0) m->n_ends = n;
 }
 
 /* The model the request names, by name from the host, its identity checked against the
@@ -803,25 +819,14 @@ static int32_t prompt_checked(int32_t n, const model_ref *m) {
  * rule) into out, which holds ctx + 1 ids: the count, or an error. Ids must be in the
  * vocabulary and fewer than the context holds. */
 static int32_t tokens_given(rt_span v, const model_ref *m, int32_t *out) {
-    if (v.p[0] != '[') return fail(REALM_E_INVALID_ARGUMENT, "\"prompt_tokens\" must be a list of token ids", NULL);
-    int32_t n = 0;
-    size_t i = rt_json_ws(v.p, v.len, 1);
-    while (i < v.len && v.p[i] != ']') {
-        size_t e = rt_json_skip(v.p, v.len, i);
-        uint64_t id;
-        if (!e || !u64_of((rt_span){v.p + i, e - i}, &id))
-            return fail(REALM_E_INVALID_ARGUMENT, "\"prompt_tokens\" must be a list of token ids", NULL);
-        if (id >= (uint64_t)m->vocab)
-            return fail_n(REALM_E_INVALID_ARGUMENT, "prompt token ", (int64_t)(id > INT64_MAX ? INT64_MAX : id),
-                          " is outside the vocabulary of ", m->vocab);
-        if (n >= m->ctx) /* one more than fits: the count is known to be too many */
-            return fail_n(REALM_E_CONTEXT_OVERFLOW, "the prompt has more than ", n, " tokens; the context holds ", m->ctx);
-        out[n++] = (int32_t)id;
-        i = rt_json_ws(v.p, v.len, e);
-        if (i < v.len && v.p[i] == ',') i = rt_json_ws(v.p, v.len, i + 1);
-        else if (i >= v.len || v.p[i] != ']')
-            return fail(REALM_E_INVALID_ARGUMENT, "\"prompt_tokens\" must be a list of token ids", NULL);
-    }
+    uint64_t bad = 0;
+    int32_t n = id_array(v, (uint64_t)m->vocab, out, m->ctx, &bad);
+    if (n == -1) return fail(REALM_E_INVALID_ARGUMENT, "\"prompt_tokens\" must be a list of token ids", NULL);
+    if (n == -2)
+        return fail_n(REALM_E_INVALID_ARGUMENT, "prompt token ", (int64_t)(bad > INT64_MAX ? INT64_MAX : bad),
+                      " is outside the vocabulary of ", m->vocab);
+    if (n == -3) /* one more than fits: the count is known to be too many */
+        return fail_n(REALM_E_CONTEXT_OVERFLOW, "the prompt has more than ", m->ctx, " tokens; the context holds ", m->ctx);
     return prompt_checked(n, m);
 }
 
@@ -900,15 +905,16 @@ static int vocabulary_grow(vocabulary *v, size_t cap) {
     return 1;
 }
 
-static int32_t vocabulary_init(vocabulary *v, const model_ref *m) {
-    *v = (vocabulary){m, NULL, 0, 0, {0}};
-    if (!vocabulary_grow(v, 256)) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the vocabulary", NULL);
-    return 0;
-}
-
 static const known_token *vocabulary_full(int32_t *rc) {
     *rc = fail(REALM_E_LIMIT_EXCEEDED, "no memory for the vocabulary", NULL);
     return NULL;
+}
+
+static int32_t vocabulary_init(vocabulary *v, const model_ref *m) {
+    *v = (vocabulary){m, NULL, 0, 0, {0}};
+    int32_t rc = 0;
+    if (!vocabulary_grow(v, 256)) vocabulary_full(&rc);
+    return rc;
 }
 
 /* Token `token` (inside the vocabulary), asked of the host the first time; NULL with *rc set
