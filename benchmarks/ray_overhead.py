@@ -8,8 +8,8 @@ max_tokens 32, greedy), it reports p50 time to first token and p50 time per outp
 of each server, and the Ray path's ratio to the single process (target: at most 1.10 for
 time per output token). The servers take turns round after round and every figure is the
 median over the rounds, so a slow spell of a shared machine falls on both. The Ray path's
-extra hops per request: Ray's HTTP proxy, the ingress deployment, a DeploymentHandle
-stream from the replica (one Ray object per SSE chunk).
+extra hops: HAProxy for every request and every streamed chunk, RealmRouter's answer to
+HAProxy for each POST, the limits actor once per request.
 """
 
 from __future__ import annotations

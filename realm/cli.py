@@ -500,6 +500,8 @@ def _serve_on_ray(settings: ServerSettings, address: str | None, replicas: int |
     try:
         try:
             ray_serve.deploy(settings)
+        except ServiceUnavailable as e:
+            _fail(e)
         except (RayError, TimeoutError) as e:
             _fail(ServiceUnavailable(f"could not deploy on the Ray cluster: {type(e).__name__}: {e}"))
         where = f"cluster {ray.address}" if ray.address else "a local Ray cluster"

@@ -22,8 +22,11 @@ import torch
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 COMPILED_FIXTURES = {"smollm2_compiled", "gemma3_compiled"}
 
+from realm.server.settings import RAY_SERVE_ENVIRONMENT  # noqa: E402
+
 torch.set_num_threads(2)
 os.environ["REALM_COMPILE"] = "off"
+os.environ.update(RAY_SERVE_ENVIRONMENT)  # before a test module imports Ray Serve (test_ray.py)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,6 +1,6 @@
 """`realm serve --ray` end to end: a local Ray cluster (2 CPUs), Realm deployed on it with
-2 replicas of one thread each, the official `openai` client through Ray's HTTP proxy, the
-real models loaded on demand where Ray's multiplexing routes them.
+2 replicas of one thread each, the official `openai` client through Ray Serve's HAProxy
+ingress, the real models loaded on demand where Ray's multiplexing routes them.
 
 One cluster for the module (starting it is most of the time this file takes); the last
 test kills a replica mid-stream. Marked `ray`: `pytest -m "not ray"` leaves it out.
@@ -237,7 +237,8 @@ def test_a_replica_outside_the_limits_actor_keeps_to_its_own_limits(cluster):
 
 
 def test_a_replica_killed_mid_stream(cluster):
-    """Its stream ends with an error event; a stream on the other replica and new requests go on."""
+    """Its stream's connection is cut (an error, not a short answer); a stream on the other
+    replica and new requests go on."""
     victim_client = cluster.client("alpha")
     raw = victim_client.completions.with_raw_response.create(
         model=MODEL, prompt="Once upon a time", max_tokens=200, temperature=0, stream=True
@@ -255,7 +256,7 @@ def test_a_replica_killed_mid_stream(cluster):
     assert victim in _replica_ids()
     name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("#" + victim))
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    with pytest.raises(openai.APIError, match="replica serving this stream stopped"):
+    with pytest.raises((openai.APIError, httpx.TransportError)):
         for _ in doomed:
             pass
     other.join(timeout=120)

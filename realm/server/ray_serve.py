@@ -1,24 +1,29 @@
 """`realm serve --ray`: the same server over N replicas on a Ray cluster (Ray Serve).
 
-Two deployments. `RealmReplica` is a whole Realm host per replica: its own models,
-schedulers and guests, and the very app `realm serve` runs (`create_app`), which it runs
-in-process for each request it is given (asgi_call.py), so routes, keys, errors and SSE
-are the single server's. It loads models on demand: `@serve.multiplexed` by model name, so
-Ray routes a request to a replica that already holds its model and a replica past
-`max_loaded_models` drops its least recently used one (the host's own budget,
-max_loaded_mb, holds as well; a model with requests running is never dropped). `RealmIngress`
-takes every HTTP request on Ray's proxy, reads the body's `model` and hands the request to
-a replica through a DeploymentHandle with that model as the multiplexed id (the `openai`
-client sends the model in the body, where Ray's proxy does not look), then streams the
-replica's answer back.
+`RealmReplica` is a whole Realm host per replica: its own models, schedulers and guests,
+and the very app `realm serve` runs (`create_app`), so routes, keys, errors and SSE are
+the single server's. Ray Serve's HAProxy ingress sends each HTTP request straight to a
+replica's own HTTP server and streams the answer straight back: no Ray object per token,
+no Python process in between. For each POST, HAProxy first asks `RealmRouter` which
+replica to use, with the request's body: one that already holds the body's `model` (Ray's
+multiplexing, `@serve.multiplexed` by model name), else the least busy, which then loads
+it; a replica past `max_loaded_models` drops its least recently used model (the host's
+own budget, max_loaded_mb, holds as well; a model with requests running is never
+dropped). Other requests go to any replica.
 
 Tenants' limits hold across the cluster: one actor keeps them (cluster_limits.py, which
 also says what happens when it is unreachable). Guest and model paths in the config must
 exist at the same place on every node; catalogue models are fetched on each node.
 
-A replica that dies mid-stream ends that stream with an error event (503); Ray restarts
-it, and other streams and new requests go on on the other replicas. /metrics on the
-ingress merges every replica's metrics, each sample labelled with its `replica`.
+A replica that dies mid-stream cuts that stream's connection (the client sees an
+incomplete answer, an error in the `openai` client); Ray restarts it, and other streams
+and new requests go on on the other replicas. /metrics on any replica merges every
+replica's metrics, each sample labelled with its `replica`.
+
+HAProxy's ingress is an option of Ray Serve's, read from the environment
+(settings.RAY_SERVE_ENVIRONMENT) by each of the cluster's processes and by this one when
+they import Ray Serve: this module sets it before it imports Ray Serve, `connect` passes
+it to a cluster it starts, and docs/SCALING.md says how for a cluster an operator starts.
 
 Not `from __future__ import annotations` here: Ray's class-based FastAPI view reads the
 routes' parameter annotations as objects (a string `Request` would be a query parameter).
@@ -28,33 +33,38 @@ import json
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
-import ray
-from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
-from ray import serve
-from ray.exceptions import RayError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from realm.server.settings import RAY_SERVE_ENVIRONMENT, ServerSettings
 
-from realm.errors import InternalError, PayloadTooLarge, RealmError, ServiceUnavailable
-from realm.models.gguf_file import few_heap_arenas
-from realm.server.app import create_app, error_response
-from realm.server.asgi_call import HttpRequest, ResponseHead, call
-from realm.server.cluster_limits import RemoteQuota, start_limits_actor
-from realm.server.host import Host
-from realm.server.metrics import Metrics, merge_expositions
-from realm.server.off_loop import off_loop
-from realm.server.openai_format import Reply
-from realm.server.process import GIL_SWITCH_S
-from realm.server.routes import bearer_key
-from realm.server.settings import ServerSettings
+for _name, _value in RAY_SERVE_ENVIRONMENT.items():  # read by Ray Serve when it is imported
+    os.environ.setdefault(_name, _value)
+
+import ray  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import Response  # noqa: E402
+from ray import serve  # noqa: E402
+from ray.exceptions import RayError  # noqa: E402
+from ray.serve._private import constants as serve_constants  # noqa: E402
+from ray.serve.handle import DeploymentHandle  # noqa: E402
+from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
+
+from realm.errors import RealmError, ServiceUnavailable  # noqa: E402
+from realm.models.gguf_file import few_heap_arenas  # noqa: E402
+from realm.server.app import create_app, error_response  # noqa: E402
+from realm.server.cluster_limits import RemoteQuota, start_limits_actor  # noqa: E402
+from realm.server.host import Host  # noqa: E402
+from realm.server.metrics import Metrics, merge_expositions  # noqa: E402
+from realm.server.off_loop import off_loop  # noqa: E402
+from realm.server.process import GIL_SWITCH_S  # noqa: E402
+from realm.server.routes import bearer_key  # noqa: E402
 
 log = logging.getLogger("realm.server")
 
 APP_NAME = "realm"
+REPLICAS = "RealmReplica"  # the replicas' deployment
 REPLICA_HEADER = b"x-realm-replica"  # on every answer: the replica that gave it
+MODEL_HEADER = serve_constants.SERVE_MULTIPLEXED_MODEL_ID  # set by RealmRouter: the model it chose the replica for
 START_ATTEMPTS = 3  # on a machine too busy for Ray's health checks, its first HTTP proxy may be replaced
 MAX_MODEL_NAME = 256  # a longer `model` is no served name: the replica answers it (404)
 
@@ -66,8 +76,9 @@ def replica_settings(settings: ServerSettings) -> ServerSettings:
     return settings.model_copy(update={"preload": [], "threads": threads})
 
 
+@serve.ingress()
 class RealmReplica:
-    """One Realm host and its app, in one Ray replica."""
+    """One Realm host and its app, in one Ray replica, serving HTTP itself."""
 
     def __init__(self, settings: dict[str, Any], config_dir: str | None, limits: Any) -> None:
         sys.setswitchinterval(GIL_SWITCH_S)  # as `realm serve` does: see process.py
@@ -85,7 +96,7 @@ class RealmReplica:
                     self.settings.ray.limits_timeout_s,
                     on_fallback=self.metrics.limits_fallbacks.labels(tenant.name).inc,
                 )
-        self.app = create_app(self.settings, host=self.host)
+        self.api = create_app(self.settings, host=self.host)
         per_replica = self.settings.max_loaded_models or len(self.host.slots.slots)
 
         async def load(model_id: str) -> LoadedModel:  # a function: Ray keeps its model cache on it
@@ -93,6 +104,35 @@ class RealmReplica:
 
         self.load_model = serve.multiplexed(max_num_models_per_replica=per_replica)(load)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:  # uvicorn takes a bound method for ASGI 2
+            await self.serve_http(scope, receive, send)
+
+        return app
+
+    async def serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An HTTP request HAProxy sent here: /metrics over every replica; anything else to
+        the app, once the model RealmRouter chose this replica for is loaded."""
+        if scope["type"] != "http":
+            return await self.api(scope, receive, send)
+        request = Request(scope)
+        if scope["method"] == "GET" and scope["path"] == "/metrics":
+            return await (await self._all_metrics(request))(scope, receive, send)
+        model_id = request.headers.get(MODEL_HEADER)
+        if model_id and self._may_load(request, model_id):
+            try:
+                await self.load_model(model_id)
+            except RealmError:
+                pass  # the app answers the request with the same error, in its format
+        replica = self.replica_id.encode()
+
+        async def tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (REPLICA_HEADER, replica)]}
+            await send(message)
+
+        await self.api(scope, receive, tagged)
 
     async def _load(self, model_id: str) -> "LoadedModel":
         name = self._slot_name(model_id)
@@ -105,30 +145,33 @@ class RealmReplica:
         names = self.host.slots.names_for(model_id)
         return names[0] if names else None
 
-    def _may_load(self, request: HttpRequest, model_id: str) -> bool:
+    def _may_load(self, request: Request, model_id: str) -> bool:
         """Load the request's model before the app runs it only for a tenant that may use
         it: a refused request must not make a replica load (or drop) anything."""
         name = self._slot_name(model_id)
         if name is None:
             return False
         try:
-            tenant = self.host.tenant_for_key(bearer_key(Request({"type": "http", "headers": request.headers})))
+            tenant = self.host.tenant_for_key(bearer_key(request))
         except RealmError:
             return False
         return tenant.allowed(name)
 
-    async def handle(self, request: HttpRequest) -> AsyncIterator[ResponseHead | bytes]:
-        """Run `request` through this replica's app: the response's head, then its body."""
-        model_id = serve.get_multiplexed_model_id()
-        if model_id and self._may_load(request, model_id):
-            try:
-                await self.load_model(model_id)
-            except RealmError:
-                pass  # the app answers the request with the same error, in its format
-        async for part in call(self.app, request):
-            if isinstance(part, ResponseHead):
-                part.headers.append((REPLICA_HEADER, self.replica_id.encode()))
-            yield part
+    async def _all_metrics(self, request: Request) -> Response:
+        """Every replica's metrics in one exposition, each sample labelled `replica`."""
+        try:
+            key = bearer_key(request)
+            self.host.check_metrics_key(key)
+            replicas = serve.get_deployment_handle(REPLICAS, APP_NAME)
+            results = await replicas.broadcast("metrics_text", key).results_async(timeout_s=10)
+        except RealmError as e:
+            return error_response(e)
+        except RayError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, RealmError):
+                return error_response(cause)
+            return error_response(ServiceUnavailable(f"the replicas' metrics could not be read: {type(e).__name__}"))
+        return Response(merge_expositions(dict(results)), media_type=Metrics.content_type)
 
     async def metrics_text(self, key: str | None) -> tuple[str, bytes]:
         """This replica's Prometheus text, if `key` may read /metrics here."""
@@ -161,20 +204,6 @@ class LoadedModel:
             log.info("model %s stays loaded: %s", self.name, e)
 
 
-async def _rest(stream: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
-    """The rest of a streamed answer; a replica that dies mid-stream ends it with an error event."""
-    try:
-        async for chunk in stream:
-            if isinstance(chunk, bytes):
-                yield chunk
-    except RayError as e:
-        log.warning("a replica stopped mid-stream: %s", e)
-        for event in Reply.failure(ServiceUnavailable("the replica serving this stream stopped; retry the request")):
-            yield event
-    finally:
-        stream.cancel()  # a no-op once it has ended; stops the replica's generation if the client left
-
-
 def _model_of(body: bytes) -> str | None:
     """The `model` of a JSON request body, if it names one (the replica validates the rest)."""
     try:
@@ -185,68 +214,37 @@ def _model_of(body: bytes) -> str | None:
     return model if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_NAME else None
 
 
-# Above the class: Ray pickles the ingress class when it is decorated, with the module's
+# Above the class: Ray pickles the router class when it is decorated, with the module's
 # globals as they are then.
-ingress_app = FastAPI(title="Realm on Ray", docs_url=None, redoc_url=None, openapi_url=None)
+router_api = FastAPI(title="Realm's replica router", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-@serve.ingress(ingress_app)
-class RealmIngress:
-    """Every HTTP request of the cluster: routed to a replica that holds its model."""
+@serve.ingress(router_api)
+class RealmRouter:
+    """What HAProxy asks, with each POST's body, for the replica to send it to."""
 
-    def __init__(self, replicas: DeploymentHandle, max_body_bytes: int) -> None:
+    def __init__(self, replicas: DeploymentHandle) -> None:
         self.replicas = replicas
-        self.max_body_bytes = max_body_bytes
 
-    @ingress_app.get("/metrics")
-    async def metrics(self, request: Request) -> Response:
-        """Every replica's metrics in one exposition, each sample labelled `replica`."""
-        try:
-            key = bearer_key(request)
-            results = await self.replicas.broadcast("metrics_text", key).results_async(timeout_s=10)
-        except RealmError as e:
-            return error_response(e)
-        except RayError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, RealmError):
-                return error_response(cause)
-            return error_response(ServiceUnavailable(f"the replicas' metrics could not be read: {type(e).__name__}"))
-        merged = merge_expositions(dict(results))
-        return Response(merged, media_type=Metrics.content_type)
-
-    @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
-    async def forward(self, path: str, request: Request) -> Response:
-        too_large = PayloadTooLarge(
-            f"the request body is larger than this server's limit of {self.max_body_bytes} bytes"
-        )
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            return error_response(too_large)
-        body = await request.body()
-        if len(body) > self.max_body_bytes:
-            return error_response(too_large)
-        model = _model_of(body) if request.method == "POST" else None
-        handle = self.replicas.options(stream=True, multiplexed_model_id=model or "")
-        forwarded = HttpRequest(request.method, "/" + path, request.url.query.encode(), request.headers.raw, body)
-        stream = handle.handle.remote(forwarded)
-        assert isinstance(stream, DeploymentResponseGenerator)  # stream=True
-        try:
-            head = await anext(stream)
-        except (RayError, StopAsyncIteration) as e:
-            stream.cancel()
-            log.warning("no replica answered %s /%s: %s", request.method, path, e)
-            return error_response(ServiceUnavailable("no Realm replica could take this request now; retry shortly"))
-        if not isinstance(head, ResponseHead):
-            stream.cancel()
-            return error_response(InternalError("a replica's answer did not start with its status"))
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers if k.lower() != b"content-length"}
-        if (head.header("content-type") or "").startswith("text/event-stream"):
-            return StreamingResponse(_rest(stream), status_code=head.status, headers=headers)
-        try:
-            content = b"".join([chunk async for chunk in stream if isinstance(chunk, bytes)])
-        except RayError:
-            return error_response(ServiceUnavailable("the replica answering this request stopped; retry"))
-        return Response(content, status_code=head.status, headers=headers)
+    @router_api.post("/internal/route")
+    async def route(self, request: Request) -> dict[str, Any]:
+        """The replica (Ray's request router, by the body's model) and where it listens;
+        any answer but 200 and HAProxy picks a replica itself."""
+        model = _model_of(await request.body()) or ""
+        # _reserve=False: only pick a replica (the request itself goes through HAProxy);
+        # the pick is Ray's own, ordered by its multiplexing
+        async with self.replicas.options(multiplexed_model_id=model).choose_replica(_reserve=False) as chosen:
+            endpoint = chosen._replica.backend_http_endpoint
+            if endpoint is None:
+                raise ServiceUnavailable(f"replica {chosen.replica_id} has no HTTP server")
+            answer: dict[str, Any] = {
+                "host": endpoint[0],
+                "port": endpoint[1],
+                "replica_id": chosen._replica.replica_id.to_full_id_str(),
+            }
+        if model:
+            answer["request_headers"] = {MODEL_HEADER: model}
+        return answer
 
 
 # ---------------------------------------------------------------------------- deploying
@@ -254,7 +252,12 @@ class RealmIngress:
 
 def deploy(settings: ServerSettings) -> DeploymentHandle:
     """Deploy Realm on the Ray cluster this process is connected to (ray.init first), with
-    Ray's HTTP proxy on settings.host:settings.port. Returns the ingress's handle."""
+    HAProxy on settings.host:settings.port. Returns the replicas' handle."""
+    if not serve_constants.RAY_SERVE_ENABLE_HA_PROXY:
+        raise ServiceUnavailable(
+            "Ray Serve was imported before realm.server.ray_serve, without RAY_SERVE_ENABLE_HA_PROXY=1: "
+            "set it (and RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1) in the environment"
+        )
     r = settings.ray
     limits = start_limits_actor(settings.effective_tenants())
     replica_options: dict[str, Any] = {
@@ -271,10 +274,8 @@ def deploy(settings: ServerSettings) -> DeploymentHandle:
         replica_options["num_replicas"] = r.replicas
     dumped = settings.model_dump(mode="json")
     config_dir = str(settings.config_dir) if settings.config_dir is not None else None
-    replicas = serve.deployment(name="RealmReplica", **replica_options)(RealmReplica).bind(dumped, config_dir, limits)
-    ingress = serve.deployment(
-        name="RealmIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=r.max_ongoing_requests * 64
-    )(RealmIngress).bind(replicas, settings.max_body_bytes)
+    replicas = serve.deployment(name=REPLICAS, **replica_options)(RealmReplica).bind(dumped, config_dir, limits)
+    router = serve.deployment(name="RealmRouter", ray_actor_options={"num_cpus": 0})(RealmRouter).bind(replicas)
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             serve.start(http_options={"host": settings.host, "port": settings.port})
@@ -283,13 +284,15 @@ def deploy(settings: ServerSettings) -> DeploymentHandle:
             if attempt == START_ATTEMPTS:
                 raise
             log.warning("Ray Serve's HTTP proxy did not come up (%s); waiting for the next one", type(e).__name__)
-    return serve.run(ingress, name=APP_NAME, route_prefix="/")
+    # a hook of Ray Serve's own direct streaming (ray.serve.llm's, by the same name)
+    return serve.run(replicas._with_ingress_request_router(router), name=APP_NAME, route_prefix="/")
 
 
 def connect(settings: ServerSettings, *, num_cpus: int | None = None) -> None:
     """Join the cluster at settings.ray.address, or start a local one (`num_cpus` of this
     machine, default all). Replicas get this process's environment's Realm variables."""
     env = {k: v for k, v in os.environ.items() if k.startswith("REALM_") or k in ("GOMP_SPINCOUNT", "PYTHONPATH")}
+    env |= RAY_SERVE_ENVIRONMENT
     ray.init(
         address=settings.ray.address,
         num_cpus=None if settings.ray.address else num_cpus,

@@ -103,6 +103,12 @@ def _default_models() -> list[ModelSettings | str]:
     return [DEFAULT_MODEL]
 
 
+RAY_SERVE_ENVIRONMENT = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1"}
+"""What `realm serve --ray` needs of Ray Serve, read from the environment when Ray Serve is
+imported, by every process of the cluster: its HAProxy ingress, which asks Realm's router
+with each POST's body (realm/server/ray_serve.py)."""
+
+
 class RaySettings(_Strict):
     """`realm serve --ray`: how many Realm replicas, and where the cluster is."""
 
