@@ -20,20 +20,26 @@ def req(tenant: str, n: int) -> StepRequest:
 
 def test_decode_steps_all_run_before_prompt_pieces():
     waiting = [req("a", 100), req("b", 1), req("c", 1)]
-    plan = plan_round(waiting, budget=10)
+    plan = plan_round(waiting, budget=20)
     assert [(r.tenant, n) for r, n in plan] == [("b", 1), ("c", 1), ("a", 8)]
 
 
 def test_prompts_share_the_budget_round_robin_by_tenant():
     flood = [req("flood", 50) for _ in range(5)]
     polite = req("polite", 50)
-    plan = plan_round(flood + [polite], budget=120)
+    plan = plan_round(flood + [polite], budget=240)
     assert [(r.tenant, n) for r, n in plan] == [("flood", 50), ("polite", 50), ("flood", 20)]
 
 
 def test_long_prompt_is_split_across_rounds():
     long = req("a", 600)
     assert plan_round([long], budget=256) == [(long, 256)]
+
+
+def test_a_prompt_with_company_gets_half_the_budget():
+    """Others waiting keep rounds short; a prompt alone runs at the whole budget."""
+    long, step = req("a", 600), req("b", 1)
+    assert plan_round([long, step], budget=256) == [(step, 1), (long, 127)]
 
 
 def test_concurrent_sessions_are_batched_and_match_sequential(smollm2):
