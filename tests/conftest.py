@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
+from realm.server.settings import RAY_SERVE_ENVIRONMENT
+
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 COMPILED_FIXTURES = {"smollm2_compiled", "gemma3_compiled"}
-
-from realm.server.settings import RAY_SERVE_ENVIRONMENT  # noqa: E402
 
 torch.set_num_threads(2)
 os.environ["REALM_COMPILE"] = "off"

@@ -10,7 +10,7 @@ A long prompt runs a piece per round, so it never stalls everyone else's decodin
 round that runs anything besides one prompt takes half the budget, so that a step waits
 for short rounds only: on 2 cores (AMD EPYC, smollm2, benchmarks/flood.py) a round of 256
 prompt tokens takes ~0.3 s, and another tenant's request that arrived during a flood of 100
-got its first token after 0.37-0.69 s with whole-budget rounds, 0.22-0.26 s with half;
+got its first token after 0.37-0.69 s with whole-budget rounds, 0.26-0.37 s with half;
 the flood finished no later. A prompt alone keeps the whole budget (gemma3, a 2,300-token
 prompt at half the budget: 3.6 s instead of 2.9).
 
