@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import weakref
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,30 @@ def test_the_default_guest_holds_the_tokens_it_meets_not_the_vocabulary(runtime,
     assert greedy.tokens == expected.tokens and greedy.text == expected.text
     assert sampled.text == gemma3.tokenizer.decode(sampled.tokens, skip_special=True)
     assert used < 3 * 2**20, f"{used / 2**20:.1f} MiB"
+
+
+def test_a_sessions_last_logits_are_let_go_before_its_next_step(runtime, default_guest, monkeypatch):
+    """A step's row is a view of its whole round's logits (gemma3, 8 sequences: 8 MiB), kept
+    for realm_logprobs. Held into the session's next step, every round's buffer outlived the
+    next round's allocation: a server with 8 tenants streaming held 1.18 x one tenant's memory."""
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner, self.rows, self.held = inner, {}, []
+
+        def step(self, session, tokens, tenant="", allowed=None):
+            previous = self.rows.get(id(session))
+            self.held.append(previous is not None and previous() is not None)
+            row = self.inner.step(session, tokens, tenant, allowed)
+            self.rows[id(session)] = weakref.ref(row)
+            return row
+
+    recording = Recording(runtime.steps)
+    monkeypatch.setattr(runtime, "steps", recording)
+    with runtime.instance(default_guest, tenant="rows") as inst:
+        result = inst.generate(greedy_request(runtime, SMOL, "Once upon a time", 8))
+    assert result.tokens and len(recording.held) > 1
+    assert not any(recording.held)
 
 
 def test_the_first_constrained_request_is_not_charged_for_the_shared_grammar_tokenizer(runtime, default_guest, gemma3):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 from largest_logits import assert_largest_close
 
-from realm.engine.scheduler import BatchScheduler, StepRequest, plan_round
+from realm.engine.scheduler import BatchScheduler, StepRequest, _host_rows, plan_round
 
 
 class FakeSession:  # planning never touches the session
@@ -40,6 +41,18 @@ def test_a_prompt_with_company_gets_half_the_budget():
     """Others waiting keep rounds short; a prompt alone runs at the whole budget."""
     long, step = req("a", 600), req("b", 1)
     assert plan_round([long, step], budget=256) == [(step, 1), (long, 127)]
+
+
+def test_a_rounds_rows_reach_the_host_without_a_copy():
+    """On the CPU each finished request gets a view of the round's float32 logits; anything
+    else is converted to float32 rows once for the round."""
+    logits = torch.randn(3, 10)
+    rows = _host_rows([logits[i : i + 1] for i in range(3)])
+    assert all(np.shares_memory(row, logits.numpy()) for row in rows)
+    assert all(np.array_equal(row, logits[i].numpy()) for i, row in enumerate(rows))
+    half = logits.half()
+    rows = _host_rows([half[i : i + 1] for i in range(3)])
+    assert all(row.dtype == np.float32 and np.array_equal(row, half[i].float().numpy()) for i, row in enumerate(rows))
 
 
 def test_concurrent_sessions_are_batched_and_match_sequential(smollm2):

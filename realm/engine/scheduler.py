@@ -211,8 +211,16 @@ class BatchScheduler:
                 self._waiting.remove(r)
             waiting = len(self._waiting)
         if finished:
-            rows = torch.cat(last).float().cpu().numpy()
-            for r, row in zip(finished, rows):
+            for r, row in zip(finished, _host_rows(last)):
                 r.outcome.set_result(row)
         if self.observer is not None:
             self.observer(len(chunks), sum(n for _, n in plan), waiting)
+
+
+def _host_rows(last: list[torch.Tensor]) -> list[np.ndarray]:
+    """Each finished request's logits (1, vocab) as a float32 row in host memory: on the CPU
+    a view of the round's logits, with no copy (gemma3 at 8 sequences: 8 MiB a round that
+    would also stay fragmented in the heap); off it, one transfer for the whole round."""
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in last):
+        return [t[0].numpy() for t in last]
+    return list(torch.cat(last).float().cpu().numpy())

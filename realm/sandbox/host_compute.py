@@ -54,6 +54,9 @@ def forward(st: GuestState, caller: StoreContext, handle: int, ids: int, n: int,
     run = tokens(mem, ids, n, s.session.context_length)
     mask = step_mask(s)
     allowed = None if mask is None else allowed_tokens(mask, s.session.vocab_size)
+    # the last step's row is a view of its round's logits: let the round's buffer go before
+    # the next round makes another (gemma3 at 8 sequences: 8 MiB each)
+    s.last_logits = None
     out = st.host.steps.step(s.session, run, st.tenant, allowed)
     # realm_logprobs reports the model's own distribution, not what the guest's steering made of it
     s.last_logits = out.copy() if mask is not None or s.bias is not None else out
