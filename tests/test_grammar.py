@@ -12,6 +12,7 @@ import pytest
 import torch
 from sandbox_helpers import greedy_request, make_runtime
 
+from realm.backends import native
 from realm.engine.grammar import ACCEPTING, DONE, GrammarCache, apply_mask, compile_grammar
 from realm.engine.sampling import SamplingParams
 from realm.errors import InvalidArgument, NotFound
@@ -69,9 +70,14 @@ def test_a_random_walk_through_the_mask_always_gives_valid_json(name, smollm2, g
         assert set(value) == {"name", "age"} and len(value["name"]) <= 12 and 0 <= value["age"] <= 120
 
 
+@pytest.mark.parametrize("native_kernel", [True, False], ids=["native", "numpy"])
 @pytest.mark.parametrize("allowed_share", [0.001, 0.05, 0.5, 0.999])
 @pytest.mark.parametrize("vocab", [49152, 262144, 1000, 33])
-def test_a_mask_forbids_exactly_the_tokens_whose_bit_is_clear(vocab: int, allowed_share: float) -> None:
+def test_a_mask_forbids_exactly_the_tokens_whose_bit_is_clear(
+    vocab: int, allowed_share: float, native_kernel: bool, monkeypatch
+) -> None:
+    if not native_kernel:  # as without the native library
+        monkeypatch.setattr(native, "mask_logits", lambda logits, mask: False)
     rng = np.random.default_rng(vocab)
     allowed = rng.random(vocab) < allowed_share
     mask = np.packbits(np.pad(allowed, (0, -vocab % 32)), bitorder="little").view(np.uint32)

@@ -1,5 +1,6 @@
 """Realm's own CPU kernels (realm/backends/quantized_gemm.cpp) against the arithmetic they
-claim: activations rounded to int8 per block of 32, exact integer sums, float16 scales.
+claim: activations rounded to int8 per block of 32, exact integer sums, float16 scales;
+and the token mask (token_mask.cpp) against NumPy's select.
 
 Every instruction-set body is checked on this machine: the library picks one when it
 loads, so the AVX2 and plain C++ bodies run in child processes with REALM_KERNEL_ISA."""
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
@@ -18,6 +20,7 @@ from test_quants import COLS, ROWS, random_blocks
 
 from realm.backends import native
 from realm.backends.linear import Int4Linear, NativeInt4Linear, NativeInt8Linear, pack_for_cpu
+from realm.errors import InternalError
 from realm.models.quants import dequantize, int4_planes
 
 pytestmark = pytest.mark.skipif(not native.load(), reason="the native kernel is not built (make setup builds it)")
@@ -59,6 +62,21 @@ def check_kernels(seed: int = 0) -> float:
     return worst
 
 
+def mask_agrees(seed: int = 0) -> bool:
+    """Whether the native mask forbids exactly the tokens whose bit is clear, over vocabularies
+    of whole words and not, and masks that allow almost nothing, half and almost everything."""
+    rng = np.random.default_rng(seed)
+    for vocab in (33, 1000, 49152, 262144):
+        for share in (0.001, 0.5, 0.999):
+            allowed = rng.random(vocab) < share
+            mask = np.packbits(np.pad(allowed, (0, -vocab % 32)), bitorder="little").view(np.uint32).copy()
+            logits = rng.standard_normal(vocab).astype(np.float32)
+            want = np.where(allowed, logits, np.float32(-np.inf))
+            if not native.mask_logits(logits, mask) or not np.array_equal(logits, want):
+                return False
+    return True
+
+
 def test_the_kernels_compute_the_rounded_product() -> None:
     """Only float32 accumulation separates the kernel from the float64 product of the same
     rounded numbers."""
@@ -70,7 +88,7 @@ def test_every_instruction_set_body_computes_the_same(isa: str) -> None:
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch; "
         "from realm.backends import native; native.load(); import test_native as t; "
-        "print(torch.ops.realm.isa(), t.check_kernels())"
+        "print(torch.ops.realm.isa(), t.check_kernels(), t.mask_agrees())"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
@@ -80,8 +98,14 @@ def test_every_instruction_set_body_computes_the_same(isa: str) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    name, worst = done.stdout.split()
-    assert name == isa and float(worst) <= 1e-5
+    name, worst, masks = done.stdout.split()
+    assert name == isa and float(worst) <= 1e-5 and masks == "True"
+
+
+def test_the_token_mask_forbids_exactly_the_clear_bits() -> None:
+    assert mask_agrees()
+    with pytest.raises(InternalError, match="does not cover"):
+        native.mask_logits(np.zeros(65, np.float32), np.zeros(2, np.uint32))
 
 
 def test_a_rows_product_is_the_same_in_any_batch() -> None:

@@ -19,6 +19,7 @@ PyTorch's kernels; REALM_KERNEL_ISA=avx2 or =scalar caps the instructions used.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import logging
@@ -30,6 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from realm.errors import InternalError, ModelFormatError
@@ -44,7 +46,10 @@ GROUP = 16
 SOURCE = Path(__file__).with_name("quantized_gemm.cpp")
 SOURCES = (
     SOURCE,
-    *(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "file_rows.cpp", "compiled_runner.cpp")),
+    *(
+        Path(__file__).with_name(name)
+        for name in ("paged_attention.cpp", "file_rows.cpp", "compiled_runner.cpp", "token_mask.cpp")
+    ),
 )
 HEADERS = (Path(__file__).with_name("kernel_isa.h"),)
 LIBRARY = "librealm_quantized_gemm.so"
@@ -229,6 +234,34 @@ def read_rows(tensor: TensorData, ids: torch.Tensor) -> torch.Tensor:
     except RuntimeError as e:
         raise ModelFormatError(str(e).splitlines()[0]) from e
     return tensor.decode(raw.numpy())
+
+
+@functools.cache
+def _c_functions() -> ctypes.CDLL | None:
+    """The library's plain C functions (token_mask.cpp), where it is loaded."""
+    path = library_path() if load() else None
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.realm_mask_logits.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.realm_mask_logits.restype = None
+    return lib
+
+
+def mask_logits(logits: np.ndarray, mask: np.ndarray) -> bool:
+    """Sets the logits (vocab,) float32 of the tokens a bitmask (words,) uint32 forbids to
+    -inf, in place, in one pass (token_mask.cpp): gemma3's 262k logits under the schema
+    suite's masks in ~0.03 ms, where NumPy took 0.17 on average and 1 ms on a mask that
+    forbids scattered tokens. False, having done nothing, where the library is not loaded."""
+    lib = _c_functions()
+    if lib is None:
+        return False
+    if logits.dtype != np.float32 or not logits.flags.c_contiguous or not logits.flags.writeable:
+        raise InternalError("mask_logits needs a writable, contiguous float32 row")
+    if mask.dtype != np.uint32 or not mask.flags.c_contiguous or mask.size * 32 < logits.size:
+        raise InternalError(f"a mask of {mask.size} uint32 words does not cover {logits.size} logits")
+    lib.realm_mask_logits(logits.ctypes.data, mask.ctypes.data, logits.size)
+    return True
 
 
 def isa() -> str:

@@ -29,6 +29,7 @@ import llguidance as llg
 import numpy as np
 import torch
 
+from realm.backends import native
 from realm.errors import InvalidArgument
 from realm.models.tokenizer import Tokenizer
 
@@ -95,9 +96,12 @@ def allowed_tokens(mask: np.ndarray, vocab_size: int) -> torch.Tensor:
 
 def apply_mask(mask: np.ndarray, logits: np.ndarray) -> None:
     """Sets the logits (vocab,) float32 of the tokens a bitmask (words,) uint32 forbids to
-    -inf, in place. A grammar mostly allows a few hundred tokens of a vocabulary: then the
-    row is filled and the allowed logits put back (gemma3, 300 allowed of 262,144: 0.06 ms
+    -inf, in place: in one pass of Realm's native library where it is loaded, else in NumPy.
+    There a grammar mostly allows a few hundred tokens of a vocabulary: then the row is
+    filled and the allowed logits put back (gemma3, 300 allowed of 262,144: 0.06 ms
     against 0.13 for np.copyto with `where`, which stays for masks that allow many)."""
+    if native.mask_logits(logits, mask):
+        return
     words = np.flatnonzero(mask)
     if words.size * 8 >= mask.size:
         np.copyto(logits, np.float32(-np.inf), where=~allowed_tokens(mask, logits.size).numpy())
