@@ -16,9 +16,10 @@ The anchor is one `llama-server -np N` (N parallel slots: continuous batching in
 process; N the most clients), with its prompt cache off (`cache_prompt: false`) unless
 `--llama-prompt-cache`: the clients repeat 8 prompts, which a prefix cache answers
 without a prefill, and Realm has none. The second table is llama.cpp with one `llama-server`
-process per tenant (the isolation a user would otherwise buy). First, `realm bench`
-measures the engine alone at batch 1, so that the per-token cost of the guest, the
-scheduler and the HTTP path over it shows as one ratio.
+process per tenant (the isolation a user would otherwise buy). Before each of Realm's
+rounds, `realm bench` measures the engine alone at batch 1, so that the per-token cost of
+the guest, the scheduler and the HTTP path over it shows as one ratio (per round, then
+the median).
 """
 
 from __future__ import annotations
@@ -172,15 +173,18 @@ def batch_stats(base: str) -> tuple[float, float]:
     return total, count
 
 
-def run_phases(name: str, targets, model: str, pids_for, args) -> list[dict]:
+def run_phases(name: str, targets, model: str, pids_for, args, before_round=None) -> list[dict]:
     """Every client count once per round, the counts taking turns round after round, so
-    that a slow spell of the machine falls on all of them rather than on one."""
+    that a slow spell of the machine falls on all of them rather than on one;
+    `before_round()` runs at the start of each round, the server idle."""
     rows = []
     realm = name == "realm"
     # Realm has no prompt cache; llama-server reuses a slot's cached prefix unless told not to
     fields = {} if realm or args.llama_prompt_cache else {"cache_prompt": False}
     asyncio.run(phase(targets, model, 1, 1, 8, fields))  # warm up (first-request costs)
     for round_ in range(args.rounds):
+        if before_round is not None:
+            before_round()
         for clients in args.clients:
             before = batch_stats(targets[0][0]) if realm else (0.0, 0.0)
             with PeakRSS(pids_for(clients)) as peak:
@@ -233,11 +237,13 @@ def start_realm(
     return proc, [(base, k) for k in keys.values()]
 
 
-def realm_bench(model: str, threads: int | None, runs: int) -> dict:
-    """The engine alone at batch 1 (`realm bench`, compiled step): the median decode speed of
-    `runs` runs, each in a process of its own. A median, as the server's figures are medians
-    over rounds: `realm bench`'s own best of several is biased upward on a noisy machine, by
-    as much as the path overhead it is compared with."""
+def realm_bench(model: str, threads: int | None) -> dict:
+    """The engine alone at batch 1 (`realm bench`, compiled step, one run in a process of
+    its own). One run before each round of the server's, the server idle meanwhile, so
+    that the two share the machine's slow and fast spells: run all before the server, the
+    path overhead read anywhere from -12% to +36% on one noisy machine within an hour.
+    Not `realm bench`'s best of several, which is biased upward on a noisy machine by as
+    much as the overhead it is compared with."""
     cmd = [
         sys.executable,
         "-m",
@@ -256,11 +262,8 @@ def realm_bench(model: str, threads: int | None, runs: int) -> dict:
         "1",
     ]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    results = []
-    for _ in range(runs):
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO, env=env)
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return {**results[0], "decode_tok_s": statistics.median(r["decode_tok_s"] for r in results)}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def serve_llama(bin_dir: Path, model_path: Path, processes: int, slots: int, args, work: Path, name: str) -> list[dict]:
@@ -315,22 +318,27 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "realm.cli", "compile", args.model], check=True, cwd=REPO)
     results: dict = {"model": args.model, "cpu": cpu_model(), "max_tokens": args.max_tokens, "rows": []}
     print(cpu_model(), flush=True)
-    engine = realm_bench(args.model, args.threads, args.rounds)
-    results["realm_bench_decode_tok_s"] = engine["decode_tok_s"]
-    print(
-        f"realm bench (engine alone, batch 1, median of {args.rounds} runs): decode {engine['decode_tok_s']:.1f} tok/s "
-        f"({1000 / engine['decode_tok_s']:.1f} ms a token, {engine['decode_step']} step)",
-        flush=True,
-    )
+    engine_runs: list[dict] = []
+
+    def bench_engine() -> None:
+        engine_runs.append(realm_bench(args.model, args.threads))
+        run = engine_runs[-1]
+        print(
+            f"  realm bench (engine alone, batch 1): decode {run['decode_tok_s']:.1f} tok/s "
+            f"({1000 / run['decode_tok_s']:.1f} ms a token, {run['decode_step']} step)",
+            flush=True,
+        )
+
     with tempfile.TemporaryDirectory(prefix="realm-bench-") as tmp:
         work = Path(tmp)
         print(f"Realm: one server, {tenants} tenants, model {args.model}", flush=True)
         proc, targets = start_realm(model_path, tenants, args.threads, work)
         try:
             wait_healthy([targets[0][0]], [proc], 600)
-            results["rows"] += run_phases("realm", targets, "bench", lambda n: [proc.pid], args)
+            results["rows"] += run_phases("realm", targets, "bench", lambda n: [proc.pid], args, bench_engine)
         finally:
             stop([proc])
+        results["realm_bench_decode_tok_s"] = [r["decode_tok_s"] for r in engine_runs]
         if not args.no_llama:
             bin_dir = llama_bin(args.llama_bin)
             print(f"llama.cpp: one llama-server -np {tenants} (-t {args.llama_threads})", flush=True)
@@ -350,10 +358,13 @@ def main() -> None:
             f"RSS {m['rss_mib']:.0f} MiB"
         )
     print("ratios")
-    if ("realm", 1) in by:
-        overhead = by[("realm", 1)]["tpot_p50_ms"] / (1000 / engine["decode_tok_s"]) - 1
+    if 1 in args.clients:
+        lone = [r for r in results["rows"] if r["server"] == "realm" and r["clients"] == 1]
+        per_round = [r["tpot_p50_ms"] * e["decode_tok_s"] / 1000 - 1 for r, e in zip(lone, engine_runs)]
+        overhead = statistics.median(per_round)
         results["path_overhead"] = overhead
-        print(f"  realm, 1 client: time per token over realm bench's: {overhead:+.0%}")
+        rounds = ", ".join(f"{x:+.0%}" for x in per_round)
+        print(f"  realm, 1 client: time per token over realm bench's: {overhead:+.0%} (rounds: {rounds})")
     servers = sorted({s for s, _ in by})
     for server in servers:
         if (server, lo) in by and (server, hi) in by:
