@@ -25,21 +25,14 @@ inline void mask_word(float* row, uint32_t bits, int64_t count) {
   }
 }
 
-void mask_portable(float* logits, const uint32_t* mask, int64_t words) {
+// Inlined into each caller, so that it is compiled for the caller's instructions.
+__attribute__((always_inline)) inline void mask_words(float* logits, const uint32_t* mask, int64_t words) {
   for (int64_t w = 0; w < words; ++w)
     if (mask[w] != 0xFFFFFFFFu) mask_word(logits + 32 * w, mask[w], 32);
 }
 
 __attribute__((target("avx2"))) void mask_avx2(float* logits, const uint32_t* mask, int64_t words) {
-  for (int64_t w = 0; w < words; ++w) {
-    const uint32_t bits = mask[w];
-    if (bits == 0xFFFFFFFFu) continue;
-    float* row = logits + 32 * w;
-    for (int j = 0; j < 32; ++j) {
-      const float v = row[j];
-      row[j] = (bits >> j) & 1u ? v : kForbidden;
-    }
-  }
+  mask_words(logits, mask, words);
 }
 
 __attribute__((target("avx512f"))) void mask_avx512(float* logits, const uint32_t* mask, int64_t words) {
@@ -67,7 +60,7 @@ extern "C" void realm_mask_logits(float* logits, const uint32_t* mask, int64_t n
       mask_avx2(logits, mask, words);
       break;
     default:
-      mask_portable(logits, mask, words);
+      mask_words(logits, mask, words);
   }
   if (n % 32) mask_word(logits + 32 * words, mask[words], n % 32);
 }
