@@ -449,10 +449,9 @@ def serve(
     import logging
     import os
 
-    # Before torch loads libgomp, which reads it once: compute threads idle between rounds
-    # spin this long before they sleep. libgomp's default (300000) keeps the cores busy
-    # while the guests sample their next tokens; see docs/SERVING.md.
-    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+    from realm.settings import SERVING_SPIN_COUNT
+
+    os.environ.setdefault("GOMP_SPINCOUNT", SERVING_SPIN_COUNT)  # before torch loads libgomp
     from realm.server.settings import load_settings
 
     overrides = {"host": host, "port": port, "models": model or None, "backend": backend, "threads": threads}

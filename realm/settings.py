@@ -31,6 +31,12 @@ ENV_VARS: Mapping[str, str] = {
 }
 """Setting -> the environment variable that sets it."""
 
+SERVING_SPIN_COUNT = "20000"
+"""GOMP_SPINCOUNT for `realm serve` (unless its environment sets it), set before torch loads
+libgomp, which reads it once: how long an idle compute thread spins before it sleeps.
+libgomp's default (300000) keeps the cores busy while the guests sample their next tokens
+between rounds; see docs/SERVING.md."""
+
 _COMPILE_WORDS = {"1": "auto", "on": "auto", "0": "off", "false": "off", "no": "off"}
 
 
