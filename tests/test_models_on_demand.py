@@ -7,6 +7,7 @@ and holds one at a time (max_loaded_models = 1)."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -161,6 +162,22 @@ def test_a_model_over_the_memory_budget_is_refused_clearly(smollm2_path):
             host.slots.get(MODEL)
     finally:
         host.close()
+
+
+def test_a_loaded_model_is_left_out_of_the_garbage_collectors_full_scans(smollm2_path):
+    """A full collection over a loaded model's long-lived objects held the GIL ~110 ms
+    (gemma3); they are frozen once the load ends, and a freed model's are collected."""
+    host = Host(ServerSettings(backend="cpu", models=[MODEL], preload=[]), Metrics(), progress=False)
+    host.load()
+    try:
+        gc.unfreeze()
+        host.slots.load(MODEL)
+        assert gc.get_freeze_count() > 10 * len(gc.get_objects())
+        host.slots.unload(MODEL)
+        assert gc.get_freeze_count() > 10 * len(gc.get_objects())
+    finally:
+        host.close()
+        gc.unfreeze()
 
 
 def test_preload_is_checked_against_max_loaded_models():

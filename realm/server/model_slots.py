@@ -16,6 +16,7 @@ swaps them.
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import threading
@@ -153,6 +154,7 @@ class ModelSlots:
             self.loaded = {**self.loaded, slot.name: entry}
         for notify in self.on_load:
             notify(slot.name, entry)
+        _settle_heap()
         log.info(
             "model %s loaded in %.1f s (sha256 %s, %s)",
             slot.name,
@@ -219,6 +221,7 @@ class ModelSlots:
         self.metrics.unserve(name)
         if self.store is not None:
             self.store.release(entry.id)
+        _settle_heap()
 
     # ------------------------------------------------------------------------- requests
 
@@ -253,6 +256,18 @@ class ModelSlots:
                     )
                 )
             return out
+
+
+def _settle_heap() -> None:
+    """Collect the cyclic garbage now and freeze what is left out of later collections. A
+    loaded model leaves ~220k long-lived Python objects (gemma3 with llguidance's view of
+    its tokenizer), and a full collection over them held the GIL 110-123 ms, stalling every
+    guest and the event loop; frozen, 0 ms. Run after a model is loaded or freed (thawed
+    first, so that a freed model's cycles are collected too): ~0.1 s of a load that takes
+    seconds. Ray Serve freezes its replicas' start-up objects the same way."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def unloaded_card(name: str, sha256: str) -> dict[str, Any]:
