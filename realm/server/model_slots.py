@@ -205,6 +205,7 @@ class ModelSlots:
                     )
                 detached = self._detach(name)
             self._free(name, *detached)
+            _settle_heap()
         log.info("model %s unloaded", name)
 
     def _detach(self, name: str) -> tuple[StoredModel, BatchScheduler]:
@@ -221,7 +222,6 @@ class ModelSlots:
         self.metrics.unserve(name)
         if self.store is not None:
             self.store.release(entry.id)
-        _settle_heap()
 
     # ------------------------------------------------------------------------- requests
 
@@ -262,9 +262,10 @@ def _settle_heap() -> None:
     """Collect the cyclic garbage now and freeze what is left out of later collections. A
     loaded model leaves ~220k long-lived Python objects (gemma3 with llguidance's view of
     its tokenizer), and a full collection over them held the GIL 110-123 ms, stalling every
-    guest and the event loop; frozen, 0 ms. Run after a model is loaded or freed (thawed
-    first, so that a freed model's cycles are collected too): ~0.1 s of a load that takes
-    seconds. Ray Serve freezes its replicas' start-up objects the same way."""
+    guest and the event loop; frozen, 0 ms. Run after a model is loaded or unloaded (thawed
+    first, so that a freed model's cycles are collected too; the models a load unloads to
+    make room are collected by the load's own call): ~0.1 s of a load that takes seconds.
+    Ray Serve freezes its replicas' start-up objects the same way."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()
