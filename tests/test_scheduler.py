@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from largest_logits import assert_largest_close
 
+from realm.engine import scheduler as scheduler_module
 from realm.engine.scheduler import BatchScheduler, StepRequest, _host_rows, plan_round
 
 
@@ -90,6 +91,26 @@ def test_concurrent_sessions_are_batched_and_match_sequential(smollm2):
     for (_, alone), (_, batched) in zip(sequential, results):
         assert_largest_close(batched, alone, atol=0.5)
     assert max(batch_sizes) > 1
+
+
+def test_an_idle_runner_thread_ends_and_the_next_step_starts_another(smollm2, monkeypatch):
+    """An idle model's runner must not live on: its OpenMP team would slow every other
+    model's steps (RUNNER_IDLE_S)."""
+    monkeypatch.setattr(scheduler_module, "RUNNER_IDLE_S", 0.05)
+    scheduler = BatchScheduler(smollm2.transformer)
+    ids = smollm2.encode_prompt("Once upon a time")
+    assert scheduler._thread is None
+    first = scheduler.step(smollm2.new_session(), ids)
+    runner = scheduler._thread
+    assert runner is not None
+    runner.join(timeout=5)
+    assert not runner.is_alive() and scheduler._thread is None
+    again = scheduler.step(smollm2.new_session(), ids)
+    second = scheduler._thread
+    assert second is not None and second is not runner
+    scheduler.close()
+    assert not second.is_alive()
+    np.testing.assert_array_equal(first, again)
 
 
 def test_batched_decode_across_a_sliding_window_matches_one_at_a_time(tmp_path, cpu_backend):

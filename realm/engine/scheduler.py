@@ -109,6 +109,19 @@ def plan_round(waiting: Sequence[StepRequest], budget: int) -> list[tuple[StepRe
     return plan
 
 
+RUNNER_IDLE_S = 0.25
+"""How long a model's runner thread waits for a step before it ends; the next step starts
+a new one (a fraction of a millisecond). A thread that has run a parallel PyTorch operation
+keeps an OpenMP team of its own while it lives, and once a process holds more OpenMP
+threads than cores, libgomp stops spinning at its barriers (GOMP_SPINCOUNT no longer
+applies): every parallel region then puts its threads to sleep and wakes them again. So an
+idle model's runner that lived on would slow every other model's steps. Measured
+(benchmarks/two_models.py, AMD EPYC, 2 cores, one streaming client): with smollm2 and
+gemma3 loaded, smollm2 decoded at 8-9 ms a token until gemma3 had served one request, then
+at 17-27 ms for as long as the server ran; with this, at 8-9 ms again. Two models decoding
+at once still share the cores (each thread's team is then both needed and throttled), and
+do better so than one after the other on a single thread (x1.45 their tokens/s together)."""
+
 StepObserver = Callable[[int, int, int], None]
 """Called after each batched call with (sequences, tokens, requests still waiting)."""
 
@@ -133,8 +146,7 @@ class BatchScheduler:
         self._waiting: list[StepRequest] = []
         self._wake = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="realm-model-runner", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # the runner, while it has steps to run
 
     def step(
         self, session: Session, tokens: Sequence[int], tenant: str = "", allowed: torch.Tensor | None = None
@@ -149,6 +161,9 @@ class BatchScheduler:
             if self._closed:
                 raise InternalError("the model runner has shut down")
             self._waiting.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="realm-model-runner", daemon=True)
+                self._thread.start()
             self._wake.notify()
         return request.outcome.result()
 
@@ -161,14 +176,18 @@ class BatchScheduler:
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join(timeout=10)
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=10)
 
     def _run(self) -> None:
         previous: set[int] = set()  # sessions whose step finished last round: likely back soon
         while True:
             with self._wake:
                 while not self._waiting and not self._closed:
-                    self._wake.wait()
+                    if not self._wake.wait(RUNNER_IDLE_S) and not self._waiting:
+                        self._thread = None  # the next step starts another
+                        return
                 if previous and self.gather_s > 0:
                     deadline = time.monotonic() + self.gather_s
                     while not self._closed and not previous <= {id(r.session) for r in self._waiting}:
