@@ -8,6 +8,7 @@ test kills a replica mid-stream. Marked `ray`: `pytest -m "not ray"` leaves it o
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import signal
 import socket
@@ -23,6 +24,7 @@ import ray
 import torch
 from ray import serve
 from ray.exceptions import RayActorError
+from starlette.requests import Request
 from test_server import KEYS, MODEL, QUESTION, TRAP_WAT, metric, streamed_text
 from typer.testing import CliRunner
 
@@ -177,6 +179,24 @@ def test_a_guest_trap_in_a_replica_is_a_502_and_the_replica_serves_on(cluster):
         cluster.complete("trap", MODEL)
     assert trapped.value.status_code == 502
     assert cluster.complete("alpha", MODEL)[0]
+
+
+@pytest.mark.parametrize(("size", "read"), [(100, True), (1000, True), (1001, False)])
+def test_the_router_reads_a_body_only_up_to_the_servers_limit(size, read):
+    body = b'{"model": "m", "prompt": "' + b"x" * (size - 28) + b'"}'
+    assert len(body) == size
+    parts = [body[i : i + 64] for i in range(0, size, 64)]
+    sent = 0
+
+    async def receive() -> dict:
+        nonlocal sent
+        sent += 1
+        return {"type": "http.request", "body": parts[sent - 1], "more_body": sent < len(parts)}
+
+    request = Request({"type": "http", "method": "POST", "path": "/internal/route", "headers": []}, receive)
+    got = asyncio.run(ray_serve.bounded_body(request, 1000))
+    assert got == (body if read else b"")
+    assert sent == len(parts) if read else sent == 1000 // 64 + 1  # stopped at the first part past the limit
 
 
 def test_ray_options_go_with_ray():

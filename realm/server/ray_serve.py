@@ -214,6 +214,19 @@ def _model_of(body: bytes) -> str | None:
     return model if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_NAME else None
 
 
+async def bounded_body(request: Request, limit: int) -> bytes:
+    """The request's body, or nothing once it is longer than `limit`: a replica refuses such
+    a request (413) wherever it goes, so the router need not read or parse it. (HAProxy
+    sends at most RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE of it, 8 MiB by default.)"""
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            return b""
+        parts.append(part)
+    return b"".join(parts)
+
+
 # Above the class: Ray pickles the router class when it is decorated, with the module's
 # globals as they are then.
 router_api = FastAPI(title="Realm's replica router", docs_url=None, redoc_url=None, openapi_url=None)
@@ -223,14 +236,15 @@ router_api = FastAPI(title="Realm's replica router", docs_url=None, redoc_url=No
 class RealmRouter:
     """What HAProxy asks, with each POST's body, for the replica to send it to."""
 
-    def __init__(self, replicas: DeploymentHandle) -> None:
+    def __init__(self, replicas: DeploymentHandle, max_body_bytes: int) -> None:
         self.replicas = replicas
+        self.max_body_bytes = max_body_bytes
 
     @router_api.post("/internal/route")
     async def route(self, request: Request) -> dict[str, Any]:
         """The replica (Ray's request router, by the body's model) and where it listens;
         any answer but 200 and HAProxy picks a replica itself."""
-        model = _model_of(await request.body()) or ""
+        model = _model_of(await bounded_body(request, self.max_body_bytes)) or ""
         # _reserve=False: only pick a replica (the request itself goes through HAProxy);
         # the pick is Ray's own, ordered by its multiplexing
         async with self.replicas.options(multiplexed_model_id=model).choose_replica(_reserve=False) as chosen:
@@ -275,7 +289,8 @@ def deploy(settings: ServerSettings) -> DeploymentHandle:
     dumped = settings.model_dump(mode="json")
     config_dir = str(settings.config_dir) if settings.config_dir is not None else None
     replicas = serve.deployment(name=REPLICAS, **replica_options)(RealmReplica).bind(dumped, config_dir, limits)
-    router = serve.deployment(name="RealmRouter", ray_actor_options={"num_cpus": 0})(RealmRouter).bind(replicas)
+    router_deployment = serve.deployment(name="RealmRouter", ray_actor_options={"num_cpus": 0})(RealmRouter)
+    router = router_deployment.bind(replicas, settings.max_body_bytes)
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             serve.start(http_options={"host": settings.host, "port": settings.port})
