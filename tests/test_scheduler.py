@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import torch
@@ -111,6 +112,22 @@ def test_an_idle_runner_thread_ends_and_the_next_step_starts_another(smollm2, mo
     scheduler.close()
     assert not second.is_alive()
     np.testing.assert_array_equal(first, again)
+
+
+def test_a_round_does_not_wait_for_a_session_that_has_ended(smollm2):
+    """The previous round's sessions are waited for (gather_s), but not once they are gone:
+    a finished request's session never sends another step."""
+    scheduler = BatchScheduler(smollm2.transformer, gather_s=2.0)
+    ids = smollm2.encode_prompt("Once upon a time")
+    try:
+        ended = smollm2.new_session()
+        scheduler.step(ended, ids)
+        del ended
+        started = time.perf_counter()
+        scheduler.step(smollm2.new_session(), ids)
+        assert time.perf_counter() - started < 1.0
+    finally:
+        scheduler.close()
 
 
 def test_batched_decode_across_a_sliding_window_matches_one_at_a_time(tmp_path, cpu_backend):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ class BatchScheduler:
         self._wake = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None  # the runner, while it has steps to run
+        self._watched: weakref.WeakSet[Session] = weakref.WeakSet()  # sessions whose end wakes the runner
 
     def step(
         self, session: Session, tokens: Sequence[int], tenant: str = "", allowed: torch.Tensor | None = None
@@ -181,7 +183,8 @@ class BatchScheduler:
             thread.join(timeout=10)
 
     def _run(self) -> None:
-        previous: set[int] = set()  # sessions whose step finished last round: likely back soon
+        # sessions whose step finished last round: likely back soon, unless they have ended
+        previous: weakref.WeakSet[Session] = weakref.WeakSet()
         while True:
             with self._wake:
                 while not self._waiting and not self._closed:
@@ -190,7 +193,7 @@ class BatchScheduler:
                         return
                 if previous and self.gather_s > 0:
                     deadline = time.monotonic() + self.gather_s
-                    while not self._closed and not previous <= {id(r.session) for r in self._waiting}:
+                    while not self._closed and not self._all_back(previous):
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
@@ -200,9 +203,27 @@ class BatchScheduler:
                         r.outcome.set_exception(InternalError("the model runner has shut down"))
                     return
                 plan = plan_round(self._waiting, self.max_batch_tokens)
-            previous = {id(r.session) for r, n in plan if r.remaining == n}
+            previous = weakref.WeakSet(r.session for r, n in plan if r.remaining == n)
+            self._watch(previous)  # in a call of its own: no loop variable left holding a session
             self._run_round(plan)
             del plan  # hold no session while waiting: one that ends meanwhile gives its KV blocks back now
+
+    def _all_back(self, sessions: weakref.WeakSet[Session]) -> bool:
+        waiting = {id(r.session) for r in self._waiting}
+        return all(id(s) in waiting for s in sessions)
+
+    def _watch(self, sessions: weakref.WeakSet[Session]) -> None:
+        """Wake the runner when one of `sessions` ends, so that a round gathering the previous
+        round's sessions stops waiting for one that will not come back (a request that has
+        finished: with eight streams, one round in eight waited `gather_s` for nothing)."""
+        for session in sessions:
+            if session not in self._watched:
+                self._watched.add(session)
+                weakref.finalize(session, self._session_ended)
+
+    def _session_ended(self) -> None:
+        with self._wake:
+            self._wake.notify()
 
     def _run_round(self, plan: list[tuple[StepRequest, int]]) -> None:
         chunks = [
