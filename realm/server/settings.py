@@ -150,7 +150,8 @@ class ServerSettings(_Strict):
         ge=0,
         le=1000,
         description="how long a batched call may wait for the sequences of the previous call to come back "
-        "(their guests sample in between), so they run together rather than in fragments",
+        "(their guests sample in between; a sequence that has ended is not waited for), so they run together "
+        "rather than in fragments",
     )
     threads: int | None = Field(
         None,
