@@ -6,11 +6,14 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import torch
 from largest_logits import assert_largest_close
 
 from realm.engine import scheduler as scheduler_module
 from realm.engine.scheduler import BatchScheduler, StepRequest, _host_rows, plan_round
+from realm.engine.step_router import SchedulerRouter
+from realm.errors import InternalError
 
 
 class FakeSession:  # planning never touches the session
@@ -128,6 +131,34 @@ def test_a_round_does_not_wait_for_a_session_that_has_ended(smollm2):
         assert time.perf_counter() - started < 1.0
     finally:
         scheduler.close()
+
+
+def test_other_model_work_runs_on_the_runner_thread(smollm2):
+    """A guest's per-layer work runs where the model's steps run (no OpenMP team of its own);
+    its error reaches its caller, and the runner goes on."""
+    scheduler = BatchScheduler(smollm2.transformer)
+    router = SchedulerRouter()
+    router.add(scheduler)
+    ran_on: list[int] = []
+    forward = smollm2.transformer.forward
+
+    def recorded(chunks):
+        ran_on.append(threading.get_native_id())
+        return forward(chunks)
+
+    smollm2.transformer.forward = recorded
+    try:
+        scheduler.step(smollm2.new_session(), smollm2.encode_prompt("Once upon a time"))
+        assert router.call(smollm2.transformer, threading.get_native_id) == ran_on[0] != threading.get_native_id()
+        with pytest.raises(ZeroDivisionError):
+            router.call(smollm2.transformer, lambda: 1 / 0)
+        assert scheduler.call(lambda: 2) == 2
+    finally:
+        del smollm2.transformer.forward
+        scheduler.close()
+    with pytest.raises(InternalError, match="shut down"):
+        scheduler.call(lambda: 3)
+    assert SchedulerRouter().call(smollm2.transformer, threading.get_native_id) == threading.get_native_id()
 
 
 def test_batched_decode_across_a_sliding_window_matches_one_at_a_time(tmp_path, cpu_backend):

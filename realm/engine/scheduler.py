@@ -25,6 +25,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -33,22 +34,24 @@ from realm.engine.session import Session
 from realm.errors import InternalError, InvalidArgument
 from realm.models.transformer import Transformer
 
+T = TypeVar("T")
 
-class Handoff:
-    """One step's outcome, passed from the runner to the guest thread waiting for it.
+
+class Handoff(Generic[T]):
+    """One step's (or call's) outcome, passed from the runner to the thread waiting for it.
 
     A bare lock rather than a `concurrent.futures.Future`: its waiter wakes once and takes
     the GIL once, where a Future's condition variable can wake it into a lock the runner
     still holds, one more sleep and wake-up for every guest at the end of every round."""
 
     __slots__ = ("_done", "_outcome")
-    _outcome: np.ndarray | BaseException  # set once, before `_done` is released
+    _outcome: T | BaseException  # set once, before `_done` is released
 
     def __init__(self) -> None:
         self._done = threading.Lock()
         self._done.acquire()
 
-    def set_result(self, value: np.ndarray) -> None:
+    def set_result(self, value: T) -> None:
         self._outcome = value
         self._done.release()
 
@@ -56,7 +59,7 @@ class Handoff:
         self._outcome = error
         self._done.release()
 
-    def result(self) -> np.ndarray:
+    def result(self) -> T:
         with self._done:
             if isinstance(self._outcome, BaseException):
                 raise self._outcome
@@ -70,7 +73,7 @@ class StepRequest:
     session: Session
     tokens: list[int]
     tenant: str
-    outcome: Handoff = field(default_factory=Handoff)
+    outcome: Handoff[np.ndarray] = field(default_factory=Handoff)
     done: int = 0  # tokens already run (a prompt runs in pieces)
     allowed: torch.Tensor | None = None  # a mask on the token after the last (Session.chunk)
 
@@ -149,6 +152,7 @@ class BatchScheduler:
         self._closed = False
         self._thread: threading.Thread | None = None  # the runner, while it has steps to run
         self._watched: weakref.WeakSet[Session] = weakref.WeakSet()  # sessions whose end wakes the runner
+        self._calls: list[tuple[Callable[[], Any], Handoff[Any]]] = []  # other model work (`call`)
 
     def step(
         self, session: Session, tokens: Sequence[int], tenant: str = "", allowed: torch.Tensor | None = None
@@ -163,11 +167,28 @@ class BatchScheduler:
             if self._closed:
                 raise InternalError("the model runner has shut down")
             self._waiting.append(request)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="realm-model-runner", daemon=True)
-                self._thread.start()
-            self._wake.notify()
+            self._wake_runner()
         return request.outcome.result()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """`fn()`, model work other than a step (a guest's per-layer or per-operation
+        request), run on the runner thread between rounds; blocks until it has run. On a
+        thread of the caller's own, the kernels' parallel regions would give that thread an
+        OpenMP team of its own while it lives (RUNNER_IDLE_S says what that costs)."""
+        outcome: Handoff[T] = Handoff()
+        with self._wake:
+            if self._closed:
+                raise InternalError("the model runner has shut down")
+            self._calls.append((fn, outcome))
+            self._wake_runner()
+        return outcome.result()
+
+    def _wake_runner(self) -> None:
+        """(With the lock held.) Start the runner if it has ended, else wake it."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="realm-model-runner", daemon=True)
+            self._thread.start()
+        self._wake.notify()
 
     @property
     def queue_depth(self) -> int:
@@ -187,21 +208,30 @@ class BatchScheduler:
         previous: weakref.WeakSet[Session] = weakref.WeakSet()
         while True:
             with self._wake:
-                while not self._waiting and not self._closed:
-                    if not self._wake.wait(RUNNER_IDLE_S) and not self._waiting:
+                while not self._waiting and not self._calls and not self._closed:
+                    if not self._wake.wait(RUNNER_IDLE_S) and not self._waiting and not self._calls:
                         self._thread = None  # the next step starts another
                         return
+                if self._closed:
+                    for r in self._waiting:
+                        r.outcome.set_exception(InternalError("the model runner has shut down"))
+                    for _, outcome in self._calls:
+                        outcome.set_exception(InternalError("the model runner has shut down"))
+                    return
+                calls, self._calls = self._calls, []
+            if calls:
+                _run_calls(calls)
+                continue
+            with self._wake:
                 if previous and self.gather_s > 0:
                     deadline = time.monotonic() + self.gather_s
-                    while not self._closed and not self._all_back(previous):
+                    while not self._closed and not self._calls and not self._all_back(previous):
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
                         self._wake.wait(left)
                 if self._closed:
-                    for r in self._waiting:
-                        r.outcome.set_exception(InternalError("the model runner has shut down"))
-                    return
+                    continue
                 plan = plan_round(self._waiting, self.max_batch_tokens)
             previous = weakref.WeakSet(r.session for r, n in plan if r.remaining == n)
             self._watch(previous)  # in a call of its own: no loop variable left holding a session
@@ -255,6 +285,16 @@ class BatchScheduler:
                 r.outcome.set_result(row)
         if self.observer is not None:
             self.observer(len(chunks), sum(n for _, n in plan), waiting)
+
+
+def _run_calls(calls: list[tuple[Callable[[], Any], Handoff[Any]]]) -> None:
+    for fn, outcome in calls:
+        try:
+            value = fn()
+        except BaseException as e:  # the caller's to handle, never the runner's
+            outcome.set_exception(e)
+        else:
+            outcome.set_result(value)
 
 
 def _host_rows(last: list[torch.Tensor]) -> list[np.ndarray]:

@@ -7,7 +7,8 @@ a server runs one `BatchScheduler` per model, so this router stands in front of 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ import torch
 from realm.engine.scheduler import BatchScheduler
 from realm.engine.session import Session
 from realm.engine.steps import DirectStepRunner
+from realm.models.transformer import Transformer
+
+T = TypeVar("T")
 
 
 class SchedulerRouter:
@@ -38,6 +42,12 @@ class SchedulerRouter:
         if scheduler is None:  # a model no scheduler serves (tenants are refused those): run alone
             return self._direct.step(session, tokens, tenant, allowed)
         return scheduler.step(session, tokens, tenant, allowed)
+
+    def call(self, transformer: Transformer, fn: Callable[[], T]) -> T:
+        scheduler = self._by_transformer.get(id(transformer))
+        if scheduler is None:
+            return self._direct.call(transformer, fn)
+        return scheduler.call(fn)
 
     def schedulers(self) -> list[BatchScheduler]:
         return list(self._by_transformer.values())

@@ -7,13 +7,16 @@ backend call for all tenants waiting) can take this place without the ABI changi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from realm.engine.session import Session
+from realm.models.transformer import Transformer
+
+T = TypeVar("T")
 
 
 class StepRunner(Protocol):
@@ -27,6 +30,11 @@ class StepRunner(Protocol):
         thread to get it back. `BatchScheduler` (realm/engine/scheduler.py) has this shape."""
         ...
 
+    def call(self, transformer: Transformer, fn: Callable[[], T]) -> T:
+        """`fn()`, other work on `transformer` (a guest's per-layer or per-operation
+        request), run where that model's steps run."""
+        ...
+
 
 class DirectStepRunner:
     """Each step runs at once, alone: batch 1, exactly what the host-direct path runs."""
@@ -35,3 +43,6 @@ class DirectStepRunner:
         self, session: Session, tokens: Sequence[int], tenant: str = "", allowed: torch.Tensor | None = None
     ) -> np.ndarray:
         return session.feed(tokens, allowed=allowed)[-1].numpy()
+
+    def call(self, transformer: Transformer, fn: Callable[[], T]) -> T:
+        return fn()

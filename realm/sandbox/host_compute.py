@@ -1,7 +1,8 @@
 """Host functions for compute, at every ABI level (docs/ABI.md): sessions and whole forward
 steps (level 1), per-layer steps (level 2), matrix products (level 3) and reading decoded
 tensors (level 4). Each checks sizes against the guest's buffers and the per-call caps,
-copies memory and calls the engine."""
+copies memory and calls the engine; the engine's work runs where the model's steps run
+(`StepRunner.call`: the model's runner thread in a server)."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def embed(st: GuestState, caller: StoreContext, handle: int, ids: int, n: int, x
         raise InvalidArgument(f"x holds {cap} floats; {n} tokens need {n * dim}")
     mem.address(x, n * dim * 4, "x")
     step = LayerStep(s.session, chunk, s.entry.model.backend.device)
-    hidden = step.embed()
+    hidden = st.host.steps.call(s.session.transformer, step.embed)
     s.layer_step = step
     return mem.write_floats(x, hidden, "x")
 
@@ -111,7 +112,8 @@ def forward_layer(st: GuestState, caller: StoreContext, handle: int, layer: int,
     check_cancel(st)
     step = _layer_step(s, cap)
     mem = guest_memory(st, caller)
-    hidden = step.layer(layer, mem.read_floats(x, step.hidden_size, "x"))
+    xs = mem.read_floats(x, step.hidden_size, "x")
+    hidden = st.host.steps.call(s.session.transformer, lambda: step.layer(layer, xs))
     return mem.write_floats(x, hidden, "x")
 
 
@@ -120,7 +122,8 @@ def logits_of(st: GuestState, caller: StoreContext, handle: int, x: int, x_cap: 
     step = _layer_step(s, x_cap)
     mem = guest_memory(st, caller)
     _logits_buffer(mem, s, logits, cap)
-    out = step.logits(mem.read_floats(x, step.hidden_size, "x"))
+    xs = mem.read_floats(x, step.hidden_size, "x")
+    out = st.host.steps.call(s.session.transformer, lambda: step.logits(xs))
     s.layer_step = None
     s.last_logits = out.float().cpu().numpy()
     return mem.write_floats(logits, out, "logits")
@@ -169,7 +172,7 @@ def matmul_weight(
         raise InvalidArgument(f"c holds {cap} floats; the product needs {m * d_out}")
     mem.address(c, m * d_out * 4, "c")
     xs = mem.read_floats(x, m * d_in, "x").view(m, d_in).to(entry.model.backend.device)
-    mem.write_floats(c, weight(xs), "c")
+    mem.write_floats(c, st.host.steps.call(entry.model.transformer, lambda: weight(xs)), "c")
     return d_out
 
 
