@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/noisy_neighbours.py [--rounds 3] [--repo DIR ...]
 
-One `realm serve` with a victim tenant (the default guest) and three hostile tenants, each
+One `realm serve` with a victim tenant (the default guest) and four hostile tenants, each
 with a guest from tests/guests/: `loop.wat` (a busy loop in WebAssembly), `host_flood.wat`
-(realm_abi_version in a loop: Python host calls, the GIL) and `fill_memory.wat` (grows its
-memory to its cap, then sweeps it). The victim streams greedy completions alone, then
+(realm_abi_version in a loop: Python host calls, the GIL), `fill_memory.wat` (grows its
+memory to its cap, then sweeps it) and `matmul_flood.wat` (realm_matmul_cpu in a loop: the
+host's kernels on the guest's behalf). The victim streams greedy completions alone, then
 beside 4 requests of each hostile tenant in turn (kept at 4: one that its limits stop is
 sent again), round after round, so a slow spell of the machine falls on every phase. It
 reports the victim's time per output token (p50, p99: the gaps between a stream's tokens,
@@ -31,7 +32,7 @@ import httpx
 from anchor import REPO, cpu_model, start_realm_server, stop, wait_healthy
 
 GUESTS = REPO / "tests" / "guests"
-HOSTILE = {"busy": "loop.wat", "flood": "host_flood.wat", "memory": "fill_memory.wat"}
+HOSTILE = {"busy": "loop.wat", "flood": "host_flood.wat", "memory": "fill_memory.wat", "matmul": "matmul_flood.wat"}
 PROMPTS = [
     "Once upon a time, in a small village by the sea, there lived",
     "Explain how a steam engine works, step by step.",

@@ -277,8 +277,11 @@ def _process_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-@pytest.mark.parametrize("name", ["loop", "host_flood"])
+@pytest.mark.parametrize("name", ["loop", "host_flood", "matmul_flood"])
 def test_a_guest_over_its_tenants_cpu_share_is_demoted_and_its_neighbour_is_unchanged(runtime, smollm2, name):
+    """A busy loop, a flood of cheap host calls, a flood of `realm_matmul_cpu` (the guest's
+    own arithmetic, not model work: before, it ran free of the share, with an OpenMP team of
+    its own, and made another tenant's decoding 4-6x slower in benchmarks/noisy_neighbours.py)."""
     expected, _ = host_direct(smollm2, "The capital of France is", 8)
     module = runtime.load_module(GUESTS / f"{name}.wat")
     hog = runtime.instance(module, tenant=f"cpu-hog-{name}", limits=Limits(guest_seconds=30, wall_seconds=30))
@@ -295,7 +298,7 @@ def test_a_guest_over_its_tenants_cpu_share_is_demoted_and_its_neighbour_is_unch
         assert result.tokens == expected.tokens and result.text == expected.text
         assert neighbour.state.cpu.demotions == 0
         neighbour.close()
-        if name == "host_flood":  # a demoted guest's host calls are paced
+        if name != "loop":  # a demoted guest's host calls are paced
             assert hog.state.host_calls - calls <= result.seconds * DEMOTED_CALLS_PER_S + DEMOTED_CALL_BURST + 1
     finally:
         cancel.set()

@@ -139,7 +139,8 @@ REALM_IMPORT(realm_forward_layer) int32_t realm_forward_layer(int32_t session, i
 REALM_IMPORT(realm_logits) int32_t realm_logits(int32_t session, const float *x, size_t x_cap, float *logits, size_t cap);
 
 /* --- level 3: per operation --------------------------------------------------------------- */
-/* c (m x n) = a (m x k) @ b (k x n), row-major f32, all in guest memory. */
+/* c (m x n) = a (m x k) @ b (k x n), row-major f32, all in guest memory: the guest's own arithmetic,
+ * on its thread and one core, counted in its CPU time (docs/ABI.md). */
 REALM_IMPORT(realm_matmul_cpu) int32_t realm_matmul_cpu(const float *a, const float *b, int32_t m, int32_t k, int32_t n, float *c);
 REALM_IMPORT(realm_matmul_gpu) int32_t realm_matmul_gpu(const float *a, const float *b, int32_t m, int32_t k, int32_t n, float *c);
 /* c (m x out) = x (m x in) @ W^T for a weight the host holds: W never enters guest memory.

@@ -17,6 +17,7 @@ import torch
 
 from realm.backends import linear, native
 from realm.backends.embedding import RawEmbedding
+from realm.backends.one_thread import one_thread
 from realm.backends.screened import ScreenedLinear
 from realm.errors import BackendUnavailable, InvalidArgument
 from realm.models.gguf_file import TensorData
@@ -72,7 +73,11 @@ class Backend:
         return dequantize(tensor.raw, tensor.qtype, tensor.shape).to(self.device)
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """float32 (m, k) @ (k, n) on this backend's device, result back on the CPU."""
+        """float32 (m, k) @ (k, n) on this backend's device, result back on the CPU. A guest's
+        own arithmetic: on the CPU it runs on the calling thread alone (one_thread.py)."""
+        if self.device.type == "cpu":
+            with one_thread():
+                return a @ b
         return (a.to(self.device) @ b.to(self.device)).cpu()
 
 

@@ -73,7 +73,7 @@ TABLE: tuple[HostFunction, ...] = (
     HostFunction("realm_embed", ("i32", "ptr", "i32", "ptr", "size"), compute.embed, model_work=True),
     HostFunction("realm_forward_layer", ("i32", "i32", "ptr", "size"), compute.forward_layer, model_work=True),
     HostFunction("realm_logits", ("i32", "ptr", "size", "ptr", "size"), compute.logits_of, model_work=True),
-    HostFunction("realm_matmul_cpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_cpu, model_work=True),
+    HostFunction("realm_matmul_cpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_cpu),
     HostFunction("realm_matmul_gpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_gpu, model_work=True),
     HostFunction(
         "realm_matmul_weight",

@@ -5,7 +5,7 @@ Guests run on threads of their own, beside the model runners' compute threads an
 other tenant's guests. An honest guest waits for model steps and runs for tens of
 microseconds between them (sampling); a hostile one spins in WebAssembly, floods the host
 with cheap calls, or sweeps its memory. The CPU time a guest's thread uses, WebAssembly and
-host calls alike, except the model work it asks of the host (steps, layers, matmuls: the
+host calls alike, except the model work it asks of the host (steps, layers, products with its weights: the
 ABI table marks them), is taken from its tenant's
 `CpuBudget`, which every guest of the tenant shares (so short requests do not each get a
 fresh allowance): it refills at `TENANT_SHARE` of a core and holds at most `BURST_S`. A
@@ -130,8 +130,8 @@ class CpuShare:
 
     def waiting(self, step: Callable[[], T]) -> T:
         """Run `step`, model work the guest asked of the host (a batched step, a layer, a
-        matmul), without charging the guest for it: a direct step runner and the per-layer
-        and per-operation functions compute on the guest's thread."""
+        product with its weights), without charging the guest for it: a direct step runner
+        computes on the guest's thread."""
         self.check()
         try:
             return step()
