@@ -15,6 +15,7 @@ bounded by itself (epoch deadlines do not interrupt host calls).
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Callable
@@ -37,12 +38,24 @@ ABI_MINOR = 2
 ABI_VERSION = (ABI_MAJOR << 16) | ABI_MINOR
 
 
+class Cost(enum.Enum):
+    """What a host call spends, which decides how the guest's CPU share takes it (cpu_share.py)."""
+
+    CALL = enum.auto()
+    """A little host code: charged to the guest's share, and paced (a flood takes the GIL)."""
+    ARITHMETIC = enum.auto()
+    """The guest's own arithmetic on the host's kernels: charged; paced only once the guest is
+    demoted (a per-operation guest makes hundreds a token: paced, it made 5 tokens/s, not 20)."""
+    MODEL = enum.auto()
+    """Runs the model for the guest: neither (its cost is the model's, scheduled with every tenant's)."""
+
+
 @dataclass(frozen=True)
 class HostFunction:
     name: str
     params: tuple[str, ...]  # "ptr" / "size" (i32 in wasm32, i64 in wasm64), "i32", "i64", "f32"
     impl: Callable[..., int]  # impl(state, caller, *args) -> int (>= 0 result, < 0 error code)
-    model_work: bool = False  # runs the model for the guest: not charged to its CPU share
+    cost: Cost = Cost.CALL
 
 
 def abi_version(st: GuestState, caller: StoreContext) -> int:
@@ -68,18 +81,20 @@ TABLE: tuple[HostFunction, ...] = (
     HostFunction("realm_chat_template", ("i32", "ptr", "size", "ptr", "size"), models.chat_template),
     HostFunction("realm_session_open", ("i32", "i32"), compute.session_open),
     HostFunction("realm_session_close", ("i32",), compute.session_close),
-    HostFunction("realm_forward", ("i32", "ptr", "i32", "ptr", "size"), compute.forward, model_work=True),
-    HostFunction("realm_logprobs", ("i32", "i32", "i32"), compute.logprobs, model_work=True),
-    HostFunction("realm_embed", ("i32", "ptr", "i32", "ptr", "size"), compute.embed, model_work=True),
-    HostFunction("realm_forward_layer", ("i32", "i32", "ptr", "size"), compute.forward_layer, model_work=True),
-    HostFunction("realm_logits", ("i32", "ptr", "size", "ptr", "size"), compute.logits_of, model_work=True),
-    HostFunction("realm_matmul_cpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_cpu),
-    HostFunction("realm_matmul_gpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_gpu, model_work=True),
+    HostFunction("realm_forward", ("i32", "ptr", "i32", "ptr", "size"), compute.forward, cost=Cost.MODEL),
+    HostFunction("realm_logprobs", ("i32", "i32", "i32"), compute.logprobs, cost=Cost.MODEL),
+    HostFunction("realm_embed", ("i32", "ptr", "i32", "ptr", "size"), compute.embed, cost=Cost.MODEL),
+    HostFunction("realm_forward_layer", ("i32", "i32", "ptr", "size"), compute.forward_layer, cost=Cost.MODEL),
+    HostFunction("realm_logits", ("i32", "ptr", "size", "ptr", "size"), compute.logits_of, cost=Cost.MODEL),
+    HostFunction(
+        "realm_matmul_cpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_cpu, cost=Cost.ARITHMETIC
+    ),
+    HostFunction("realm_matmul_gpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_gpu, cost=Cost.MODEL),
     HostFunction(
         "realm_matmul_weight",
         ("i32", "ptr", "size", "ptr", "i32", "ptr", "size"),
         compute.matmul_weight,
-        model_work=True,
+        cost=Cost.MODEL,
     ),
     HostFunction("realm_tensor_shape", ("i32", "ptr", "size", "ptr"), compute.tensor_shape),
     HostFunction("realm_tensor_read", ("i32", "ptr", "size", "i64", "i32", "ptr"), compute.tensor_read),
@@ -122,7 +137,7 @@ def invoke(fn: HostFunction, st: GuestState, store: StoreContext, args: list[Any
         for i, kind in enumerate(fn.params):
             if kind == "ptr" or kind == "size":
                 args[i] &= st.mask
-        if fn.model_work:
+        if fn.cost is Cost.MODEL:
             return int(st.cpu.waiting(lambda: fn.impl(st, store, *args)))
         return int(fn.impl(st, store, *args))
     except RealmError as e:
@@ -148,7 +163,7 @@ def host_call(fn: HostFunction) -> HostImpl:
         if st is None:
             log.error("host function %s called with no guest running on this thread", fn.name)
             return InternalError.abi_code
-        if not fn.model_work:  # model work is paced by the model's own cost
+        if fn.cost is Cost.CALL or (fn.cost is Cost.ARITHMETIC and st.cpu.demoted):
             st.cpu.pause()
         result = invoke(fn, st, context, args)
         if st.fault is not None and not st.stopping:
