@@ -89,7 +89,9 @@ TABLE: tuple[HostFunction, ...] = (
     HostFunction(
         "realm_matmul_cpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_cpu, cost=Cost.ARITHMETIC
     ),
-    HostFunction("realm_matmul_gpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_gpu, cost=Cost.MODEL),
+    HostFunction(
+        "realm_matmul_gpu", ("ptr", "ptr", "i32", "i32", "i32", "ptr"), compute.matmul_gpu, cost=Cost.ARITHMETIC
+    ),
     HostFunction(
         "realm_matmul_weight",
         ("i32", "ptr", "size", "ptr", "i32", "ptr", "size"),

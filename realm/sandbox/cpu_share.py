@@ -26,7 +26,7 @@ and every few epoch ticks while it runs WebAssembly. Demoted:
   runners, other guests) waiting for the GIL, while a guest that makes a few host calls a
   token (a model step apart) is not slowed. Every guest's host calls are paced too, at
   `CALLS_PER_S`, so that a flood does not take the GIL from everyone else in the slice
-  before its demotion; but not its `realm_matmul_cpu` calls until it is demoted (abi.Cost).
+  before its demotion; but not its `realm_matmul_cpu` and `_gpu` calls until it is demoted (abi.Cost).
 
 An honest guest stays well inside both and is never demoted; what it pays is a clock read
 and a lock per model step and per check. The thread gets its priority back when the run
