@@ -157,5 +157,6 @@ def test_a_compiled_step_leaves_the_gil_to_other_threads(smollm2_compiled, monke
         spinner.join()
     assert len(advanced) == 8 * 5  # 30 layers, 6 a graph
     # a graph that held the GIL would let the counter advance in none of its calls; a busy
-    # machine (a fresh-clone CI run: 27 of 40) delays the counting thread's wake-up in some
-    assert sum(advanced) >= 0.5 * len(advanced)
+    # machine delays the counting thread's wake-up in some (a fresh-clone CI run: 27 of 40;
+    # beside two CPU-bound processes: 19)
+    assert sum(advanced) >= 0.25 * len(advanced)
