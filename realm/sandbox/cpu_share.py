@@ -5,10 +5,10 @@ Guests run on threads of their own, beside the model runners' compute threads an
 other tenant's guests. An honest guest waits for model steps and runs for tens of
 microseconds between them (sampling); a hostile one spins in WebAssembly, floods the host
 with cheap calls, or sweeps its memory. The CPU time a guest's thread uses, WebAssembly and
-host calls alike, except the model work it asks of the host (steps, layers, products with its weights: the
-ABI table marks them), is taken from its tenant's
-`CpuBudget`, which every guest of the tenant shares (so short requests do not each get a
-fresh allowance): it refills at `TENANT_SHARE` of a core and holds at most `BURST_S`. A
+host calls alike, except the model work it asks of the host (steps, layers, products with
+its weights: the ABI table marks them), is taken from its tenant's `CpuBudget`, which
+every guest of the tenant shares (so short requests do not each get a fresh allowance): it
+refills at `TENANT_SHARE` of a core and holds at most `BURST_S`. A
 guest is demoted for the rest of its run when it has used more than `SLICE_S` since it last
 waited for a model step (a spinning or flooding guest), or finds its tenant's budget spent
 (many guests, or many short requests); it is checked when it starts, at every model step
@@ -26,7 +26,8 @@ and every few epoch ticks while it runs WebAssembly. Demoted:
   runners, other guests) waiting for the GIL, while a guest that makes a few host calls a
   token (a model step apart) is not slowed. Every guest's host calls are paced too, at
   `CALLS_PER_S`, so that a flood does not take the GIL from everyone else in the slice
-  before its demotion; but not its `realm_matmul_cpu` and `_gpu` calls until it is demoted (abi.Cost).
+  before its demotion; but not its `realm_matmul_cpu` and `_gpu` calls until it is
+  demoted (abi.Cost).
 
 An honest guest stays well inside both and is never demoted; what it pays is a clock read
 and a lock per model step and per check. The thread gets its priority back when the run

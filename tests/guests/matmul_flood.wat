@@ -1,6 +1,6 @@
 ;; Hostile guest: asks the host for a 256x256 @ 256x256 float32 matmul (realm_matmul_cpu) in a
-;; loop forever. Each call is model work, not the guest's own CPU time: where it runs decides
-;; whether it slows other tenants' steps; the wall-clock limit stops it.
+;; loop forever. Each call is the guest's own arithmetic, charged to its tenant's CPU share
+;; and run on its own thread with one core; the wall-clock limit stops it.
 (module
   (import "env" "realm_abi_version" (func $abi (result i32)))
   (import "env" "realm_matmul_cpu" (func $matmul (param i32 i32 i32 i32 i32 i32) (result i32)))
