@@ -7,13 +7,24 @@ from __future__ import annotations
 import json
 import re
 
+import llguidance as llg
 import numpy as np
 import pytest
 import torch
 from sandbox_helpers import greedy_request, make_runtime
+from schema_suite import SCHEMAS
 
 from realm.backends import native
-from realm.engine.grammar import ACCEPTING, DONE, GrammarCache, apply_mask, compile_grammar
+from realm.engine.grammar import (
+    ACCEPTING,
+    DONE,
+    Grammar,
+    GrammarCache,
+    apply_mask,
+    compile_grammar,
+    grammar_text,
+    lltokenizer,
+)
 from realm.engine.sampling import SamplingParams
 from realm.errors import InvalidArgument, NotFound
 from realm.sandbox import abi, toolchain
@@ -68,6 +79,29 @@ def test_a_random_walk_through_the_mask_always_gives_valid_json(name, smollm2, g
                 break
         value = json.loads(tok.decode(out))
         assert set(value) == {"name", "age"} and len(value["name"]) <= 12 and 0 <= value["age"] <= 120
+
+
+def test_realms_slices_give_the_masks_of_llguidances_own(smollm2):
+    """The finer string slices (grammar.SLICES) only make masks cheaper: along random walks
+    through every schema of the suite (strings filled to their maxLength, where they
+    matter), each mask is the one llguidance's default slices give."""
+    tok, vocab = smollm2.tokenizer, smollm2.config.vocab_size
+    ours = lltokenizer(tok, vocab)
+    theirs = ours.with_slices(llg.LLTokenizer.general_slices())
+    rng = np.random.default_rng(1)
+    steps = 0
+    for _, schema in [*SCHEMAS.values()] * 3:
+        text = grammar_text({"type": "json_schema", "schema": schema})
+        a, b = (Grammar(llg.LLMatcher(t, text, log_level=0), vocab) for t in (ours, theirs))
+        for _ in range(60):
+            mask = a.mask().copy()
+            assert np.array_equal(mask, b.mask())
+            steps += 1
+            t = int(rng.choice(allowed(mask, vocab)))
+            if t in tok.eot_ids or a.consume([t]) & DONE:
+                break
+            b.consume([t])
+    assert steps > 300
 
 
 @pytest.mark.parametrize("native_kernel", [True, False], ids=["native", "numpy"])

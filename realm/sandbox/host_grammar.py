@@ -39,7 +39,7 @@ def grammar_compile(st: GuestState, caller: StoreContext, model_id: int, ptr: in
         constraint = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
         raise InvalidArgument(f"the constraint is not valid JSON: {e}") from None
-    # llguidance's view of the model's vocabulary is built once for every tenant (0.9 s on
+    # llguidance's view of the model's vocabulary is built once for every tenant (1.5 s on
     # gemma3): host work, not charged to the guest that happens to ask first
     st.cpu.waiting(lambda: lltokenizer(model.tokenizer, model.config.vocab_size))
     grammar = st.host.grammars.compile(st.tenant, model.tokenizer, model.config.vocab_size, constraint)
