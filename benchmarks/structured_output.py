@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -45,8 +46,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from schema_suite import SCHEMAS  # noqa: E402
 
 from realm.backends.devices import cpu_backend  # noqa: E402
+from realm.engine.best_tokens import best_allowed, exact_logits  # noqa: E402
 from realm.engine.grammar import DONE, GrammarCache, lltokenizer  # noqa: E402
-from realm.engine.model import load  # noqa: E402
+from realm.engine.model import Model, load  # noqa: E402
 from realm.engine.sampling import SamplingParams  # noqa: E402
 from realm.models.catalogue import pull  # noqa: E402
 from realm.models.gguf_file import GGUFFile  # noqa: E402
@@ -56,18 +58,56 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 STEPS = 200  # sequence-steps per thread
 
 
-def own_outputs(name: str) -> list[tuple[dict, list[int]]]:
-    """Each schema of the suite with the tokens the model itself writes under it (greedy,
-    its question, fast-forwarded as the default guest does): the steps of a real request."""
-    model = load(name, cpu_backend(), progress=False)
+def own_outputs(model: Model) -> list[tuple[dict, list[int], list[int]]]:
+    """Each schema of the suite with the prompt and the tokens the model itself writes under
+    it (greedy, its question, fast-forwarded as the default guest does): the steps of a real
+    request."""
     out = []
     for question, schema in SCHEMAS.values():
         constraint = {"type": "json_schema", "schema": schema}
         chat = model.chat_template is not None  # gemma3-270m is a base model
         g = model.generate(question, 120, SamplingParams.greedy(), chat=chat, constraint=constraint)
         list(g)
-        out.append((constraint, g.tokens))
+        out.append((constraint, g.prompt, g.tokens))
     return out
+
+
+def lazy_cost(model: Model, written: list[tuple[dict, list[int], list[int]]]) -> tuple[float, float, int]:
+    """What a greedy guest's constrained step costs the host through `realm_forward_top`, the
+    grammar checked lazily (engine/best_tokens.py): the row's best tokens asked of the
+    grammar in order, its mask only when none is allowed, then the token and the forced
+    tokens taken. Over the model's own outputs, with the model's real logits (its steps run
+    in between, untimed). (CPU ms per sequence-step, the share of steps that computed the
+    mask, steps)."""
+    vocab, cpu, steps, masks = model.config.vocab_size, 0.0, 0, 0
+    for constraint, prompt, tokens in written:
+        grammar = GrammarCache().compile("bench", model.tokenizer, vocab, constraint)
+
+        def counted(whole_mask: Callable[[], np.ndarray] = grammar.mask) -> np.ndarray:
+            nonlocal masks
+            masks += 1
+            return whole_mask()
+
+        grammar.mask = counted  # type: ignore[method-assign]
+        session, fed, at = model.new_session(), list(prompt), 0
+        forced = grammar.forced()
+        grammar.consume(forced)
+        fed, at = fed + forced, len(forced)
+        while at < len(tokens):
+            row = session.feed(fed)[-1].numpy()
+            started = time.thread_time()
+            ids, _ = best_allowed(row, 1, grammar, exact_logits(session))
+            token = int(ids[0])
+            if token in model.tokenizer.eot_ids or grammar.consume([token]) & DONE:
+                cpu += time.thread_time() - started
+                steps += 1
+                break
+            forced = grammar.forced()
+            grammar.consume(forced)
+            cpu += time.thread_time() - started
+            steps += 1
+            fed, at = [token, *forced], at + 1 + len(forced)
+    return cpu / steps * 1000, masks / steps, steps
 
 
 def mask_cost(
@@ -282,11 +322,17 @@ def main() -> None:
             + ", ".join(f"{k} {v:.1f}" for k, v in per_schema.items())
             + f"; cached {hit:.2f}"
         )
-        written = own_outputs(name)
-        for what, tokens in (("the model's own output", written), ("random tokens", None)):
+        model = load(name, cpu_backend(), progress=False)
+        written = own_outputs(model)
+        for what, tokens in (("the model's own output", [(c, t) for c, _, t in written]), ("random tokens", None)):
             for n in (1, 8):
                 cpu, wall = mask_cost(tokenizer, n, tokens)
                 print(f"  {what}, {n} at once: {cpu:.3f} ms CPU per sequence-step ({wall:.3f} ms wall)")
+        cpu, masked, steps = lazy_cost(model, written)
+        print(
+            f"  realm_forward_top, greedy, the model's own output: {cpu:.3f} ms CPU per sequence-step "
+            f"(the whole mask at {masked:.0%} of {steps} steps)"
+        )
     if not args.skip_server:
         asyncio.run(server_figures(args.rounds))
 

@@ -435,6 +435,21 @@ static size_t top_k(sampler *s, const float *logits, size_t k) {
     return n;
 }
 
+static int32_t draw(sampler *s, size_t n, double m, double total);
+
+/* The top-k candidates s->val / s->idx[0..n), in the order: min-p keeps those with weight
+ * e >= min_p, then draw(). */
+static int32_t draw_top_k(sampler *s, size_t n, double m, double total) {
+    size_t kept = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s->p.min_p > 0.0 && !(rt_exp((double)s->val[i] - m) >= s->p.min_p)) continue;
+        s->val[kept] = s->val[i];
+        s->idx[kept] = s->idx[i];
+        kept++;
+    }
+    return draw(s, kept, m, total);
+}
+
 static int32_t sample(sampler *s, float *logits, const int32_t *history, size_t n_history) {
     const params *p = &s->p;
     int32_t V = s->vocab;
@@ -460,26 +475,66 @@ static int32_t sample(sampler *s, float *logits, const int32_t *history, size_t 
             sort_i32(s->ids, n);
             for (size_t i = 0; i < n; i++) total += rt_exp((double)logits[s->ids[i]] - m);
         }
-        size_t kept = 0;
-        for (size_t i = 0; i < n; i++) {
-            if (p->min_p > 0.0 && !(rt_exp((double)s->val[i] - m) >= p->min_p)) continue;
-            s->val[kept] = s->val[i];
-            s->idx[kept] = s->idx[i];
+        return draw_top_k(s, n, m, total);
+    }
+    for (int32_t i = 0; i < V; i++) {
+        double e = rt_exp((double)logits[i] - m);
+        total += e;
+        if (p->min_p > 0.0 && !(e >= p->min_p)) continue;
+        s->val[n] = logits[i];
+        s->idx[n] = i;
+        n++;
+    }
+    sort_pairs(s->val, s->idx, n);
+    return draw(s, n, m, total);
+}
+
+/* How many of a step's best tokens sampling looks at, where that is at most REALM_MAX_TOP
+ * and nothing (a logit bias, a penalty) can bring a token in from below them: 1 when greedy,
+ * else top_k; 0 for the whole row. realm/engine/sampling.py has the same rule. */
+static int32_t top_candidates(const params *p, int32_t vocab) {
+    if (p->n_bias > 0) return 0;
+    if (p->repeat_last_n > 0 && (p->repeat_penalty != 1.0 || p->presence_penalty != 0.0 || p->frequency_penalty != 0.0))
+        return 0;
+    if (p->temperature <= 0) return 1;
+    return p->top_k > 0 && p->top_k <= REALM_MAX_TOP && p->top_k < vocab ? (int32_t)p->top_k : 0;
+}
+
+/* The token sample() would take from the whole row, taken from the step's n best tokens
+ * (realm_forward_top: best first, equal logits the lower id first; top_candidates() of
+ * them). A NaN logit counts as -inf, as in sample(); but the tokens below the n best are
+ * not known, so on a row holding NaN (a broken model) sampling can differ from the row's. */
+static int32_t sample_top(sampler *s, const int32_t *ids, const float *logits, int32_t n) {
+    if (n <= 0) return 0; /* every logit -inf: sample() takes the first token */
+    if (s->p.temperature <= 0) return ids[0];
+    size_t kept = 0;
+    for (int32_t i = 0; i < n; i++)
+        if (logits[i] == logits[i]) {
+            s->val[kept] = logits[i];
+            s->idx[kept] = ids[i];
             kept++;
         }
-        n = kept;
-    } else {
-        for (int32_t i = 0; i < V; i++) {
-            double e = rt_exp((double)logits[i] - m);
-            total += e;
-            if (p->min_p > 0.0 && !(e >= p->min_p)) continue;
-            s->val[n] = logits[i];
-            s->idx[n] = i;
-            n++;
-        }
-        sort_pairs(s->val, s->idx, n);
+    if (kept == 0) return ids[0];
+    double m = s->val[0], total = 0.0;
+    if (!(m > -__builtin_inf() && m < __builtin_inf())) return s->idx[0];
+    if (s->p.top_p < 1.0) { /* in token id order, as sample() sums them */
+        memcpy(s->ids, s->idx, kept * sizeof(int32_t));
+        sort_i32(s->ids, kept);
+        for (size_t i = 0; i < kept; i++)
+            for (size_t j = 0; j < kept; j++)
+                if (s->idx[j] == s->ids[i]) {
+                    total += rt_exp((double)s->val[j] - m);
+                    break;
+                }
     }
+    return draw_top_k(s, kept, m, total);
+}
 
+/* The rest of sampling once the candidates are s->val / s->idx[0..n), in the order, m their
+ * largest logit and total the sum of all the weights in token id order (for top-p): top-p,
+ * temperature and one draw. */
+static int32_t draw(sampler *s, size_t n, double m, double total) {
+    const params *p = &s->p;
     /* top-p: the shortest prefix whose weights reach top_p * total */
     size_t keep = n;
     if (p->top_p < 1.0) {
@@ -1013,9 +1068,10 @@ static int32_t fast_forward(output *o, int64_t budget) {
 }
 
 /* Step, sample and emit until an end token, a stop string, the end of the grammar or the
- * budget, from the prompt in history[0..n_prompt). `logits` receives each step's logits of
- * the last position (masked by the host when a grammar is bound to the session). Ends with
- * realm_finish. */
+ * budget, from the prompt in history[0..n_prompt). Each step hands back its best tokens
+ * (realm_forward_top) where sampling looks at no others (top_candidates), else the whole row
+ * of the last position's logits into `logits` (masked by the host when a grammar is bound
+ * to the session). Ends with realm_finish. */
 static int32_t decode(const request *req, const model_ref *m, int32_t session, int32_t grammar, int32_t *history,
                       int32_t n_prompt, int64_t budget, float *logits) {
     output o = {req, m, {0}, session, grammar, history, (size_t)n_prompt, 0, {0}, {{0}, 0}};
@@ -1027,13 +1083,22 @@ static int32_t decode(const request *req, const model_ref *m, int32_t session, i
         if (req->p.bias_ids[i] >= m->vocab)
             return fail_n(REALM_E_INVALID_ARGUMENT, "logit_bias names token ", req->p.bias_ids[i], ", outside the vocabulary of ", m->vocab);
     int32_t reason = REALM_FINISH_LENGTH, outcome = GO_ON;
+    int32_t k = top_candidates(&req->p, m->vocab), top_ids[REALM_MAX_TOP];
+    float top_logits[REALM_MAX_TOP];
     size_t fed = 0; /* history[0..fed) has run through the model */
     for (;;) {
         if ((outcome = fast_forward(&o, budget)) != GO_ON) break;
         if (o.generated >= budget) break; /* nothing more to sample: no step to run */
-        if ((rc = realm_forward(session, history + fed, o.n_history - fed, logits, (size_t)m->vocab)) < 0) return rc;
+        int32_t token;
+        if (k > 0) {
+            int32_t n = realm_forward_top(session, history + fed, (int32_t)(o.n_history - fed), k, top_ids, top_logits);
+            if (n < 0) return n;
+            token = sample_top(&smp, top_ids, top_logits, n);
+        } else {
+            if ((rc = realm_forward(session, history + fed, o.n_history - fed, logits, (size_t)m->vocab)) < 0) return rc;
+            token = sample(&smp, logits, history, o.n_history);
+        }
         fed = o.n_history;
-        int32_t token = sample(&smp, logits, history, o.n_history);
         if ((uint32_t)token >= (uint32_t)m->vocab)
             return fail_n(REALM_E_INVALID_ARGUMENT, "sampled token ", token, " is outside the vocabulary of ", m->vocab);
         const known_token *k = vocabulary_get(&o.voc, token, &rc);
@@ -1073,8 +1138,9 @@ static int32_t run(void) {
     if (n_prompt < 0) return n_prompt;
     int64_t budget = req.p.max_tokens < (int64_t)(m.ctx - n_prompt) ? req.p.max_tokens : (int64_t)(m.ctx - n_prompt);
 
-    float *logits = (float *)rt_alloc((size_t)m.vocab * sizeof(float));
-    if (!logits) return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the logits", NULL);
+    float *logits = NULL; /* a whole row, for a sampler that needs one */
+    if (!top_candidates(&req.p, m.vocab) && !(logits = (float *)rt_alloc((size_t)m.vocab * sizeof(float))))
+        return fail(REALM_E_LIMIT_EXCEEDED, "no memory for the logits", NULL);
     /* a context of exactly what this request can use: the host sizes the session's KV cache
      * by it, so many short requests at once hold little memory */
     int32_t session = realm_session_open(m.id, (int32_t)(n_prompt + budget));

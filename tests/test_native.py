@@ -77,6 +77,33 @@ def mask_agrees(seed: int = 0) -> bool:
     return True
 
 
+def best_in_order(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sampler's order, by sorting the whole row: NaN first, then larger, equal logits
+    the lower id first; -inf left out."""
+    nan = np.isnan(row)
+    order = np.lexsort((np.arange(row.size), -np.where(nan, 0, row), ~nan))
+    order = order[~np.isneginf(row[order])][:k]
+    return order.astype(np.int32), row[order]
+
+
+def best_agrees(seed: int = 0) -> bool:
+    """Whether the native best logits are the sorted row's first k: many ties (small
+    integers), -inf, NaN, rows shorter than k, and real-sized rows."""
+    rng = np.random.default_rng(seed)
+    for trial in range(600):
+        n = int(rng.integers(1, 3000)) if trial < 590 else (49152, 262144)[trial % 2]
+        row = rng.integers(-4, 4, size=n).astype(np.float32) if trial % 2 else rng.standard_normal(n).astype(np.float32)
+        if trial % 3 == 0:
+            row[rng.integers(0, n, n // 3 + 1)] = -np.inf
+        if trial % 5 == 0:
+            row[rng.integers(0, n, 3)] = np.nan
+        k = int(rng.integers(1, 70))
+        found, (ids, values) = native.best_logits(row, k), best_in_order(row, k)
+        if found is None or not np.array_equal(found[0], ids) or not np.array_equal(found[1], values, equal_nan=True):
+            return False
+    return True
+
+
 def test_the_kernels_compute_the_rounded_product() -> None:
     """Only float32 accumulation separates the kernel from the float64 product of the same
     rounded numbers."""
@@ -88,7 +115,7 @@ def test_every_instruction_set_body_computes_the_same(isa: str) -> None:
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch; "
         "from realm.backends import native; native.load(); import test_native as t; "
-        "print(torch.ops.realm.isa(), t.check_kernels(), t.mask_agrees())"
+        "print(torch.ops.realm.isa(), t.check_kernels(), t.mask_agrees(), t.best_agrees())"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
@@ -98,14 +125,20 @@ def test_every_instruction_set_body_computes_the_same(isa: str) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    name, worst, masks = done.stdout.split()
-    assert name == isa and float(worst) <= 1e-5 and masks == "True"
+    name, worst, masks, best = done.stdout.split()
+    assert name == isa and float(worst) <= 1e-5 and masks == "True" and best == "True"
 
 
 def test_the_token_mask_forbids_exactly_the_clear_bits() -> None:
     assert mask_agrees()
     with pytest.raises(InternalError, match="does not cover"):
         native.mask_logits(np.zeros(65, np.float32), np.zeros(2, np.uint32))
+
+
+def test_a_rows_best_logits_are_the_first_of_the_sorted_row() -> None:
+    assert best_agrees()
+    with pytest.raises(InternalError, match="float32 row"):
+        native.best_logits(np.zeros(8, np.float64), 2)
 
 
 def test_a_rows_product_is_the_same_in_any_batch() -> None:

@@ -19,12 +19,15 @@
 
 static int32_t regex_session_open(int32_t model, int32_t context_length);
 static int32_t regex_forward(int32_t session, const int32_t *tokens, int32_t n, float *logits, size_t cap);
+static int32_t regex_forward_top(int32_t session, const int32_t *tokens, int32_t n, int32_t k, int32_t *ids, float *logits);
 
 #define realm_session_open regex_session_open
 #define realm_forward regex_forward
+#define realm_forward_top regex_forward_top
 #include "../default.c"
 #undef realm_session_open
 #undef realm_forward
+#undef realm_forward_top
 
 static int32_t answer_grammar, fed, words; /* this request's grammar, steps fed so far, mask size */
 static uint32_t *mask;
@@ -42,10 +45,20 @@ static int32_t regex_session_open(int32_t model, int32_t context_length) {
 
 /* Every step after the prompt feeds one generated token: the grammar takes it first. Then
  * the mask of what may follow goes to the session for this step's logits. */
-static int32_t regex_forward(int32_t session, const int32_t *tokens, int32_t n, float *logits, size_t cap) {
+static int32_t before_step(int32_t session, const int32_t *tokens, int32_t n) {
     int32_t rc;
     if (fed++ > 0 && (rc = realm_grammar_consume(answer_grammar, tokens, n)) < 0) return rc;
     if ((rc = realm_grammar_mask(answer_grammar, mask, (size_t)words)) < 0) return rc;
-    if ((rc = realm_session_set_mask(session, mask, (size_t)words)) < 0) return rc;
-    return realm_forward(session, tokens, n, logits, cap);
+    return realm_session_set_mask(session, mask, (size_t)words);
+}
+
+static int32_t regex_forward(int32_t session, const int32_t *tokens, int32_t n, float *logits, size_t cap) {
+    int32_t rc = before_step(session, tokens, n);
+    return rc < 0 ? rc : realm_forward(session, tokens, n, logits, cap);
+}
+
+/* The step the default guest takes when it samples among the best few (greedy, top-k). */
+static int32_t regex_forward_top(int32_t session, const int32_t *tokens, int32_t n, int32_t k, int32_t *ids, float *logits) {
+    int32_t rc = before_step(session, tokens, n);
+    return rc < 0 ? rc : realm_forward_top(session, tokens, n, k, ids, logits);
 }

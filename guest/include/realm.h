@@ -1,5 +1,5 @@
 /*
- * realm.h: the Realm guest ABI, version 1.2. docs/ABI.md is the full contract.
+ * realm.h: the Realm guest ABI, version 1.3. docs/ABI.md is the full contract.
  *
  * Every function is imported from module "env" and returns int32_t: >= 0 is a result
  * (a count, a handle, an id), < 0 is one of the REALM_E_* codes below. Pointers are
@@ -19,7 +19,7 @@
 #include <stdint.h>
 
 #define REALM_ABI_MAJOR 1
-#define REALM_ABI_MINOR 2
+#define REALM_ABI_MINOR 3
 #define REALM_ABI_VERSION ((REALM_ABI_MAJOR << 16) | REALM_ABI_MINOR)
 
 /* Error codes (realm/errors.py is the one table on the host). */
@@ -123,6 +123,12 @@ REALM_IMPORT(realm_session_open) int32_t realm_session_open(int32_t model, int32
 REALM_IMPORT(realm_session_close) int32_t realm_session_close(int32_t session);
 /* Runs n tokens; writes the last position's logits (vocab_size floats) to logits. */
 REALM_IMPORT(realm_forward) int32_t realm_forward(int32_t session, const int32_t *tokens, int32_t n, float *logits, size_t cap);
+/* (ABI 1.3) realm_forward, but writes only the k (1..REALM_MAX_TOP) best tokens of the last
+ * position and their logits, best first (equal logits: the lower id first), for a sampler
+ * that looks no further (greedy, top-k). Returns how many (fewer when fewer are allowed).
+ * Under a bound grammar (and no one-step mask or bias) the grammar is checked lazily. */
+#define REALM_MAX_TOP 64
+REALM_IMPORT(realm_forward_top) int32_t realm_forward_top(int32_t session, const int32_t *tokens, int32_t n, int32_t k, int32_t *ids, float *logits);
 /* (ABI 1.2) The log-probability of `token` under the model's distribution at the session's
  * last step (log-softmax of its raw logits) and the n_top (0..REALM_MAX_TOP_LOGPROBS) most
  * likely tokens', computed on the host and attached to the next realm_emit, which must emit

@@ -99,6 +99,10 @@ class ScreenedLinear:
         index = torch.tensor(rows)
         return logits.index_put_((index[:, None], best_allowed), self._exact(x[index], best_allowed))
 
+    def exact_at(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One row x (in,)'s logits at ids (n,), exact: as the step computes its candidates'."""
+        return self._exact(x.float()[None], ids[None])[0]
+
     def _exact(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Row t's logits at ids[t] (T, k), from the weights as stored."""
         weights = native.read_rows(self.tensor, ids.flatten()).view(*ids.shape, self.in_features)

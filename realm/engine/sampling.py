@@ -62,6 +62,19 @@ class SamplingParams:
     def greedy(cls) -> SamplingParams:
         return cls(temperature=0.0)
 
+    def top_candidates(self, vocab: int, most: int) -> int:
+        """How many of a step's best tokens sampling looks at, where that is at most `most`
+        and nothing (a logit bias, a penalty) can bring a token in from below them: 1 when
+        greedy, else top_k; 0 for the whole row. The default guest has the same rule."""
+        penalised = self.repeat_last_n > 0 and (
+            self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        )
+        if self.logit_bias or penalised:
+            return 0
+        if self.temperature <= 0:
+            return 1
+        return self.top_k if 0 < self.top_k <= most and self.top_k < vocab else 0
+
 
 # ---------------------------------------------------------------------------- the generator
 

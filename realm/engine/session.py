@@ -24,6 +24,7 @@ class Session:
         # The decode step this sequence started with, kept to its end: a model switched to its
         # compiled step meanwhile (engine/compiled_step.py) changes no sequence midway.
         self.graph = transformer.decode_graph
+        self.normed: torch.Tensor | None = None  # the last step's last row, as the output projection saw it
 
     def check(self, tokens: Sequence[int]) -> None:
         """Refuse tokens outside the vocabulary or past the context before any work is done."""
@@ -46,6 +47,7 @@ class Session:
         if chunk.logits is None:
             raise InternalError("a forward step returned without the logits of one of its chunks")
         self.tokens.extend(chunk.tokens)
+        self.normed = chunk.normed
         return chunk.logits
 
     def feed(

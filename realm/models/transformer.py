@@ -141,6 +141,7 @@ class Chunk:
     graph: DecodeGraph | None = field(default=None, repr=False)  # the decode step it keeps to
     logits: torch.Tensor | None = field(default=None, repr=False)  # filled by forward()
     allowed: torch.Tensor | None = field(default=None, repr=False)  # (vocab,) bool: a mask on its next token
+    normed: torch.Tensor | None = field(default=None, repr=False)  # (dim,): the last row, normed, as projected
 
 
 def token_positions(chunks: Sequence[Chunk]) -> torch.Tensor:
@@ -366,6 +367,7 @@ class Transformer:
             for i in group:
                 chunks[i].logits = logits[offset : offset + len(rows[i])]
                 offset += len(rows[i])
+                chunks[i].normed = normed[offset - 1]  # an exact rescoring of some logits needs it
 
     def _qkv(
         self, layer: LayerWeights, x: torch.Tensor, neox: bool, cos: torch.Tensor, sin: torch.Tensor

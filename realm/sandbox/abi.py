@@ -34,7 +34,7 @@ from realm.sandbox.wasmtime_bridge import HostImpl, StopGuest, StoreContext
 log = logging.getLogger("realm.guest")
 
 ABI_MAJOR = 1
-ABI_MINOR = 2
+ABI_MINOR = 3
 ABI_VERSION = (ABI_MAJOR << 16) | ABI_MINOR
 
 
@@ -82,6 +82,7 @@ TABLE: tuple[HostFunction, ...] = (
     HostFunction("realm_session_open", ("i32", "i32"), compute.session_open),
     HostFunction("realm_session_close", ("i32",), compute.session_close),
     HostFunction("realm_forward", ("i32", "ptr", "i32", "ptr", "size"), compute.forward, cost=Cost.MODEL),
+    HostFunction("realm_forward_top", ("i32", "ptr", "i32", "i32", "ptr", "ptr"), compute.forward_top, cost=Cost.MODEL),
     HostFunction("realm_logprobs", ("i32", "i32", "i32"), compute.logprobs, cost=Cost.MODEL),
     HostFunction("realm_embed", ("i32", "ptr", "i32", "ptr", "size"), compute.embed, cost=Cost.MODEL),
     HostFunction("realm_forward_layer", ("i32", "i32", "ptr", "size"), compute.forward_layer, cost=Cost.MODEL),

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
+
 from realm.backends.devices import BackendKind
+from realm.backends.screened import CANDIDATES
 from realm.engine import layer_step
+from realm.engine.best_tokens import best_allowed, best_tokens, exact_logits
 from realm.engine.grammar import allowed_tokens
 from realm.engine.layer_step import LayerStep
 from realm.engine.logprobs import token_logprobs
@@ -46,14 +50,56 @@ def _logits_buffer(mem: GuestMemory, s: HostSession, ptr: int, cap: int) -> None
 
 
 def forward(st: GuestState, caller: StoreContext, handle: int, ids: int, n: int, logits: int, cap: int) -> int:
-    s = st.session(handle)
-    check_cancel(st)
-    if s.layer_step is not None:
-        raise InvalidArgument("a per-layer step is in progress on this session (finish it with realm_logits)")
+    s = _stepping(st, handle)
     mem = guest_memory(st, caller)
     _logits_buffer(mem, s, logits, cap)
     run = tokens(mem, ids, n, s.session.context_length)
     mask = step_mask(s)
+    out = _step(st, s, run, mask)
+    steer(s, out, mask)
+    return mem.write_floats(logits, out, "logits")
+
+
+TOP_MAX = CANDIDATES
+"""The most tokens one realm_forward_top hands back (the logits the screen computes exactly)."""
+
+
+def forward_top(
+    st: GuestState, caller: StoreContext, handle: int, ids: int, n: int, k: int, top_ids: int, top_logits: int
+) -> int:
+    """realm_forward, handing back only the k best tokens of the step (engine/best_tokens.py);
+    a grammar bound alone is checked lazily."""
+    s = _stepping(st, handle)
+    if not 1 <= k <= TOP_MAX:
+        raise InvalidArgument(f"k must be in 1..{TOP_MAX}, got {k}")
+    mem = guest_memory(st, caller)
+    mem.address(top_ids, 4 * k, "token ids")
+    mem.address(top_logits, 4 * k, "logits")
+    run = tokens(mem, ids, n, s.session.context_length)
+    lazy = s.grammar if s.mask is None and s.bias is None else None
+    mask = None if lazy is not None else step_mask(s)
+    out = _step(st, s, run, mask)
+    if lazy is not None:
+        best, values = best_allowed(out, k, lazy, exact_logits(s.session))
+    else:
+        steer(s, out, mask)
+        best, values = best_tokens(out, k)
+    mem.write(top_ids, best.tobytes(), "token ids")
+    mem.write_floats(top_logits, values, "logits")
+    return len(best)
+
+
+def _stepping(st: GuestState, handle: int) -> HostSession:
+    """The session a whole step is asked of, if it may take one now."""
+    s = st.session(handle)
+    check_cancel(st)
+    if s.layer_step is not None:
+        raise InvalidArgument("a per-layer step is in progress on this session (finish it with realm_logits)")
+    return s
+
+
+def _step(st: GuestState, s: HostSession, run: list[int], mask: np.ndarray | None) -> np.ndarray:
+    """The step of `run` on the session, told what `mask` allows; its row of logits, unmasked."""
     allowed = None if mask is None else allowed_tokens(mask, s.session.vocab_size)
     # the last step's row is a view of its round's logits: let the round's buffer go before
     # the next round makes another (gemma3 at 8 sequences: 8 MiB each)
@@ -61,8 +107,7 @@ def forward(st: GuestState, caller: StoreContext, handle: int, ids: int, n: int,
     out = st.host.steps.step(s.session, run, st.tenant, allowed)
     # realm_logprobs reports the model's own distribution, not what the guest's steering made of it
     s.last_logits = out.copy() if mask is not None or s.bias is not None else out
-    steer(s, out, mask)
-    return mem.write_floats(logits, out, "logits")
+    return out
 
 
 def logprobs(st: GuestState, caller: StoreContext, handle: int, token: int, n_top: int) -> int:

@@ -1,0 +1,91 @@
+"""A step's few best tokens, for a sampler that looks no further (greedy, top-k): what
+`realm_forward_top` hands a guest instead of the whole row of logits, and how a grammar is
+then checked lazily.
+
+A whole row is 192 KiB (smollm2) or 1 MiB (gemma3) to copy into guest memory and scan there
+(about 0.1 and 0.26 ms a token together); the host finds the best 64 in one native pass of
+10 to 35 us (backends/best_logits.cpp).
+
+Under a grammar the mask is the costly part of a step: llguidance walks the vocabulary
+(gemma3: 0.2 to 0.6 ms a step), where asking it about one token takes about a microsecond.
+So the step runs unmasked, and the grammar is asked about the row's best tokens in order
+until it has allowed as many as the sampler needs (the model's favourite is allowed at
+about seven steps in eight, over the schema suite); only when fewer of the row's best
+`CANDIDATES` are allowed is the mask computed, and the row masked and made exact as a
+masked step makes it. Either way the logits handed back are exact (computed from the weights
+as stored: a screened output projection is exact only at its own favourites). The result is
+the best allowed tokens among the step's `CANDIDATES` best; a masked step's can differ only
+where a token outside those would, computed exactly, beat them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from realm.backends import native
+from realm.backends.screened import CANDIDATES, largest
+from realm.engine.grammar import Grammar, apply_mask
+from realm.engine.session import Session
+
+Exact = Callable[[np.ndarray], np.ndarray]
+"""Token ids (n,) int64 -> their logits at a step, exact, float32 (n,)."""
+
+
+def exact_logits(session: Session) -> Exact | None:
+    """The session's last step's logits at any tokens, exact, where its model's output
+    projection is screened (backends/screened.py); None where the row is exact already."""
+    exact_at = getattr(session.transformer.weights.output, "exact_at", None)
+    x = session.normed
+    if exact_at is None or x is None:
+        return None
+    return lambda ids: exact_at(x, torch.from_numpy(ids)).numpy()
+
+
+def best_tokens(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest logits of `row` (vocab,) float32 and their token ids (int32), best
+    first in the sampler's order (equal logits the lower id first, NaN above everything, as
+    argmax takes it), -inf left out: fewer than k where fewer are above it."""
+    found = native.best_logits(row, k)
+    if found is not None:
+        return found
+    nan = np.isnan(row)
+    key = np.where(nan, np.inf, row)
+    ids = np.flatnonzero(key >= np.partition(key, -min(k, row.size))[-min(k, row.size)])
+    ids, values = _in_order(ids, row[ids])
+    kept = ~np.isneginf(values[:k])
+    return ids[:k][kept].astype(np.int32), values[:k][kept]
+
+
+def best_allowed(row: np.ndarray, k: int, grammar: Grammar, exact: Exact | None) -> tuple[np.ndarray, np.ndarray]:
+    """The k best tokens that `grammar` allows next of an unmasked step's `row`, exact, best
+    first: the grammar asked about the row's best tokens in order, its mask computed only
+    when fewer than k of the row's CANDIDATES best are allowed. `row` is left as it was."""
+    ids, _ = best_tokens(row, CANDIDATES)
+    allowed = grammar.allowed_among(ids, k)
+    if allowed.size < k:
+        return _masked_best(row, grammar.mask(), k, exact)
+    values = row[allowed] if exact is None else exact(allowed.astype(np.int64))
+    return _in_order(allowed, values)
+
+
+def _masked_best(row: np.ndarray, mask: np.ndarray, k: int, exact: Exact | None) -> tuple[np.ndarray, np.ndarray]:
+    """From an unmasked step's row, what a step told of `mask` gives (ScreenedLinear.
+    constrained): exact at the best CANDIDATES tokens the mask leaves, -inf where it
+    forbids; its k best."""
+    masked = row.copy()
+    apply_mask(mask, masked)
+    if exact is not None:
+        best = largest(torch.from_numpy(masked)[None], CANDIDATES)[0].numpy()
+        masked[best] = exact(best.astype(np.int64))
+        apply_mask(mask, masked)  # with fewer than CANDIDATES allowed, `best` held forbidden tokens
+    return best_tokens(masked, k)
+
+
+def _in_order(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted best first: NaN, then larger, equal values the lower id first."""
+    nan = np.isnan(values)
+    order = np.lexsort((ids, -np.where(nan, 0, values), ~nan))
+    return ids[order].astype(np.int32), values[order].astype(np.float32)
