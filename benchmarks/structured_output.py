@@ -9,7 +9,10 @@
    which is all the host adds to a constrained step (engine/grammar.py). The schemas are
    tests/schema_suite.py's; a sequence whose grammar is complete starts again. Two kinds
    of tokens: the model's own greedy output under each schema, and the best of random
-   logits (the worst case: strings of random tokens filled to their maxLength).
+   logits (the worst case: strings of random tokens filled to their maxLength). Then the
+   same for a greedy guest's step through `realm_forward_top`, which checks the grammar
+   lazily (engine/best_tokens.py), over the model's own output with its real logits, and
+   how often it still computed the whole mask.
 2. Compiling each schema of the suite (a cache miss), and a cache hit.
 3. Through a real `realm serve` of smollm2-135m: time to first token with no schema, with a
    schema never seen (compiled for this request) and with the same schema again (cached):
@@ -35,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import jsonschema
@@ -75,12 +79,37 @@ def own_outputs(model: Model) -> list[tuple[dict, list[int], list[int]]]:
 def lazy_cost(model: Model, written: list[tuple[dict, list[int], list[int]]]) -> tuple[float, float, int]:
     """What a greedy guest's constrained step costs the host through `realm_forward_top`, the
     grammar checked lazily (engine/best_tokens.py): the row's best tokens asked of the
-    grammar in order, its mask only when none is allowed, then the token and the forced
-    tokens taken. Over the model's own outputs, with the model's real logits (its steps run
-    in between, untimed). (CPU ms per sequence-step, the share of steps that computed the
-    mask, steps)."""
-    vocab, cpu, steps, masks = model.config.vocab_size, 0.0, 0, 0
+    grammar in order, its mask only when none of them is allowed, exact logits for the one
+    taken, then the token and the forced tokens taken. Over the model's own outputs, with the
+    model's real rows of logits, made first and replayed (so that, as in `mask_cost`, no model
+    step's threads share the cores with the clock). (CPU ms per sequence-step, the share of
+    steps that computed the mask, steps)."""
+    vocab = model.config.vocab_size
+    replays = []
     for constraint, prompt, tokens in written:
+        grammar = GrammarCache().compile("bench", model.tokenizer, vocab, constraint)
+        session, rows, taken = model.new_session(), [], []
+        fed = [*prompt, *grammar.forced()]
+        grammar.consume(fed[len(prompt) :])
+        at = len(fed) - len(prompt)
+        while at < len(tokens):
+            row = session.feed(fed)[-1].numpy().copy()
+            rows.append(
+                (
+                    row,
+                    SimpleNamespace(transformer=model.transformer, normed=session.normed, exact_ids=session.exact_ids),
+                )
+            )
+            token = tokens[at]
+            taken.append(token)
+            if token in model.tokenizer.eot_ids or grammar.consume([token]) & DONE:
+                break
+            forced = grammar.forced()
+            grammar.consume(forced)
+            fed, at = [token, *forced], at + 1 + len(forced)
+        replays.append((constraint, rows, taken))
+    cpu, steps, masks = 0.0, 0, 0
+    for constraint, rows, taken in replays:
         grammar = GrammarCache().compile("bench", model.tokenizer, vocab, constraint)
 
         def counted(whole_mask: Callable[[], np.ndarray] = grammar.mask) -> np.ndarray:
@@ -89,24 +118,16 @@ def lazy_cost(model: Model, written: list[tuple[dict, list[int], list[int]]]) ->
             return whole_mask()
 
         grammar.mask = counted  # type: ignore[method-assign]
-        session, fed, at = model.new_session(), list(prompt), 0
-        forced = grammar.forced()
-        grammar.consume(forced)
-        fed, at = fed + forced, len(forced)
-        while at < len(tokens):
-            row = session.feed(fed)[-1].numpy()
+        grammar.consume(grammar.forced())
+        for (row, step), token in zip(rows, taken, strict=True):
             started = time.thread_time()
-            ids, _ = best_allowed(row, 1, grammar, exact_logits(session))
-            token = int(ids[0])
-            if token in model.tokenizer.eot_ids or grammar.consume([token]) & DONE:
-                cpu += time.thread_time() - started
-                steps += 1
-                break
-            forced = grammar.forced()
-            grammar.consume(forced)
+            ids, _ = best_allowed(row, 1, grammar, exact_logits(step, row))
+            if int(ids[0]) != token:
+                raise SystemExit(f"the lazy check took token {int(ids[0])} where the model wrote {token}")
+            if token not in model.tokenizer.eot_ids and not grammar.consume([token]) & DONE:
+                grammar.consume(grammar.forced())
             cpu += time.thread_time() - started
             steps += 1
-            fed, at = [token, *forced], at + 1 + len(forced)
     return cpu / steps * 1000, masks / steps, steps
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sandbox_helpers import make_runtime
 from schema_suite import SCHEMAS
 from test_native import best_in_order
@@ -80,7 +81,7 @@ def test_when_too_few_of_the_best_are_allowed_the_mask_makes_them_exact(smollm2)
     prompt = tok.encode("Once upon a time, in a land far away, there lived a")
     session = smollm2.new_session()
     row = session.feed(prompt)[-1].numpy().copy()
-    ids, values = best.best_allowed(row, 5, grammar, best.exact_logits(session))
+    ids, values = best.best_allowed(row, 5, grammar, best.exact_logits(session, row))
 
     mask = grammar.mask().copy()
     masked_session = smollm2.new_session()
@@ -122,3 +123,17 @@ def test_forward_top_is_the_head_of_the_rows_order_and_refuses_bad_arguments(run
         end = st.memory.data_len(store)
         assert call("realm_forward_top", top, tokens_at, 1, 8, end - 8, top_at) == OutOfBounds.abi_code
         st.close_sessions()
+
+
+def test_exact_logits_read_the_steps_exact_candidates_and_compute_the_others(smollm2):
+    session = smollm2.new_session()
+    row = session.feed(smollm2.tokenizer.encode("The capital of France is"))[-1].numpy()
+    exact = best.exact_logits(session, row)
+    assert exact is not None and session.exact_ids is not None
+    known = session.exact_ids.numpy()[:4].astype(np.int64)
+    tail = np.setdiff1d(np.arange(200), session.exact_ids.numpy())[:50].astype(np.int64)
+    assert np.array_equal(exact(known), row[known])  # the step's own exact logits, as they are
+    computed = exact(tail)
+    assert not np.array_equal(computed, row[tail])  # the screened tail, recomputed
+    output = smollm2.transformer.weights.output
+    assert np.array_equal(computed, output.exact_at(session.normed, torch.from_numpy(tail)).numpy())

@@ -82,10 +82,14 @@ class ScreenedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(T, in) f32 -> (T, out) f32: the screen rounds its input to int8, the candidates
         get it in float32."""
+        return self.screened(x)[0]
+
+    def screened(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As a call, and the ids of each row's logits made exact (T, candidates)."""
         x = x.float()
         logits = self._screen(x)
         best = largest(logits, self.candidates)  # (T, candidates)
-        return logits.scatter_(1, best, self._exact(x, best))
+        return logits.scatter_(1, best, self._exact(x, best)), best
 
     def constrained(self, x: torch.Tensor, rows: list[int], allowed: torch.Tensor) -> torch.Tensor:
         """As a call, and rows `rows` of x also exact at the best `candidates` tokens that

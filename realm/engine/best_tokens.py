@@ -34,14 +34,25 @@ Exact = Callable[[np.ndarray], np.ndarray]
 """Token ids (n,) int64 -> their logits at a step, exact, float32 (n,)."""
 
 
-def exact_logits(session: Session) -> Exact | None:
-    """The session's last step's logits at any tokens, exact, where its model's output
-    projection is screened (backends/screened.py); None where the row is exact already."""
+def exact_logits(session: Session, row: np.ndarray) -> Exact | None:
+    """The session's last step's logits (its `row`) at any tokens, exact: read from the row
+    where the step computed them exactly, else computed now from the weights as stored (a
+    screened output projection, backends/screened.py, is exact at its own favourites only).
+    None where the whole row is exact already."""
     exact_at = getattr(session.transformer.weights.output, "exact_at", None)
     x = session.normed
     if exact_at is None or x is None:
         return None
-    return lambda ids: exact_at(x, torch.from_numpy(ids)).numpy()
+    known = set() if session.exact_ids is None else set(session.exact_ids.tolist())
+
+    def exact(ids: np.ndarray) -> np.ndarray:
+        values = row[ids]
+        todo = np.array([i not in known for i in ids.tolist()], dtype=bool)
+        if todo.any():
+            values[todo] = exact_at(x, torch.from_numpy(ids[todo])).numpy()
+        return values
+
+    return exact
 
 
 def best_tokens(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -113,7 +113,7 @@ class Generation:
         k = self.params.top_candidates(self.session.vocab_size, CANDIDATES)
         if k:
             row = self.session.feed(tokens)[-1].numpy()
-            ids, values = best_allowed(row, k, self.grammar, exact_logits(self.session))
+            ids, values = best_allowed(row, k, self.grammar, exact_logits(self.session, row))
             best = torch.full((self.session.vocab_size,), -torch.inf)
             best[torch.from_numpy(ids).long()] = torch.from_numpy(values)
             return best

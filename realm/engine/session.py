@@ -24,7 +24,10 @@ class Session:
         # The decode step this sequence started with, kept to its end: a model switched to its
         # compiled step meanwhile (engine/compiled_step.py) changes no sequence midway.
         self.graph = transformer.decode_graph
-        self.normed: torch.Tensor | None = None  # the last step's last row, as the output projection saw it
+        # the last step's last row as the output projection saw it, and the ids of its logits
+        # the projection computed exactly (screened: only some are)
+        self.normed: torch.Tensor | None = None
+        self.exact_ids: torch.Tensor | None = None
 
     def check(self, tokens: Sequence[int]) -> None:
         """Refuse tokens outside the vocabulary or past the context before any work is done."""
@@ -47,7 +50,7 @@ class Session:
         if chunk.logits is None:
             raise InternalError("a forward step returned without the logits of one of its chunks")
         self.tokens.extend(chunk.tokens)
-        self.normed = chunk.normed
+        self.normed, self.exact_ids = chunk.normed, chunk.exact_ids
         return chunk.logits
 
     def feed(

@@ -142,6 +142,7 @@ class Chunk:
     logits: torch.Tensor | None = field(default=None, repr=False)  # filled by forward()
     allowed: torch.Tensor | None = field(default=None, repr=False)  # (vocab,) bool: a mask on its next token
     normed: torch.Tensor | None = field(default=None, repr=False)  # (dim,): the last row, normed, as projected
+    exact_ids: torch.Tensor | None = field(default=None, repr=False)  # the last row's exact logits, if screened
 
 
 def token_positions(chunks: Sequence[Chunk]) -> torch.Tensor:
@@ -359,15 +360,21 @@ class Transformer:
             normed = rms_norm(torch.cat([rows[i] for i in group]), w.output_norm, self.config.norm_eps)
             masks = {j: a for j, i in enumerate(group) if (a := chunks[i].allowed) is not None}
             constrained = getattr(project, "constrained", None)
+            screened = getattr(project, "screened", None)
+            exact = None  # (rows, candidates): where a screened row is exact
             if masks and constrained is not None:  # every row of this group is one chunk's last
                 logits = constrained(normed, list(masks), torch.stack(list(masks.values())))
+            elif screened is not None:
+                logits, exact = screened(normed)
             else:
                 logits = project(normed)
             offset = 0
             for i in group:
                 chunks[i].logits = logits[offset : offset + len(rows[i])]
                 offset += len(rows[i])
-                chunks[i].normed = normed[offset - 1]  # an exact rescoring of some logits needs it
+                # what rescoring some of the last row's logits exactly needs (engine/best_tokens.py)
+                chunks[i].normed = normed[offset - 1]
+                chunks[i].exact_ids = None if exact is None else exact[offset - 1]
 
     def _qkv(
         self, layer: LayerWeights, x: torch.Tensor, neox: bool, cos: torch.Tensor, sin: torch.Tensor

@@ -80,7 +80,7 @@ def forward_top(
     mask = None if lazy is not None else step_mask(s)
     out = _step(st, s, run, mask)
     if lazy is not None:
-        best, values = best_allowed(out, k, lazy, exact_logits(s.session))
+        best, values = best_allowed(out, k, lazy, exact_logits(s.session, out))
     else:
         steer(s, out, mask)
         best, values = best_tokens(out, k)
