@@ -3,8 +3,8 @@
 then checked lazily.
 
 A whole row is 192 KiB (smollm2) or 1 MiB (gemma3) to copy into guest memory and scan there
-(about 0.1 and 0.26 ms a token together); the host finds the best 64 in one native pass of
-10 to 35 us (backends/best_logits.cpp).
+(about 0.1 and 0.26 ms a token together); the host finds the best in one native pass of 7
+to 35 us (backends/best_logits.cpp).
 
 Under a grammar the mask is the costly part of a step: llguidance walks the vocabulary
 (gemma3: 0.2 to 0.6 ms a step), where asking it about one token takes about a microsecond.
