@@ -126,7 +126,8 @@ REALM_IMPORT(realm_forward) int32_t realm_forward(int32_t session, const int32_t
 /* (ABI 1.3) realm_forward, but writes only the k (1..REALM_MAX_TOP) best tokens of the last
  * position and their logits, best first (equal logits: the lower id first), for a sampler
  * that looks no further (greedy, top-k). Returns how many (fewer when fewer are allowed).
- * Under a bound grammar (and no one-step mask or bias) the grammar is checked lazily. */
+ * Under a bound grammar (and no one-step mask or bias) a greedy step (k = 1) checks the
+ * grammar lazily. */
 #define REALM_MAX_TOP 64
 REALM_IMPORT(realm_forward_top) int32_t realm_forward_top(int32_t session, const int32_t *tokens, int32_t n, int32_t k, int32_t *ids, float *logits);
 /* (ABI 1.2) The log-probability of `token` under the model's distribution at the session's

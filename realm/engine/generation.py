@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from realm.backends.screened import CANDIDATES
-from realm.engine.best_tokens import best_allowed, exact_logits
+from realm.engine.best_tokens import LAZY_MOST, best_allowed, exact_logits
 from realm.engine.grammar import DONE, Grammar, allowed_tokens, apply_mask
 from realm.engine.sampling import Sampler, SamplingParams
 from realm.engine.session import Session
@@ -105,13 +105,13 @@ class Generation:
 
     def _step(self, tokens: Sequence[int]) -> torch.Tensor:
         """The logits after `tokens`, those the grammar forbids at -inf, as the host does for
-        a guest whose session has the grammar (sandbox/host_grammar.py): where sampling looks
-        only at the best few, as `realm_forward_top` gives them to the default guest (the
-        grammar checked lazily), the rest -inf."""
+        a guest whose session has the grammar (sandbox/host_grammar.py); for a greedy step,
+        as `realm_forward_top` gives it to the default guest: the grammar checked lazily,
+        the best allowed token's logit and the rest -inf."""
         if self.grammar is None:
             return self.session.feed(tokens)[-1]
         k = self.params.top_candidates(self.session.vocab_size, CANDIDATES)
-        if k:
+        if 0 < k <= LAZY_MOST:
             row = self.session.feed(tokens)[-1].numpy()
             ids, values = best_allowed(row, k, self.grammar, exact_logits(self.session, row))
             best = torch.full((self.session.vocab_size,), -torch.inf)

@@ -13,7 +13,7 @@ import numpy as np
 from realm.backends.devices import BackendKind
 from realm.backends.screened import CANDIDATES
 from realm.engine import layer_step
-from realm.engine.best_tokens import best_allowed, best_tokens, exact_logits
+from realm.engine.best_tokens import LAZY_MOST, best_allowed, best_tokens, exact_logits
 from realm.engine.grammar import allowed_tokens
 from realm.engine.layer_step import LayerStep
 from realm.engine.logprobs import token_logprobs
@@ -68,7 +68,7 @@ def forward_top(
     st: GuestState, caller: StoreContext, handle: int, ids: int, n: int, k: int, top_ids: int, top_logits: int
 ) -> int:
     """realm_forward, handing back only the k best tokens of the step (engine/best_tokens.py);
-    a grammar bound alone is checked lazily."""
+    a grammar bound alone is checked lazily for a greedy step."""
     s = _stepping(st, handle)
     if not 1 <= k <= TOP_MAX:
         raise InvalidArgument(f"k must be in 1..{TOP_MAX}, got {k}")
@@ -76,7 +76,7 @@ def forward_top(
     mem.address(top_ids, 4 * k, "token ids")
     mem.address(top_logits, 4 * k, "logits")
     run = tokens(mem, ids, n, s.session.context_length)
-    lazy = s.grammar if s.mask is None and s.bias is None else None
+    lazy = s.grammar if s.mask is None and s.bias is None and k <= LAZY_MOST else None
     mask = None if lazy is not None else step_mask(s)
     out = _step(st, s, run, mask)
     if lazy is not None:
