@@ -35,6 +35,7 @@ from collections.abc import Iterator
 import torch
 
 from realm.backends import native
+from realm.backends.one_thread import one_thread
 from realm.errors import InternalError
 from realm.models.gguf_file import TensorData
 
@@ -104,8 +105,10 @@ class ScreenedLinear:
         return logits.index_put_((index[:, None], best_allowed), self._exact(x[index], best_allowed))
 
     def exact_at(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """One row x (in,)'s logits at ids (n,), exact: as the step computes its candidates'."""
-        return self._exact(x.float()[None], ids[None])[0]
+        """One row x (in,)'s logits at ids (n,), exact: as the step computes its candidates',
+        on the calling thread alone (a guest's thread: one_thread.py)."""
+        with one_thread():
+            return self._exact(x.float()[None], ids[None])[0]
 
     def _exact(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Row t's logits at ids[t] (T, k), from the weights as stored."""

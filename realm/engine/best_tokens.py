@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from realm.backends import native
+from realm.backends.one_thread import one_thread
 from realm.backends.screened import CANDIDATES, largest
 from realm.engine.grammar import Grammar, apply_mask
 from realm.engine.session import Session
@@ -95,7 +96,8 @@ def _masked_best(row: np.ndarray, mask: np.ndarray, k: int, exact: Exact | None)
     masked = row.copy()
     apply_mask(mask, masked)
     if exact is not None:
-        best = largest(torch.from_numpy(masked)[None], CANDIDATES)[0].numpy()
+        with one_thread():  # on a guest's thread: no OpenMP team of its own
+            best = largest(torch.from_numpy(masked)[None], CANDIDATES)[0].numpy()
         masked[best] = exact(best.astype(np.int64))
         apply_mask(mask, masked)  # with fewer than CANDIDATES allowed, `best` held forbidden tokens
     return best_tokens(masked, k)
