@@ -69,12 +69,12 @@ def best_tokens(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     found = native.best_logits(row, k)
     if found is not None:
         return found
-    nan = np.isnan(row)
-    key = np.where(nan, np.inf, row)
-    ids = np.flatnonzero(key >= np.partition(key, -min(k, row.size))[-min(k, row.size)])
+    k = min(k, row.size)
+    key = np.where(np.isnan(row), np.inf, row)
+    ids = np.flatnonzero(key >= np.partition(key, -k)[-k])  # the k best, and any tied with the k-th
     ids, values = _in_order(ids, row[ids])
     kept = ~np.isneginf(values[:k])
-    return ids[:k][kept].astype(np.int32), values[:k][kept]
+    return ids[:k][kept], values[:k][kept]
 
 
 def best_allowed(row: np.ndarray, k: int, grammar: Grammar, exact: Exact | None) -> tuple[np.ndarray, np.ndarray]:
