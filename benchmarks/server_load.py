@@ -39,6 +39,7 @@ from pathlib import Path
 import httpx
 from anchor import (
     REPO,
+    client_gc_off,
     cpu_model,
     llama_bin,
     rss,
@@ -137,9 +138,10 @@ async def phase(
                 for j in range(requests)
             ]
 
-        started = time.perf_counter()
-        runs = [r for rs in await asyncio.gather(*(client(i) for i in range(clients))) for r in rs]
-        wall = time.perf_counter() - started
+        with client_gc_off():
+            started = time.perf_counter()
+            runs = [r for rs in await asyncio.gather(*(client(i) for i in range(clients))) for r in rs]
+            wall = time.perf_counter() - started
     gaps = [b - a for r in runs for a, b in zip(r["stamps"], r["stamps"][1:])]
     ttft = [r["stamps"][0] - r["started"] for r in runs if r["stamps"]]
     tokens = sum(r["tokens"] for r in runs)

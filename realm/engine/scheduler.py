@@ -30,6 +30,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
+from realm.engine import model_activity
 from realm.engine.session import Session
 from realm.errors import InternalError, InvalidArgument
 from realm.models.transformer import Transformer
@@ -220,7 +221,8 @@ class BatchScheduler:
                     return
                 calls, self._calls = self._calls, []
             if calls:
-                _run_calls(calls)
+                with model_activity.computing():
+                    _run_calls(calls)
                 continue
             with self._wake:
                 if previous and self.gather_s > 0:
@@ -235,7 +237,8 @@ class BatchScheduler:
                 plan = plan_round(self._waiting, self.max_batch_tokens)
             previous = weakref.WeakSet(r.session for r, n in plan if r.remaining == n)
             self._watch(previous)  # in a call of its own: no loop variable left holding a session
-            self._run_round(plan)
+            with model_activity.computing():
+                self._run_round(plan)
             del plan  # hold no session while waiting: one that ends meanwhile gives its KV blocks back now
 
     def _all_back(self, sessions: weakref.WeakSet[Session]) -> bool:

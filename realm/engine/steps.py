@@ -13,6 +13,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 import torch
 
+from realm.engine import model_activity
 from realm.engine.session import Session
 from realm.models.transformer import Transformer
 
@@ -42,7 +43,9 @@ class DirectStepRunner:
     def step(
         self, session: Session, tokens: Sequence[int], tenant: str = "", allowed: torch.Tensor | None = None
     ) -> np.ndarray:
-        return session.feed(tokens, allowed=allowed)[-1].numpy()
+        with model_activity.computing():
+            return session.feed(tokens, allowed=allowed)[-1].numpy()
 
     def call(self, transformer: Transformer, fn: Callable[[], T]) -> T:
-        return fn()
+        with model_activity.computing():
+            return fn()

@@ -167,8 +167,8 @@ def host_call(fn: HostFunction) -> HostImpl:
             log.error("host function %s called with no guest running on this thread", fn.name)
             return InternalError.abi_code
         if fn.cost is Cost.CALL or (fn.cost is Cost.ARITHMETIC and st.cpu.demoted):
-            st.cpu.pause()
-        result = invoke(fn, st, context, args)
+            st.fault = st.cpu.pause(st.over_limit)
+        result = invoke(fn, st, context, args) if st.fault is None else InternalError.abi_code
         if st.fault is not None and not st.stopping:
             st.stopping = True
             return StopGuest(f"guest {st.name} {st.fault}")

@@ -17,9 +17,16 @@ and every few epoch ticks while it runs WebAssembly. Demoted:
 * its thread runs at idle priority (Linux `SCHED_IDLE`: the OS gives it a core only when no
   other thread wants one), so a spinning guest takes no core from anyone else;
 * while it keeps running on its own past its slice and its tenant's budget is spent, it
-  waits at each epoch check until the budget has refilled (`overdraft_s`), so a tenant's
+  waits at each epoch check until the budget has refilled (`hold`), so a tenant's
   spinning guests get TENANT_SHARE of a core between them, not every idle core (memory
   sweeps take memory bandwidth even from idle cores);
+* once it has run on its own for YIELD_AFTER_S since it last waited for a model step, it
+  yields to compute: while any model runner computes (realm/engine/model_activity.py) it
+  waits, at each epoch check (every tick once demoted) and before each host call, but
+  for one tick or call of its tenant's each DEMOTED_TURN_S, so that it is slow rather than
+  stopped. Idle priority alone was not enough on 2 cores: a spinning guest still took a
+  core whenever a step's thread slept between parallel regions, and another tenant's p99
+  time per token rose by 1.5-2x beside four of them (benchmarks/noisy_neighbours.py);
 * its host calls (but those that run the model) are paced at `DEMOTED_CALLS_PER_S` (in
   bursts of `DEMOTED_CALL_BURST`): a call over that rate first sleeps, holding no GIL. So
   a flood of host calls cannot keep the host's Python threads (the event loop, the model
@@ -44,6 +51,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from realm.engine import model_activity
+
 log = logging.getLogger("realm.sandbox")
 
 TENANT_SHARE = 0.5
@@ -64,6 +73,17 @@ CALLS_PER_S, CALL_BURST = 1000, 64
 DEMOTED_CALLS_PER_S, DEMOTED_CALL_BURST = 200, 8
 """The same for a demoted guest."""
 
+YIELD_AFTER_S = 0.01
+"""A demoted guest that has used this much CPU time on its own since it last waited for a
+model step yields to the model runners (an honest guest samples for well under 1 ms)."""
+
+DEMOTED_TURN_S = 1.0
+"""While the model runners compute, a tenant's yielding guests get one tick (or one host
+call) between them this often."""
+
+HOLD_TICK_S = 0.05
+"""How often a held guest looks again whether it may run on."""
+
 _IDLE = getattr(os, "SCHED_IDLE", None)  # Linux only; elsewhere a demoted guest only pauses
 _restore_refused = False
 T = TypeVar("T")
@@ -77,6 +97,7 @@ class CpuBudget:
     def __init__(self) -> None:
         self._level = BURST_S
         self._at = time.monotonic()
+        self._turn_at = 0.0  # time.monotonic() from which a yielding guest may run beside the models
         self._lock = threading.Lock()
 
     def take(self, seconds: float) -> bool:
@@ -87,10 +108,20 @@ class CpuBudget:
             self._at = now
             return self._level > 0
 
-    def refill_s(self) -> float:
-        """How long until the budget is out of debt (0 if it is not in debt)."""
+    def in_debt(self) -> bool:
+        """Whether the budget, refilled up to now, is still spent."""
         with self._lock:
-            return max(0.0, -self._level) / TENANT_SHARE
+            return self._level + (time.monotonic() - self._at) * TENANT_SHARE < 0
+
+    def turn(self) -> bool:
+        """Whether one of the tenant's yielding guests may run now beside the model runners
+        (once each DEMOTED_TURN_S)."""
+        with self._lock:
+            now = time.monotonic()
+            if now < self._turn_at:
+                return False
+            self._turn_at = now + DEMOTED_TURN_S
+            return True
 
 
 class CpuShare:
@@ -122,12 +153,20 @@ class CpuShare:
         if not self.demoted and (not left or now - self._rested_at > SLICE_S):
             self._demote()
 
-    def overdraft_s(self) -> float:
-        """How long a spinning guest (over its slice) must wait for its tenant's budget to
-        refill before it runs on: 0 if it is not spinning or the budget is not spent."""
-        if time.thread_time() - self._rested_at <= SLICE_S:
-            return 0.0
-        return self.budget.refill_s()
+    def hold(self, stop: Callable[[], str | None]) -> str | None:
+        """Wait while the guest may not run on (a tick at a time); why it must stop, if
+        `stop()` says so meanwhile."""
+        reason = stop()
+        while reason is None and self._held():
+            time.sleep(HOLD_TICK_S)
+            reason = stop()
+        return reason
+
+    def _held(self) -> bool:
+        spun = time.thread_time() - self._rested_at
+        if spun > SLICE_S and self.budget.in_debt():  # spinning on a spent budget
+            return True
+        return self.demoted and spun > YIELD_AFTER_S and not model_activity.quiet() and not self.budget.turn()
 
     def waiting(self, step: Callable[[], T]) -> T:
         """Run `step`, model work the guest asked of the host (a batched step, a layer, a
@@ -139,14 +178,16 @@ class CpuShare:
         finally:
             self._charged_at = self._rested_at = time.thread_time()
 
-    def pause(self) -> None:
-        """Before a host call: a guest over its pace waits for its turn, holding no GIL."""
+    def pause(self, stop: Callable[[], str | None]) -> str | None:
+        """Before a host call: a guest over its pace waits for its turn, holding no GIL, and a
+        demoted one yields to compute (`hold`); why it must stop, if `stop()` says so."""
         rate, burst = (DEMOTED_CALLS_PER_S, DEMOTED_CALL_BURST) if self.demoted else (CALLS_PER_S, CALL_BURST)
         now = time.monotonic()
         self._calls = min(burst, self._calls + (now - self._calls_at) * rate) - 1
         self._calls_at = now
         if self._calls < 0:
             time.sleep(-self._calls / rate)
+        return self.hold(stop) if self.demoted else None
 
     def _demote(self) -> None:
         self.demoted = True

@@ -3,8 +3,9 @@
 * One `wasmtime.Engine` per process, with memory64 on (wasm64 guests load) and epoch
   interruption on; a daemon thread advances the epoch every `TICK_S` (Python signal
   handlers do not run while wasm runs, so no timer signal could stop a guest). Every
-  `CHECK_TICKS` a running guest reaches its epoch deadline, whose callback checks the
-  guest's CPU share and limits and demotes it, stops it or lets it go on. (Lowering a deadline from a host call would
+  `CHECK_TICKS` (every tick once it is demoted) a running guest reaches its epoch deadline,
+  whose callback checks the guest's CPU share and limits and demotes it, holds it, stops it
+  or lets it go on. (Lowering a deadline from a host call would
   not do: compiled code caches the deadline until it is reached.)
 * Two linkers built from the one ABI table (realm/sandbox/abi.py): pointers and sizes are
   i32 for wasm32 guests and i64 for wasm64 guests. No WASI: a guest imports `env.realm_*`
@@ -55,22 +56,18 @@ def _tick(eng: wasmtime.Engine) -> None:
         eng.increment_epoch()
 
 
-def _stop_reason() -> str | None:
-    """Every CHECK_TICKS while a guest runs WebAssembly: demote it if it is over its CPU slice,
-    hold it while its tenant's budget refills if it spins on a spent one
-    (realm/sandbox/cpu_share.py); why it must stop (it broke a limit), or None to run on."""
+def _check() -> str | int:
+    """At each epoch deadline while a guest runs WebAssembly: demote it if it is over its CPU
+    share, hold it while it may not run on (realm/sandbox/cpu_share.py); why it must stop (it
+    broke a limit), or in how many ticks to check again (every tick once it is demoted, so
+    that it yields to compute within one)."""
     st = guest_state.current()
     if st is None:
-        return None
+        return CHECK_TICKS
     st.cpu.check()
-    reason = st.over_limit()
-    wait = st.cpu.overdraft_s() if reason is None else 0.0
-    while reason is None and wait > 0:  # spinning on a spent budget: it waits for the refill
-        time.sleep(min(wait, TICK_S))
-        wait -= TICK_S
-        reason = st.over_limit()
+    reason = st.cpu.hold(st.over_limit)
     if reason is None:
-        return None
+        return 1 if st.cpu.demoted else CHECK_TICKS
     st.fault = reason
     st.stopping = True
     return f"guest {st.name} {reason}"
@@ -78,7 +75,7 @@ def _stop_reason() -> str | None:
 
 def watch(store: wasmtime.Store) -> None:
     """Make the store's guest stoppable: its limits are checked every CHECK_TICKS."""
-    bridge.on_epoch_deadline(store, _stop_reason, CHECK_TICKS)
+    bridge.on_epoch_deadline(store, _check, CHECK_TICKS)
 
 
 def linker(memory64: bool) -> wasmtime.Linker:

@@ -143,8 +143,9 @@ def _valtype(name: str) -> wasmtime.ValType:
 
 # ---------------------------------------------------------------------------- epoch deadlines
 
-DeadlineCheck = Callable[[], str | None]
-"""check() -> why the guest running on this thread must stop (an error message), or None."""
+DeadlineCheck = Callable[[], str | int]
+"""check() -> why the guest running on this thread must stop (an error message), or in how
+many epochs to check again."""
 
 _DeadlineCallback = ctypes.CFUNCTYPE(
     ctypes.c_size_t, _Context, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint8)
@@ -159,24 +160,27 @@ def _no_finalizer(data: Any) -> None:
     return None
 
 
-def on_epoch_deadline(store: wasmtime.Store, check: DeadlineCheck, every_ticks: int) -> None:
-    """Every `every_ticks` epochs while `store`'s guest runs WebAssembly, call `check()`: a
-    message stops the guest with that error, None lets it run on."""
-    key = (check, every_ticks)
+def on_epoch_deadline(store: wasmtime.Store, check: DeadlineCheck, first_ticks: int) -> None:
+    """After `first_ticks` epochs while `store`'s guest runs WebAssembly, call `check()`: a
+    message stops the guest with that error, a number of epochs lets it run on until the
+    next call."""
+    key = (check, first_ticks)
     callback = _deadline_callbacks.get(key)
     if callback is None:
 
         def on_deadline(context: Any, data: Any, delta: Any, kind: Any) -> int:
+            ticks = first_ticks
             try:
-                message = check()
-                if message is not None:
-                    return ctypes.cast(ffi.wasmtime_error_new(message.encode()), ctypes.c_void_p).value or 0
+                outcome = check()
+                if isinstance(outcome, str):
+                    return ctypes.cast(ffi.wasmtime_error_new(outcome.encode()), ctypes.c_void_p).value or 0
+                ticks = outcome
             except BaseException:  # pragma: no cover - never let anything escape into Wasmtime
                 log.exception("the epoch deadline callback failed")
-            delta[0] = every_ticks
+            delta[0] = ticks
             kind[0] = _UPDATE_DEADLINE_CONTINUE
             return 0
 
         callback = _deadline_callbacks.setdefault(key, _DeadlineCallback(on_deadline))
     ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), callback, None, _no_finalizer)
-    store.set_epoch_deadline(every_ticks)
+    store.set_epoch_deadline(first_ticks)
