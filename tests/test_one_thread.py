@@ -13,14 +13,16 @@ from realm.backends.one_thread import one_thread
 
 
 def _threads_while(work: Callable[[], None]) -> int:
-    """How many more threads the process has while `work` has just run on a new thread
-    (a thread's OpenMP team lives as long as the thread)."""
+    """How many threads appeared in the process while `work` ran on a new thread and are
+    still there when it is done (a thread's OpenMP team lives as long as the thread).
+    Counted by id, not net: another test's model runner ending in the meantime (it does,
+    0.25 s after its last step) would hide a new one."""
     seen: list[int] = []
 
     def run() -> None:
-        before = len(os.listdir("/proc/self/task"))
+        before = set(os.listdir("/proc/self/task"))
         work()
-        seen.append(len(os.listdir("/proc/self/task")) - before)
+        seen.append(len(set(os.listdir("/proc/self/task")) - before))
 
     thread = threading.Thread(target=run)
     thread.start()
