@@ -105,14 +105,18 @@ class CpuBudget:
         """Charge `seconds` of CPU time; whether any budget is left."""
         with self._lock:
             now = time.monotonic()
-            self._level = max(-BURST_S, min(BURST_S, self._level + (now - self._at) * TENANT_SHARE - seconds))
+            self._level = max(-BURST_S, min(BURST_S, self._refilled(now) - seconds))
             self._at = now
             return self._level > 0
 
     def in_debt(self) -> bool:
         """Whether the budget, refilled up to now, is still spent."""
         with self._lock:
-            return self._level + (time.monotonic() - self._at) * TENANT_SHARE < 0
+            return self._refilled(time.monotonic()) < 0
+
+    def _refilled(self, now: float) -> float:
+        """(With the lock held.) The level refilled up to `now`, before any bound."""
+        return self._level + (now - self._at) * TENANT_SHARE
 
     def turn(self) -> bool:
         """Whether one of the tenant's yielding guests may run now beside the model runners
