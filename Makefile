@@ -10,6 +10,7 @@ setup:
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,ray]'
 	$(BIN)/python -m realm.backends.native
+	$(BIN)/python -m realm.models.spm
 	$(BIN)/realm guest build --all
 
 # lint and types are gates: a tree that fails them fails `make test`

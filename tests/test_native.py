@@ -226,7 +226,7 @@ def test_a_damaged_library_is_a_warning_and_pytorchs_kernels(tmp_path: Path) -> 
     (tmp_path / (native.LIBRARY + ".sha256")).write_text(Path(str(built) + ".sha256").read_text())
     code = (
         f"from pathlib import Path; from realm.backends import native; "
-        f"native._places = lambda: [Path({str(broken)!r})]; print(native.load(), native.isa())"
+        f"native.library_path = lambda: Path({str(broken)!r}); print(native.load(), native.isa())"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "pytorch"]

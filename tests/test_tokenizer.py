@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -264,13 +265,13 @@ def test_clean_spaces_and_its_stream() -> None:
         assert "".join(_stream(tok, ids)) == tok.decode(ids), repr(text)
 
 
-def _spm_fields(add_space_prefix: bool) -> dict[str, Any]:
-    words = ["▁", "H", "e", "l", "o", "▁H", "ll", "▁He", "llo", "▁Hello", "w", "▁w"]
+def _spm_fields(add_space_prefix: bool, words: Sequence[str] = (), scores: Sequence[float] = ()) -> dict[str, Any]:
+    words = words or ["▁", "H", "e", "l", "o", "▁H", "ll", "▁He", "llo", "▁Hello", "w", "▁w"]
     pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *words]
     return {
         "tokenizer.ggml.model": "llama",
         "tokenizer.ggml.tokens": pieces,
-        "tokenizer.ggml.scores": [0.0] * 259 + [-float(i) for i in range(len(pieces) - 259)],
+        "tokenizer.ggml.scores": [0.0] * 259 + (list(scores) or [-float(i) for i in range(len(pieces) - 259)]),
         "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * (len(pieces) - 259),
         "tokenizer.ggml.add_space_prefix": add_space_prefix,
     }
@@ -289,3 +290,70 @@ def test_sentencepiece_space_prefix_and_byte_fallback() -> None:
     assert "".join(_stream(tok, ids)) == "Hé"
     no_prefix = Tokenizer.from_gguf_fields(_spm_fields(False))
     assert [no_prefix.token_text(i) for i in no_prefix.encode("Hello")] == ["H", "e", "llo"]
+
+
+# -- SentencePiece: Realm's merge loop (spm.py) and the `tokenizers` fallback ------------------
+
+
+def _spm_pair(fields: dict[str, Any]) -> tuple[Tokenizer, Any]:
+    """The tokenizer (Realm's SPM library) and the fallback encoder for the same vocabulary."""
+    from realm.models import spm
+    from realm.models.encoders import spm_encoder
+    from realm.models.vocabulary import read_vocabulary
+
+    assert spm.library() is not None, "make setup builds the SentencePiece library"
+    tok = Tokenizer.from_gguf_fields(fields)
+    fallback = spm_encoder(read_vocabulary(fields), tok.unk_id, tok.add_space_prefix, native=False)
+    return tok, fallback
+
+
+def test_spm_merges_as_llama_cpp_where_merge_ranks_cannot() -> None:
+    """The two cases where `tokenizers`' BPE over derived merges differs from llama.cpp's
+    loop, which spm.cpp runs: a character that is no token but makes one with its
+    neighbour, and two different pairs of one score at once (the leftmost merges first)."""
+    tok, fallback = _spm_pair(_spm_fields(False, ["a", "b", "c", "bc", "ab", "y", "xy"], [-1, -1, -1, -2, -2, -1, -3]))
+    texts = lambda ids: [tok.token_text(i) for i in ids]  # noqa: E731
+    assert texts(tok.encode("xy")) == ["xy"]  # "x" alone is no token
+    assert texts(fallback.encode(["xy"])[0]) == ["<0x78>", "y"]
+    assert texts(tok.encode("abc")) == ["ab", "c"]  # "bc" (the lower id) scores the same
+    assert texts(fallback.encode(["abc"])[0]) == ["a", "bc"]
+    assert texts(tok.encode("xz")) == ["<0x78>", "<0x7A>"]  # no token: the bytes
+
+
+def test_spm_library_and_fallback_agree_on_gemma3(gemma3_path: Path) -> None:
+    """Both encoders against each other on text far from the references: random runs of
+    scripts, digits, punctuation and whitespace, and the texts of random token sequences."""
+    tok, fallback = _spm_pair(gguf_fields(gemma3_path))
+    rng = random.Random(3)
+    alphabet = list(
+        "abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789.,;:!?'\"\n\t-_()[]{}<>/\\ "
+        "éàüßçñ漢字かなカナ한국어 😀🎉\u2581\u00a0"
+    )
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(1500)]
+    texts += [tok.decode([rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 12))]) for _ in range(1500)]
+    for text in texts:
+        fragments = [f for f in tok._splitter.split(text, False) if isinstance(f, str)]
+        assert tok._encoder.encode(fragments) == fallback.encode(fragments), repr(text)
+
+
+def test_spm_refuses_lone_surrogates_clearly(gemma3: Tokenizer) -> None:
+    with pytest.raises(InvalidArgument, match="cannot tokenize"):
+        gemma3.encode("a\ud800b")
+
+
+def test_without_the_spm_library_a_warning_and_the_same_tokens() -> None:
+    """A library that is not built (no compiler at setup) costs load time, never tokens."""
+    import subprocess
+    import sys
+
+    code = (
+        "import realm.native_build as b; b.NativeLibrary.path = lambda self: None\n"
+        "from test_tokenizer import Tokenizer, _spm_fields\n"
+        "tok = Tokenizer.from_gguf_fields(_spm_fields(True))\n"
+        "print([tok.token_text(i) for i in tok.encode('Hello wé')])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+    )
+    assert done.stdout.strip() == str(["▁Hello", "▁w", "<0xC3>", "<0xA9>"])
+    assert "SentencePiece library is not built" in done.stderr

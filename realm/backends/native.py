@@ -23,12 +23,8 @@ import ctypes
 import functools
 import hashlib
 import logging
-import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +33,7 @@ import torch
 from realm.errors import InternalError, ModelFormatError
 from realm.models.catalogue import realm_home
 from realm.models.gguf_file import TensorData
+from realm.native_build import NativeLibrary
 from realm.settings import host_settings
 
 log = logging.getLogger(__name__)
@@ -55,96 +52,37 @@ HEADERS = (Path(__file__).with_name("kernel_isa.h"),)
 LIBRARY = "librealm_quantized_gemm.so"
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+def _torch_flags() -> list[str]:
+    from torch.utils import cpp_extension
+
+    return [
+        "-fopenmp",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-I{p}" for p in cpp_extension.include_paths()),
+        *(f"-L{p}" for p in cpp_extension.library_paths()),
+        "-ltorch_cpu",
+        "-lc10",
+    ]
 
 
-@functools.cache
-def _key() -> str:
-    compiler = _compiler() or "none"
-    version = (
-        subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout if compiler != "none" else ""
-    )
-    digest = hashlib.sha256()
-    for source in (*SOURCES, *HEADERS):
-        digest.update(source.read_bytes())
-    digest.update(f"{torch.__version__}\n{version}".encode())
-    return digest.hexdigest()[:24]
-
-
-def _places() -> list[Path]:
-    """Where the library may be, in order: beside this source (where `make setup` puts it,
-    shared by every REALM_HOME), then $REALM_HOME/native for a read-only install."""
-    return [SOURCE.parent / "_build" / _key() / LIBRARY, realm_home() / "native" / _key() / LIBRARY]
+KERNELS = NativeLibrary(
+    LIBRARY,
+    SOURCES,
+    fallback=lambda: realm_home() / "native",
+    headers=HEADERS,
+    flags=_torch_flags,
+    depends_on=f"torch {torch.__version__}",
+)
 
 
 def library_path() -> Path | None:
-    """The built library, if there is one (its SHA-256 recorded beside it: built whole)."""
-    return next((place for place in _places() if _digest_path(place).is_file()), None)
-
-
-def _build_target() -> Path:
-    """The first place a build can write to."""
-    for place in _places():
-        try:
-            place.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(place.parent, os.W_OK):
-            return place
-    raise InternalError(f"nowhere to build Realm's CPU kernel: {', '.join(str(p.parent) for p in _places())}")
+    """The built library, if there is one."""
+    return KERNELS.path()
 
 
 def build(force: bool = False) -> Path:
-    """Compile the kernel into `library_path()` (written whole, then renamed into place)."""
-    built = library_path()
-    if built is not None and not force:
-        return built
-    target = built or _build_target()
-    compiler = _compiler()
-    if compiler is None:
-        raise InternalError("no C++ compiler (c++ or g++) to build Realm's CPU kernel; set CXX")
-    from torch.utils import cpp_extension
-
-    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
-    libs = [f"-L{p}" for p in cpp_extension.library_paths()]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / LIBRARY
-        cmd = [
-            compiler,
-            "-O3",
-            "-std=c++20",
-            "-shared",
-            "-fPIC",
-            "-fopenmp",
-            "-w",
-            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            *includes,
-            *map(str, SOURCES),
-            *libs,
-            "-ltorch_cpu",
-            "-lc10",
-            "-o",
-            str(out),
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise InternalError(f"building Realm's CPU kernel failed:\n{done.stderr[-3000:]}")
-        digest = Path(tmp) / "digest"
-        digest.write_text(_sha256(out))
-        os.replace(out, target)
-        os.replace(digest, _digest_path(target))  # last: a library without it is not built
-    return target
-
-
-def _digest_path(library: Path) -> Path:
-    return library.with_name(library.name + ".sha256")
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """Compile the kernels, unless they are built already (native_build.py)."""
+    return KERNELS.build(force)
 
 
 @functools.cache
@@ -160,9 +98,7 @@ def load() -> bool:
         )
         return False
     try:
-        # dlopen of a truncated library is a SIGBUS, not an error: check the bytes first
-        if _sha256(path) != _digest_path(path).read_text().strip():
-            raise OSError("it does not match its recorded SHA-256 (truncated or altered)")
+        KERNELS.check(path)  # dlopen of a truncated library is a SIGBUS, not an error
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as e:  # damaged, or built against another torch
         log.warning(

@@ -15,7 +15,7 @@ from itertools import accumulate
 import numpy as np
 
 from realm.models.byte_level import byte_decode
-from realm.models.encoders import SPM_SPACE
+from realm.models.spm import SPM_SPACE
 from realm.models.vocabulary import ATTR_BYTE, ATTR_HIDDEN, ATTR_NORMAL, ATTR_SPECIAL, Vocabulary
 
 _HEX_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")

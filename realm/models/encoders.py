@@ -1,37 +1,63 @@
-"""The `tokenizers.Tokenizer` that does the heavy lifting of encoding, one per vocabulary kind.
+"""The encoder of text fragments (the text between special tokens), one per vocabulary kind.
 
-* `gpt2` (BPE): GPT-2 byte-level BPE with the file's merges, behind the pre-tokenizer
-  regexes that `tokenizer.ggml.pre` names (bpe_pre.py).
+* `gpt2` (BPE): `tokenizers`' GPT-2 byte-level BPE with the file's merges, behind the
+  pre-tokenizer regexes that `tokenizer.ggml.pre` names (bpe_pre.py).
 * `llama` (SPM): SentencePiece BPE with scores. llama.cpp merges, inside each text
   fragment, the adjacent pair whose concatenation is the vocabulary token with the
-  highest score. That is BPE whose merge ranks are the scores, so the merges are derived
-  from the vocabulary (every split of a token into two tokens, ranked by the score of the
-  whole) and handed to `tokenizers`' BPE with byte fallback, as transformers'
-  SentencePiece converters do.
-
-Known corner cases where this can differ from llama.cpp (none occurs in practice): two
-*different* pairs forming the *same* score at once (llama.cpp takes the leftmost, here
-the lower merge rank wins); a SentencePiece character that is not itself a token but forms
-one with its neighbour.
+  highest score (the leftmost on a tie): spm.py runs that loop in Realm's own library.
+  Where the library is not built, it is `tokenizers`' BPE whose merge ranks are the
+  scores: every split of a token into two tokens, ranked by the score of the whole, as
+  transformers' SentencePiece converters do. That can differ from llama.cpp in two corner
+  cases (neither occurs on the reference models): two *different* pairs forming the *same*
+  score at once (llama.cpp takes the leftmost, there the lower merge rank wins); a
+  SentencePiece character that is not itself a token but forms one with its neighbour.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Regex, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from realm.errors import ModelFormatError
+from realm.errors import InvalidArgument, ModelFormatError
+from realm.models import spm
 from realm.models.bpe_pre import BpePre
+from realm.models.spm import SPM_SPACE
 from realm.models.vocabulary import Vocabulary, list_field
 
-SPM_SPACE = "\u2581"
-"""SentencePiece's visible space, `▁`."""
+
+class FragmentEncoder(Protocol):
+    """What a Tokenizer asks of its encoder: the tokens of each text fragment, and the
+    vocabulary's texts by id and ids by text."""
+
+    def encode(self, fragments: Sequence[str]) -> list[list[int]]: ...
+    def text(self, token_id: int) -> str: ...
+    def id(self, text: str) -> int | None: ...
 
 
-def bpe_encoder(fields: Mapping[str, Any], vocab: Vocabulary, pre: BpePre) -> HFTokenizer:
+class HFEncoder:
+    """A `tokenizers.Tokenizer` as a FragmentEncoder."""
+
+    def __init__(self, hf: HFTokenizer) -> None:
+        self._hf = hf
+
+    def encode(self, fragments: Sequence[str]) -> list[list[int]]:
+        encode = self._hf.encode  # one fragment at a time: the batch API spawns threads
+        try:
+            return [encode(f, add_special_tokens=False).ids for f in fragments]
+        except Exception as exc:  # e.g. lone surrogates
+            raise InvalidArgument(f"cannot tokenize the text: {exc}") from exc
+
+    def text(self, token_id: int) -> str:
+        return self._hf.id_to_token(token_id)  # type: ignore[return-value]
+
+    def id(self, text: str) -> int | None:
+        return self._hf.token_to_id(text)
+
+
+def bpe_encoder(fields: Mapping[str, Any], vocab: Vocabulary, pre: BpePre) -> FragmentEncoder:
     """GPT-2 byte-level BPE over the merges in `tokenizer.ggml.merges`."""
     raw = list_field(fields, "merges", str)
     if raw is None:
@@ -46,14 +72,17 @@ def bpe_encoder(fields: Mapping[str, Any], vocab: Vocabulary, pre: BpePre) -> HF
         )
     except Exception as exc:
         raise ModelFormatError(f"cannot build the BPE tokenizer: {exc}") from exc
-    hf.decoder = decoders.ByteLevel()
-    return hf
+    return HFEncoder(hf)
 
 
-def spm_encoder(vocab: Vocabulary, unk_id: int | None, add_space_prefix: bool) -> HFTokenizer:
-    """SentencePiece BPE whose merge ranks follow the token scores, with byte fallback."""
+def spm_encoder(vocab: Vocabulary, unk_id: int | None, add_space_prefix: bool, native: bool = True) -> FragmentEncoder:
+    """SentencePiece BPE with byte fallback: Realm's library, or (without it, or with
+    `native` false) `tokenizers`' BPE whose merge ranks follow the token scores."""
     if vocab.scores is None:
         raise ModelFormatError("a 'llama' (SentencePiece) tokenizer needs tokenizer.ggml.scores")
+    lib = spm.library() if native else None
+    if lib is not None:
+        return spm.SpmEncoder(lib, vocab.texts, vocab.scores, unk_id, add_space_prefix)
     merges = _spm_merges(vocab.texts, vocab.scores)
     unk = vocab.texts[unk_id] if unk_id is not None else None
     try:
@@ -64,8 +93,7 @@ def spm_encoder(vocab: Vocabulary, unk_id: int | None, add_space_prefix: bool) -
     if add_space_prefix:
         steps.insert(0, normalizers.Prepend(SPM_SPACE))
     hf.normalizer = normalizers.Sequence(steps)
-    hf.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
-    return hf
+    return HFEncoder(hf)
 
 
 def _gguf_merges(raw: list[str], ids: Mapping[str, int]) -> list[tuple[str, str]]:

@@ -6,8 +6,8 @@
 * special_tokens.py: BOS / EOS / end-of-generation ids and the attributes llama.cpp
   adjusts (tokens found by their text become control tokens, ...);
 * bpe_pre.py: the BPE pre-tokenizer regexes that `tokenizer.ggml.pre` names;
-* encoders.py: the `tokenizers.Tokenizer` that encodes text fragments, for the two
-  vocabulary kinds llama.cpp calls BPE (`gpt2`) and SPM (`llama`);
+* encoders.py: the encoder of text fragments, for the two vocabulary kinds llama.cpp
+  calls BPE (`gpt2`, with `tokenizers`) and SPM (`llama`, with spm.py);
 * special_split.py: the split of the input on special tokens before tokenization
   (user-defined tokens always, control tokens only with `parse_special`);
 * detokenize.py: llama.cpp's `token_to_piece` per token and the `clean_spaces` pass.
@@ -25,13 +25,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer as HFTokenizer
 
 from realm.errors import InvalidArgument
 from realm.models.bpe_pre import BpePre, bpe_pre
 from realm.models.byte_level import bytes_to_unicode as _bytes_to_unicode  # noqa: F401  (tests import it here)
 from realm.models.detokenize import TokenPieces, clean_spaces, inert
-from realm.models.encoders import bpe_encoder, spm_encoder
+from realm.models.encoders import FragmentEncoder, bpe_encoder, spm_encoder
 from realm.models.special_split import SpecialSplitter
 from realm.models.special_tokens import SpecialDefaults, resolve_special_tokens
 from realm.models.vocabulary import ATTR_HIDDEN, ATTR_SPECIAL, Vocabulary, bool_field, read_vocabulary, string_field
@@ -100,7 +99,7 @@ class Tokenizer:
     longest_text: int
     _attrs: array[int]  # llama.cpp's token attributes by id
     _splitter: SpecialSplitter
-    _hf: HFTokenizer  # also the texts by id and the ids by text (its vocabulary is the file's)
+    _encoder: FragmentEncoder  # also the texts by id and the ids by text (its vocabulary is the file's)
     _pieces: TokenPieces
 
     def __init__(self) -> None:  # use from_gguf_fields
@@ -125,26 +124,21 @@ class Tokenizer:
         specials = {i: vocab.texts[i] for i, a in enumerate(vocab.attrs) if a & ATTR_SPECIAL}
         self._splitter = SpecialSplitter(specials, self._attrs)
         if settings.pre is not None:
-            self._hf = bpe_encoder(fields, vocab, settings.pre)
+            self._encoder = bpe_encoder(fields, vocab, settings.pre)
         else:
-            self._hf = spm_encoder(vocab, special.unk_id, settings.add_space_prefix)
+            self._encoder = spm_encoder(vocab, special.unk_id, settings.add_space_prefix)
         self._pieces = TokenPieces(vocab)
         return self
 
     # -- queries ---------------------------------------------------------------------------
 
-    @property
-    def hf_tokenizer(self) -> HFTokenizer:
-        """The underlying `tokenizers.Tokenizer` (no special-token handling of its own)."""
-        return self._hf
-
     def token_text(self, token_id: int) -> str:
         """The token's text as stored in the vocabulary (e.g. 'Ġthe', '▁the', '<|im_end|>')."""
-        return self._hf.id_to_token(self._check_id(token_id))  # type: ignore[return-value]
+        return self._encoder.text(self._check_id(token_id))
 
     def token_to_id(self, text: str) -> int | None:
         """The id of the token whose vocabulary text is `text`, if any."""
-        return self._hf.token_to_id(text)
+        return self._encoder.id(text)
 
     def is_control(self, token_id: int) -> bool:
         """Whether llama.cpp treats the token as a control token (hidden unless special)."""
@@ -199,15 +193,12 @@ class Tokenizer:
         if not text:
             return out
         fragments = self._splitter.split(text, parse_special)
-        encode = self._hf.encode  # one fragment at a time: the batch API spawns threads
-        try:
-            for f in fragments:
-                if isinstance(f, str):
-                    out.extend(encode(f, add_special_tokens=False).ids)
-                else:
-                    out.append(f)
-        except Exception as exc:  # e.g. lone surrogates
-            raise InvalidArgument(f"cannot tokenize the text: {exc}") from exc
+        encoded = iter(self._encoder.encode([f for f in fragments if isinstance(f, str)]))
+        for f in fragments:
+            if isinstance(f, str):
+                out.extend(next(encoded))
+            else:
+                out.append(f)
         return out
 
     # -- decode ----------------------------------------------------------------------------
