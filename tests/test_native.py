@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as QT
 from test_quants import COLS, ROWS, random_blocks
 
 from realm.backends import native
-from realm.backends.linear import Int4Linear, NativeInt4Linear, NativeInt8Linear, pack_for_cpu
+from realm.backends.linear import Int4Linear, NativeInt4Linear, NativeInt5Linear, NativeInt8Linear, pack_for_cpu
 from realm.errors import InternalError
 from realm.models.quants import dequantize, int4_planes
 
@@ -34,12 +34,14 @@ def rounded_product(x: torch.Tensor, w: torch.Tensor, planes: int) -> torch.Tens
     t, k = x.shape
     blocks = x.view(t, k // 32, 32)
     step = blocks.abs().amax(dim=2, keepdim=True) / 127
-    q = torch.round(blocks / torch.where(step > 0, step, torch.ones_like(step))) * step
+    inverse = torch.where(step > 0, 1 / step, torch.zeros_like(step))  # float32, as the kernel: x * (1 / dx)
+    q = torch.round(blocks * inverse) * step
     return q.view(t, k).repeat(1, planes).double() @ w.double().T
 
 
 def check_kernels(seed: int = 0) -> float:
-    """The largest error of either kernel over SHAPES, relative to the largest output."""
+    """The largest error of any kernel (4, 5 and 8 bits) over SHAPES, relative to the
+    largest output."""
     g = torch.Generator().manual_seed(seed)
     worst = 0.0
     for n, k, planes, t in SHAPES:
@@ -51,6 +53,11 @@ def check_kernels(seed: int = 0) -> float:
         y = torch.ops.realm.int4_gemm(x, *native.group_layout(codes, scale, mins, bits=4), n)
         want = rounded_product(x, w, planes)
         worst = max(worst, float((y.double() - want).abs().max() / want.abs().max()))
+        fives = torch.randint(0, 32, (n, k), generator=g)  # every fifth bit pattern, in every row and slice
+        w5 = (fives.float().view(n, -1, 32) * scale[:, : k // 32, None] + mins[:, : k // 32, None]).view(n, k)
+        y5 = torch.ops.realm.int5_gemm(x, *native.group_layout(fives, scale[:, : k // 32], mins[:, : k // 32], 5), n)
+        want5 = rounded_product(x, w5, 1)
+        worst = max(worst, float((y5.double() - want5).abs().max() / want5.abs().max()))
         signed = torch.randint(-128, 128, (n, k), generator=g)
         for per_block in (1, 2):  # a scale per 32 weights, or per 16
             scale8 = (torch.rand(n, k // 32 * per_block, generator=g) * 0.02).half().float()
@@ -166,20 +173,34 @@ def test_the_native_linear_against_the_dequantized_weight(qtype: QT) -> None:
         assert (theirs(x) - ref).abs().max() <= 1.5e-2 * ref.abs().max(), rows
 
 
-@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q5_0, QT.Q6_K], ids=lambda q: q.name)
-def test_signed_codes_through_the_int8_kernel(qtype: QT) -> None:
-    """Q8_0, Q5_0 and Q6_K as their own codes: within the error of rounding x to 8 bits,
-    one scale per 32 weights where the format repeats it, two (per 16) for Q6_K."""
+@pytest.mark.parametrize(
+    ("qtype", "beside", "kind"),
+    [
+        (QT.Q8_0, QT.Q8_0, NativeInt8Linear),
+        (QT.Q6_K, QT.Q6_K, NativeInt8Linear),
+        (QT.Q5_0, QT.Q8_0, NativeInt8Linear),
+        (QT.Q5_0, QT.Q5_0, NativeInt5Linear),
+        (QT.Q5_1, QT.Q5_1, NativeInt5Linear),
+        (QT.Q5_K, QT.Q5_K, NativeInt5Linear),
+    ],
+    ids=lambda v: getattr(v, "name", None) or getattr(v, "__name__", "?"),
+)
+def test_formats_through_their_own_codes(qtype: QT, beside: QT, kind: type) -> None:
+    """Q8_0 and Q6_K as signed 8-bit codes (one scale per 32 weights where the format
+    repeats it, two, per 16, for Q6_K), Q5_0 stacked with them too; the 5-bit formats alone
+    or together as 5-bit codes: within the error of rounding x to 8 bits."""
     from realm.models.gguf_file import TensorData
 
-    raw = random_blocks(qtype, seed=7)
-    w = dequantize(raw, qtype, (ROWS, COLS))
-    tensor = TensorData(name="w", qtype=qtype, shape=(ROWS, COLS), raw=raw)
-    lin = pack_for_cpu([tensor, tensor])  # stacked, as q/k/v are
-    assert isinstance(lin, NativeInt8Linear) and lin.scales_per_block == (2 if qtype == QT.Q6_K else 1)
+    raws = [random_blocks(q, seed=7 + i) for i, q in enumerate((qtype, beside))]
+    w = torch.cat([dequantize(raw, q, (ROWS, COLS)) for raw, q in zip(raws, (qtype, beside), strict=True)])
+    tensors = [TensorData(name="w", qtype=q, shape=(ROWS, COLS), raw=raw) for raw, q in zip(raws, (qtype, beside))]
+    lin = pack_for_cpu(tensors)  # stacked, as q/k/v are
+    assert isinstance(lin, kind)
+    if isinstance(lin, NativeInt8Linear):
+        assert lin.scales_per_block == (2 if qtype == QT.Q6_K else 1)
     for rows in (1, 5):
         x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(rows))
-        ref = torch.cat([x @ w.T] * 2, dim=1)
+        ref = x @ w.T
         assert (lin(x) - ref).abs().max() <= 1.5e-2 * ref.abs().max(), rows
 
 

@@ -159,6 +159,7 @@ def _register(cls: type, tensors: Sequence[str], context: Sequence[str], **fixed
 _SHAPE = ("out_features", "in_features")
 _register(linear.Int4Linear, ("packed", "scales_zeros"), ("n_planes", *_SHAPE), dense=None)
 _register(linear.NativeInt4Linear, ("codes", "scales", "mins"), _SHAPE)
+_register(linear.NativeInt5Linear, ("codes", "scales", "mins"), _SHAPE)
 _register(linear.NativeInt8Linear, ("codes", "scales"), ("scales_per_block", *_SHAPE))
 _register(linear.DenseLinear, ("weight",), _SHAPE)
 torch.export.register_dataclass(LayerWeights, serialized_type_name="realm.LayerWeights")

@@ -3,9 +3,9 @@
 On the CPU the quantized formats run in Realm's own kernels (`native.py`), as llama.cpp
 runs them: each activation row rounded to 8 bits per block of 32, integer dot products
 with the weights' own codes. Q4_0, Q4_1 and Q4_K are 4-bit codes (`NativeInt4Linear`);
-Q8_0, Q5_0 and Q6_K signed 8-bit codes with their scales (`NativeInt8Linear`); Q5_1 and
-Q5_K their int4 planes (`quants.int4_planes`). Nothing is re-quantized; scales are held
-in float16. Every row is rounded and summed alone, so a sequence's numbers do not depend
+Q5_0, Q5_1 and Q5_K 5-bit codes (`NativeInt5Linear`); Q8_0 and Q6_K signed 8-bit codes
+with their scales (`NativeInt8Linear`). Nothing is re-quantized; scales are held in
+float16. Every row is rounded and summed alone, so a sequence's numbers do not depend
 on what else is in its batch, and through lone steps, batches and prompts the outputs
 stay within the reference bounds (tests/test_reference.py).
 
@@ -30,7 +30,16 @@ from gguf import GGMLQuantizationType as QT
 
 from realm.backends import native
 from realm.models.gguf_file import TensorData
-from realm.models.quants import INT4_PLANES, INT8_EXACT, Int4Groups, dequantize, int4_planes, int8_codes
+from realm.models.quants import (
+    INT4_PLANES,
+    INT5_EXACT,
+    INT8_EXACT,
+    Int4Groups,
+    dequantize,
+    int4_planes,
+    int5_codes,
+    int8_codes,
+)
 
 GROUP = 32
 DENSE_MIN_ROWS = 4
@@ -128,9 +137,27 @@ class NativeInt4Linear:
         return torch.ops.realm.int4_gemm(x.float(), self.codes, self.scales, self.mins, self.out_features)
 
 
+class NativeInt5Linear:
+    """Realm's own kernel on 5-bit codes with a float16 scale and minimum per 32 weights
+    (`quants.int5_codes`): Q5_0 and Q5_1 exactly as stored, Q5_K with its products of two
+    scales rounded to float16. 0.75 bytes a weight, where the same codes as signed 8-bit
+    ones took 1.06 (gemma3's Q5_0 layers: 45 MiB instead of 64) and their int4 planes 1.25."""
+
+    def __init__(self, tensors: Sequence[TensorData]) -> None:
+        parts = [int5_codes(t.raw, t.qtype, t.shape) for t in tensors]
+        codes, scale, mins = (torch.cat(column) for column in zip(*parts, strict=True))
+        self.out_features, self.in_features = codes.shape
+        self.codes, self.scales, packed_mins = native.group_layout(codes, scale, mins, bits=5)
+        assert packed_mins is not None
+        self.mins = packed_mins
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.realm.int5_gemm(x.float(), self.codes, self.scales, self.mins, self.out_features)
+
+
 class NativeInt8Linear:
     """Realm's own kernel on signed 8-bit codes with a float16 scale per 16 or 32 weights:
-    Q8_0, Q5_0 and Q6_K exactly as stored (`quants.int8_codes`; Q6_K's products of two
+    Q8_0, Q6_K (and Q5_0 stacked with them) exactly as stored (`quants.int8_codes`; Q6_K's products of two
     scales round to float16, a relative 2**-11), 1.06-1.12 bytes a weight where their int4
     planes took 1.25 to 2.5 (gemma3's layers: 92 MiB a step instead of ~126)."""
 
@@ -174,10 +201,12 @@ def dequantize_stacked(tensors: Sequence[TensorData]) -> torch.Tensor:
 
 def pack_for_cpu(
     tensors: Sequence[TensorData],
-) -> NativeInt8Linear | NativeInt4Linear | Int4Linear | DenseLinear:
+) -> NativeInt8Linear | NativeInt5Linear | NativeInt4Linear | Int4Linear | DenseLinear:
     """The fastest exact-enough CPU format for these layer tensors (stacked as one Linear)."""
     qtypes = {t.qtype for t in tensors}
     in_features = tensors[0].shape[-1]
+    if qtypes <= INT5_EXACT and in_features % GROUP == 0 and native.load():
+        return NativeInt5Linear(tensors)
     if qtypes <= INT8_EXACT and in_features % GROUP == 0 and native.load():
         return NativeInt8Linear(tensors)
     if qtypes <= INT4_PLANES and in_features % GROUP == 0:

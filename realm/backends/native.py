@@ -109,7 +109,8 @@ def load() -> bool:
         )
         return False
 
-    torch.library.register_fake("realm::int4_gemm", _int4_shape)
+    torch.library.register_fake("realm::int4_gemm", _int4_or_int5_shape)
+    torch.library.register_fake("realm::int5_gemm", _int4_or_int5_shape)
     torch.library.register_fake("realm::int8_gemm", _int8_shape)
     torch.library.register_fake("realm::paged_attention", _attention_shape)
 
@@ -120,7 +121,8 @@ def group_layout(
     codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None = None, bits: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(codes (N, K) unsigned, scale (N, K / 32 * S) and mins (N, K / 32) float) in the
-    kernels' layout (see the .cpp): codes (N / 16, K / 32 * 16 * 32 * bits / 8) uint8,
+    kernels' layout (see the .cpp): codes (N / 16, K / 32 * 16 * 32 * bits / 8) uint8 (5
+    bits: the 4-bit layout of the low nibbles, then the fifth bits),
     scales (N / 16, K / 32 * S * 16) and mins (N / 16, K / 32 * 16) float16, S being the
     scales a block (1, or 2 for 8-bit codes scaled per 16). Rows are padded with zeros to
     a whole group. 8-bit codes have no mins (the kernel knows them)."""
@@ -131,10 +133,15 @@ def group_layout(
     groups, blocks = codes.shape[0] // GROUP, codes.shape[1] // 32
     # (group, row, block, half of the block, slice, byte) -> (group, block, [half,] slice, row, byte)
     q = codes.to(torch.uint8).view(groups, GROUP, blocks, 2, 4, 4)
-    if bits == 4:
-        packed = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)
+    if bits == 8:
+        packed = q.permute(0, 2, 3, 4, 1, 5).reshape(groups, blocks, -1)
     else:
-        packed = q.permute(0, 2, 3, 4, 1, 5)
+        low = q & 15
+        packed = (low[:, :, :, 0] | (low[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4).reshape(groups, blocks, -1)
+    if bits == 5:  # per block, 8 words of 64 bits: (half, slice), bit 4 * row + byte
+        tops = (q >> 4).permute(0, 2, 3, 4, 1, 5).reshape(groups, blocks, 8, 64).numpy()
+        words = np.packbits(tops, axis=-1, bitorder="little").reshape(groups, blocks, 64)
+        packed = torch.cat((packed, torch.from_numpy(words)), dim=2)
 
     def per_block(t: torch.Tensor) -> torch.Tensor:  # (group, row, block, S) -> (group, block, S, row)
         t = t.reshape(groups, GROUP, blocks, -1).permute(0, 2, 3, 1)
@@ -143,7 +150,7 @@ def group_layout(
     return packed.reshape(groups, -1).contiguous(), per_block(scale), None if mins is None else per_block(mins)
 
 
-def _int4_shape(
+def _int4_or_int5_shape(
     x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, out_features: int
 ) -> torch.Tensor:
     return x.new_empty((x.shape[0], out_features))

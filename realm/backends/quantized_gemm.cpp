@@ -1,10 +1,10 @@
-// y = x @ W.T for W in 4- or 8-bit codes, multiplied the way llama.cpp does: the
+// y = x @ W.T for W in 4-, 5- or 8-bit codes, multiplied the way llama.cpp does: the
 // activations rounded to 8 bits per block of 32 inputs, each block's product an exact
 // integer sum.
 //
 // x, per block of 32: x ~ dx * xq, xq int8; sx = dx * sum(xq), and the integer sums of
 // each half (16 inputs) of xq. W per row and block of 32 inputs:
-//   4 bits: w = d * q + m, q in 0..15, d and m float16:
+//   4 or 5 bits: w = d * q + m, q in 0..15 or 0..31, d and m float16:
 //     y[n] += d * dx * (q . xq) + m * sx
 //   8 bits: w = d * (u - 128), u in 0..255 (a signed code plus 128), d float16, one per
 //   block or one per half-block (Q6_K's scales change every 16 weights):
@@ -16,7 +16,10 @@
 // and no sum is ever reduced across lanes. Group g, block b, 4 bits: 256 bytes in 4 slices
 // of 64; slice u, row r, byte i holds q[r][4u + i] in its low nibble and q[r][16 + 4u + i]
 // in its high one. 8 bits: 512 bytes in 8 slices, slice u < 4 holding u[r][4u + i] and
-// slice 4 + u holding u[r][16 + 4u + i]. Scales (and mins) are arrays apart, per block
+// slice 4 + u holding u[r][16 + 4u + i]. 5 bits: the 4-bit layout of the low nibbles, then
+// 64 bytes of fifth bits, 8 little-endian uint64 in the order of the 4-bit codes they
+// complete (the low nibbles of slices 0-3, then their high nibbles), bit 4r + i for row r,
+// byte i. Scales (and mins) are arrays apart, per block
 // the 16 rows' (per half-block: the first half's 16, then the second's). A slice against
 // x's bytes 4u..4u+3 broadcast to every row is one vpdpbusd: 64 products.
 //
@@ -100,6 +103,15 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_rows_avx512(const floa
 
 constexpr int block_bytes(int bits) { return GROUP * BLOCK * bits / 8; }
 
+// A 5-bit block's fifth-bit word j (0-3: the low nibbles' slices, 4-7: the high ones').
+inline uint64_t fifth_word(const uint8_t* block, int j) {
+  uint64_t v;
+  std::memcpy(&v, block + 256 + 8 * j, 8);
+  return v;
+}
+
+inline int fifth_bit(const uint8_t* block, int j, int bit) { return static_cast<int>((fifth_word(block, j) >> bit) & 1); }
+
 // One group of W against `tiles` (<= TILE) rows of x from t0: out[t * GROUP + r].
 using GroupKernel = void (*)(const Weights& w, const Activations& a, int64_t t0, int tiles, float* out);
 
@@ -116,11 +128,15 @@ void group_scalar(const Weights& w, const Activations& a, int64_t t0, int tiles,
         for (int u = 0; u < 4; ++u)
           for (int i = 0; i < 4; ++i) {
             const int at = u * 64 + r * 4 + i;
-            const int first = BITS == 4 ? c[at] & 0xF : c[at], second = BITS == 4 ? c[at] >> 4 : c[256 + at];
+            int first = BITS == 8 ? c[at] : c[at] & 0xF, second = BITS == 8 ? c[256 + at] : c[at] >> 4;
+            if constexpr (BITS == 5) {
+              first |= fifth_bit(c, u, r * 4 + i) << 4;
+              second |= fifth_bit(c, 4 + u, r * 4 + i) << 4;
+            }
             dot[0] += first * xq[4 * u + i];
             dot[1] += second * xq[16 + 4 * u + i];
           }
-        if constexpr (BITS == 4) {
+        if constexpr (BITS != 8) {
           acc += static_cast<float>(w.d[b * GROUP + r]) * a.d[xb] * static_cast<float>(dot[0] + dot[1]) +
                  static_cast<float>(w.m[b * GROUP + r]) * a.s[xb];
         } else {
@@ -141,7 +157,7 @@ inline void prefetch_block(const Weights& w, int64_t b) {
   const char* c = reinterpret_cast<const char*>(w.codes + (b + PREFETCH) * block_bytes(BITS));
   for (int u = 0; u < block_bytes(BITS) / 64; ++u) _mm_prefetch(c + u * 64, _MM_HINT_T0);
   _mm_prefetch(reinterpret_cast<const char*>(w.d + (b + PREFETCH) * SCALES * GROUP), _MM_HINT_T0);
-  if constexpr (BITS == 4) _mm_prefetch(reinterpret_cast<const char*>(w.m + (b + PREFETCH) * GROUP), _MM_HINT_T0);
+  if constexpr (BITS != 8) _mm_prefetch(reinterpret_cast<const char*>(w.m + (b + PREFETCH) * GROUP), _MM_HINT_T0);
 }
 
 inline int32_t word(const int8_t* p) {
@@ -150,11 +166,21 @@ inline int32_t word(const int8_t* p) {
   return v;
 }
 
+// 32 bits as 32 bytes, 16 where the bit is set (byte j from bit j): a 5-bit code's top.
+__attribute__((target("avx2"))) inline __m256i sixteens_avx2(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)),
+                                             _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                               0x0101010101010101, 0));
+  const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select), _mm256_set1_epi8(16));
+}
+
 template <int BITS, int SCALES, int NT>
 __attribute__((target("avx2,fma,f16c"))) void group_avx2_tiles(const Weights& w, const Activations& a, int64_t t0,
                                                                float* out) {
-  // vpmaddubsw saturates its 16-bit pair sums, so every code goes in as nibbles (8 bits:
-  // hi * 16 + lo), never above 15; 16 products of a slice-half, 8 rows a register.
+  // vpmaddubsw saturates its 16-bit pair sums, so 8-bit codes go in as nibbles (hi * 16 +
+  // lo), never above 15 (5-bit codes, up to 31, stay under it whole); 16 products of a
+  // slice-half, 8 rows a register.
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const int64_t kb = a.k_blocks;
   __m256 acc[NT][2];
@@ -163,15 +189,20 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2_tiles(const Weights& w,
     const uint8_t* c = w.codes + b * block_bytes(BITS);
     prefetch_block<BITS, SCALES>(w, b);
     for (int h = 0; h < 2; ++h) {  // rows 0-7, then 8-15
-      constexpr int PARTS = BITS == 4 ? 8 : 16;
+      constexpr int PARTS = BITS == 8 ? 16 : 8;
       __m256i v[PARTS];
       int at[PARTS], shift[PARTS], half[PARTS];
       for (int u = 0; u < 4; ++u) {
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + u * 64 + h * 32));
-        if constexpr (BITS == 4) {
+        if constexpr (BITS != 8) {
           v[2 * u] = _mm256_and_si256(raw, low), at[2 * u] = 4 * u, shift[2 * u] = 0, half[2 * u] = 0;
           v[2 * u + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low), at[2 * u + 1] = 16 + 4 * u;
           shift[2 * u + 1] = 0, half[2 * u + 1] = 1;
+          if constexpr (BITS == 5) {  // rows 8h.. are bits 32h.. of each word
+            v[2 * u] = _mm256_or_si256(v[2 * u], sixteens_avx2(static_cast<uint32_t>(fifth_word(c, u) >> (32 * h))));
+            v[2 * u + 1] =
+                _mm256_or_si256(v[2 * u + 1], sixteens_avx2(static_cast<uint32_t>(fifth_word(c, 4 + u) >> (32 * h))));
+          }
         } else {
           const __m256i upper = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 256 + u * 64 + h * 32));
           const __m256i parts[4] = {raw, raw, upper, upper};
@@ -187,7 +218,7 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2_tiles(const Weights& w,
       const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ds)));
       const __m256 d1 = SCALES == 2 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ds + GROUP))) : d0;
       __m256 m = _mm256_setzero_ps();
-      if constexpr (BITS == 4)
+      if constexpr (BITS != 8)
         m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b * GROUP + h * 8)));
       for (int t = 0; t < NT; ++t) {
         const int64_t row = (t0 + t) * kb + xb;
@@ -198,7 +229,7 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2_tiles(const Weights& w,
           dot[half[u]] = _mm256_add_epi32(dot[half[u]], shift[u] ? _mm256_slli_epi32(p, 4) : p);
         }
         const __m256 dx = _mm256_set1_ps(a.d[row]);
-        if constexpr (BITS == 4) {
+        if constexpr (BITS != 8) {
           acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot[0], dot[1])), _mm256_mul_ps(d0, dx), acc[t][h]);
           acc[t][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s[row]), acc[t][h]);
         } else {
@@ -220,7 +251,7 @@ template <int BITS, int SCALES, int NT>
 __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma"))) void group_avx512_tiles(const Weights& w,
                                                                                        const Activations& a,
                                                                                        int64_t t0, float* out) {
-  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i low = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
   const int64_t kb = a.k_blocks;
   __m512 acc[NT], mins[NT];  // two sums, so that neither waits on the other's latency
   for (int t = 0; t < NT; ++t) acc[t] = mins[t] = _mm512_setzero_ps();
@@ -230,9 +261,13 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma"))) void group_avx51
     __m512i first[4], second[4];  // per slice: the products with inputs 4u.. and 16 + 4u..
     for (int u = 0; u < 4; ++u) {
       const __m512i raw = _mm512_loadu_si512(c + u * 64);
-      if constexpr (BITS == 4) {
+      if constexpr (BITS != 8) {
         first[u] = _mm512_and_si512(raw, low);
         second[u] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+        if constexpr (BITS == 5) {
+          first[u] = _mm512_or_si512(first[u], _mm512_maskz_mov_epi8(_cvtu64_mask64(fifth_word(c, u)), sixteen));
+          second[u] = _mm512_or_si512(second[u], _mm512_maskz_mov_epi8(_cvtu64_mask64(fifth_word(c, 4 + u)), sixteen));
+        }
       } else {
         first[u] = raw;
         second[u] = _mm512_loadu_si512(c + 256 + u * 64);
@@ -242,7 +277,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma"))) void group_avx51
     const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ds)));
     const __m512 d1 = SCALES == 2 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ds + GROUP))) : d0;
     __m512 m = _mm512_setzero_ps();
-    if constexpr (BITS == 4) m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.m + b * GROUP)));
+    if constexpr (BITS != 8) m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.m + b * GROUP)));
     for (int t = 0; t < NT; ++t) {
       const int64_t row = (t0 + t) * kb + xb;
       const int8_t* xq = a.q + row * BLOCK;
@@ -252,7 +287,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma"))) void group_avx51
         dot1 = _mm512_dpbusd_epi32(dot1, second[u], _mm512_set1_epi32(word(xq + 16 + 4 * u)));
       }
       const __m512 dx = _mm512_set1_ps(a.d[row]);
-      if constexpr (BITS == 4) {
+      if constexpr (BITS != 8) {
         acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot0, dot1)), _mm512_mul_ps(d0, dx), acc[t]);
         mins[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s[row]), mins[t]);
       } else if constexpr (SCALES == 1) {
@@ -297,7 +332,7 @@ struct Avx2 {
 using Quantizer = void (*)(const float* x, int64_t rows, int64_t k, int8_t* q, float* d, float* s, int32_t* h);
 
 struct Choice {
-  GroupKernel int4, int8, int8_halves;
+  GroupKernel int4, int5, int8, int8_halves;
   Quantizer quantize;
   const char* name;
 };
@@ -305,11 +340,13 @@ struct Choice {
 Choice pick_kernel() {
   switch (realm::kernel_isa()) {
     case realm::Isa::avx512:
-      return {by_tiles<4, 1, Avx512>, by_tiles<8, 1, Avx512>, by_tiles<8, 2, Avx512>, quantize_rows_avx512, "avx512-vnni"};
+      return {by_tiles<4, 1, Avx512>, by_tiles<5, 1, Avx512>, by_tiles<8, 1, Avx512>, by_tiles<8, 2, Avx512>,
+              quantize_rows_avx512, "avx512-vnni"};
     case realm::Isa::avx2:
-      return {by_tiles<4, 1, Avx2>, by_tiles<8, 1, Avx2>, by_tiles<8, 2, Avx2>, quantize_rows, "avx2"};
+      return {by_tiles<4, 1, Avx2>, by_tiles<5, 1, Avx2>, by_tiles<8, 1, Avx2>, by_tiles<8, 2, Avx2>, quantize_rows,
+              "avx2"};
     default:
-      return {group_scalar<4, 1>, group_scalar<8, 1>, group_scalar<8, 2>, quantize_rows, "scalar"};
+      return {group_scalar<4, 1>, group_scalar<5, 1>, group_scalar<8, 1>, group_scalar<8, 2>, quantize_rows, "scalar"};
   }
 }
 
@@ -345,8 +382,11 @@ at::Tensor gemm(int bits, int scales_per_block, const at::Tensor& x, const at::T
   float* out = y.data_ptr<float>();
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const at::Half* dw = scales.data_ptr<at::Half>();
-  const at::Half* mw = bits == 4 ? mins.data_ptr<at::Half>() : nullptr;
-  const GroupKernel kernel = bits == 4 ? KERNEL.int4 : scales_per_block == 1 ? KERNEL.int8 : KERNEL.int8_halves;
+  const at::Half* mw = bits != 8 ? mins.data_ptr<at::Half>() : nullptr;
+  const GroupKernel kernel = bits == 4   ? KERNEL.int4
+                             : bits == 5 ? KERNEL.int5
+                             : scales_per_block == 1 ? KERNEL.int8
+                                                     : KERNEL.int8_halves;
   const int64_t group_scales = blocks * scales_per_block * GROUP;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     float tile[TILE * GROUP];
@@ -368,6 +408,11 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   return gemm(4, 1, x, codes, scales, mins, out_features);
 }
 
+at::Tensor int5_gemm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                     int64_t out_features) {
+  return gemm(5, 1, x, codes, scales, mins, out_features);
+}
+
 at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t scales_per_block,
                      int64_t out_features) {
   return gemm(8, static_cast<int>(scales_per_block), x, codes, scales, at::Tensor(), out_features);
@@ -379,11 +424,13 @@ std::string isa() { return KERNEL.name; }
 
 TORCH_LIBRARY(realm, m) {
   m.def("int4_gemm(Tensor x, Tensor codes, Tensor scales, Tensor mins, int out_features) -> Tensor");
+  m.def("int5_gemm(Tensor x, Tensor codes, Tensor scales, Tensor mins, int out_features) -> Tensor");
   m.def("int8_gemm(Tensor x, Tensor codes, Tensor scales, int scales_per_block, int out_features) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
 TORCH_LIBRARY_IMPL(realm, CPU, m) {
   m.impl("int4_gemm", int4_gemm);
+  m.impl("int5_gemm", int5_gemm);
   m.impl("int8_gemm", int8_gemm);
 }

@@ -149,13 +149,17 @@ def _q4_k(b: np.ndarray) -> np.ndarray:
     return (scale * q - offset).reshape(-1, 256)
 
 
-def _q5_k(b: np.ndarray) -> np.ndarray:
-    """Q4_K with 32 bytes qh before the nibbles: bit i of byte j is the 5th bit of element
-    32*i + j."""
-    scale, offset = _k_parts(b)
+def _q5_k_codes(b: np.ndarray) -> np.ndarray:
+    """Q4_K's layout with 32 bytes qh before the nibbles: bit i of byte j is the 5th bit of
+    element 32*i + j. The codes in 0..31, [n, 8, 32]."""
     high = (b[:, 16:48, None] >> _BITS) & 1  # [n, byte j, bit i]
-    q = _nibbles(b[:, 48:], 32).reshape(-1, 8, 32) | (high.transpose(0, 2, 1) << 4)
-    return (scale * q - offset).reshape(-1, 256)
+    return _nibbles(b[:, 48:], 32).reshape(-1, 8, 32) | (high.transpose(0, 2, 1) << 4)
+
+
+def _q5_k(b: np.ndarray) -> np.ndarray:
+    """Super-block 256 as Q4_K's with 5-bit codes; sub-block i of 32: w = d*sc[i]*q - dmin*m[i]."""
+    scale, offset = _k_parts(b)
+    return (scale * _q5_k_codes(b) - offset).reshape(-1, 256)
 
 
 _PAIRS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
@@ -296,8 +300,7 @@ def _q5_planes(b: np.ndarray, offset_of: Callable[[np.ndarray], np.ndarray], fir
 def _q5_k_planes(b: np.ndarray) -> list[_Groups]:
     # sub-block of 32: scale*q - offset, q = 16*hi + lo
     scale, offset = _k_parts(b)  # [n, 8, 1]
-    high = (b[:, 16:48, None] >> _BITS) & 1
-    q = _nibbles(b[:, 48:], 32).reshape(-1, 8, 32) | (high.transpose(0, 2, 1) << 4)
+    q = _q5_k_codes(b)
     return [(q & 15, scale, 8 * scale - offset), (q >> 4, 16 * scale, 128 * scale)]
 
 
@@ -347,6 +350,47 @@ def int4_planes(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> list[Int4
         )
         for codes, scale, zero in _PLANE_SPLITTERS[qtype](_blocks(raw, qtype, shape))
     ]
+
+
+# ---- exact 5-bit codes with a scale and a minimum per 32 ----------------------------------
+
+
+def _q5_0_fives(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = _half(b[:, 0:2])  # w = d * q - 16 * d
+    return _q5_codes(b, 2), d, -16 * d
+
+
+def _q5_1_fives(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _q5_codes(b, 4), _half(b[:, 0:2]), _half(b[:, 2:4])
+
+
+def _q5_k_fives(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scale, offset = _k_parts(b)  # [n, 8, 1]
+    return _q5_k_codes(b).reshape(-1, 256), scale.reshape(-1, 8), -offset.reshape(-1, 8)
+
+
+_FIVES: dict[QT, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
+    QT.Q5_0: _q5_0_fives,
+    QT.Q5_1: _q5_1_fives,
+    QT.Q5_K: _q5_k_fives,
+}
+
+INT5_EXACT: frozenset[QT] = frozenset(_FIVES)
+
+
+def int5_codes(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q5_0 / Q5_1 / Q5_K tensor [rows, cols] as w = scale * code + min per block of 32:
+    codes [rows, cols] uint8 in 0..31 (GGML's own), scales and mins [rows, cols // 32]
+    float32 (Q5_K's are its products of two scales)."""
+    _check_type(qtype, INT5_EXACT)
+    shape = tuple(int(n) for n in shape)
+    codes, scale, low = _FIVES[qtype](_blocks(raw, qtype, shape))
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    return (
+        torch.from_numpy(np.ascontiguousarray(codes, dtype=np.uint8).reshape(rows, cols)),
+        torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, cols // 32)),
+        torch.from_numpy(np.ascontiguousarray(low, dtype=np.float32).reshape(rows, cols // 32)),
+    )
 
 
 # ---- exact signed 8-bit codes for symmetric 5-, 6- and 8-bit formats ---------------------
