@@ -357,3 +357,28 @@ def test_without_the_spm_library_a_warning_and_the_same_tokens() -> None:
     )
     assert done.stdout.strip() == str(["▁Hello", "▁w", "<0xC3>", "<0xA9>"])
     assert "SentencePiece library is not built" in done.stderr
+
+
+def test_a_damaged_spm_library_is_a_warning_and_the_same_tokens(tmp_path: Path) -> None:
+    """A truncated library (a build killed half way) is refused before dlopen, never loaded."""
+    import subprocess
+    import sys
+
+    from realm.models import spm
+
+    built = spm.LIBRARY.path()
+    assert built is not None, "make setup builds the SentencePiece library"
+    broken = tmp_path / built.name
+    broken.write_bytes(built.read_bytes()[:4096])
+    (tmp_path / (built.name + ".sha256")).write_text(Path(str(built) + ".sha256").read_text())
+    code = (
+        f"import pathlib, realm.native_build as b; b.NativeLibrary.path = lambda self: pathlib.Path({str(broken)!r})\n"
+        "from test_tokenizer import Tokenizer, _spm_fields\n"
+        "tok = Tokenizer.from_gguf_fields(_spm_fields(True))\n"
+        "print([tok.token_text(i) for i in tok.encode('Hello wé')])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+    )
+    assert done.stdout.strip() == str(["▁Hello", "▁w", "<0xC3>", "<0xA9>"])
+    assert "does not load" in done.stderr and "recorded SHA-256" in done.stderr
