@@ -68,12 +68,9 @@ def _nibbles(qs: np.ndarray, run: int) -> np.ndarray:
     return np.concatenate([qs & 15, qs >> 4], axis=2).reshape(qs.shape[0], -1)
 
 
-_BITS = np.arange(8, dtype=np.uint8)
-
-
 def _fifth_bits(qh: np.ndarray) -> np.ndarray:
     """Q5_0/Q5_1's 32-bit little-endian qh [n, 4] bytes as bit j for element j, [n, 32]."""
-    return ((qh[:, :, None] >> _BITS) & 1).reshape(qh.shape[0], 32)
+    return np.unpackbits(qh, axis=1, bitorder="little")
 
 
 def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +149,7 @@ def _q4_k(b: np.ndarray) -> np.ndarray:
 def _q5_k_codes(b: np.ndarray) -> np.ndarray:
     """Q4_K's layout with 32 bytes qh before the nibbles: bit i of byte j is the 5th bit of
     element 32*i + j. The codes in 0..31, [n, 8, 32]."""
-    high = (b[:, 16:48, None] >> _BITS) & 1  # [n, byte j, bit i]
+    high = np.unpackbits(b[:, 16:48, None], axis=2, bitorder="little")  # [n, byte j, bit i]
     return _nibbles(b[:, 48:], 32).reshape(-1, 8, 32) | (high.transpose(0, 2, 1) << 4)
 
 
