@@ -47,7 +47,9 @@ class NativeLibrary:
     flags: Callable[[], Sequence[str]] = field(default=lambda: ())
     depends_on: str = ""
 
+    @functools.cached_property
     def key(self) -> str:
+        """Hashes the sources and the compiler: once a process, as `path()` is asked often."""
         path = compiler()
         digest = hashlib.sha256()
         for source in (*self.sources, *self.headers):
@@ -58,7 +60,7 @@ class NativeLibrary:
     def places(self) -> list[Path]:
         """Where the library may be, in order: beside its first source (shared by every
         REALM_HOME), then the fallback folder."""
-        key = self.key()
+        key = self.key
         return [self.sources[0].parent / "_build" / key / self.name, self.fallback() / key / self.name]
 
     def path(self) -> Path | None:

@@ -341,13 +341,15 @@ def test_spm_refuses_lone_surrogates_clearly(gemma3: Tokenizer) -> None:
         gemma3.encode("a\ud800b")
 
 
-def test_without_the_spm_library_a_warning_and_the_same_tokens() -> None:
-    """A library that is not built (no compiler at setup) costs load time, never tokens."""
+def _spm_tokens_in_a_child(library_path: str) -> tuple[str, str]:
+    """'Hello wé' tokenized with the synthetic SentencePiece vocabulary in a fresh process
+    whose libraries' path is `library_path` (a Python expression): its token texts and
+    its stderr."""
     import subprocess
     import sys
 
     code = (
-        "import realm.native_build as b; b.NativeLibrary.path = lambda self: None\n"
+        f"import pathlib, realm.native_build as b; b.NativeLibrary.path = lambda self: {library_path}\n"
         "from test_tokenizer import Tokenizer, _spm_fields\n"
         "tok = Tokenizer.from_gguf_fields(_spm_fields(True))\n"
         "print([tok.token_text(i) for i in tok.encode('Hello wé')])"
@@ -355,15 +357,18 @@ def test_without_the_spm_library_a_warning_and_the_same_tokens() -> None:
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
     )
-    assert done.stdout.strip() == str(["▁Hello", "▁w", "<0xC3>", "<0xA9>"])
-    assert "SentencePiece library is not built" in done.stderr
+    return done.stdout.strip(), done.stderr
+
+
+def test_without_the_spm_library_a_warning_and_the_same_tokens() -> None:
+    """A library that is not built (no compiler at setup) costs load time, never tokens."""
+    tokens, warnings = _spm_tokens_in_a_child("None")
+    assert tokens == str(["▁Hello", "▁w", "<0xC3>", "<0xA9>"])
+    assert "SentencePiece library is not built" in warnings
 
 
 def test_a_damaged_spm_library_is_a_warning_and_the_same_tokens(tmp_path: Path) -> None:
     """A truncated library (a build killed half way) is refused before dlopen, never loaded."""
-    import subprocess
-    import sys
-
     from realm.models import spm
 
     built = spm.LIBRARY.path()
@@ -371,14 +376,6 @@ def test_a_damaged_spm_library_is_a_warning_and_the_same_tokens(tmp_path: Path) 
     broken = tmp_path / built.name
     broken.write_bytes(built.read_bytes()[:4096])
     (tmp_path / (built.name + ".sha256")).write_text(Path(str(built) + ".sha256").read_text())
-    code = (
-        f"import pathlib, realm.native_build as b; b.NativeLibrary.path = lambda self: pathlib.Path({str(broken)!r})\n"
-        "from test_tokenizer import Tokenizer, _spm_fields\n"
-        "tok = Tokenizer.from_gguf_fields(_spm_fields(True))\n"
-        "print([tok.token_text(i) for i in tok.encode('Hello wé')])"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-    )
-    assert done.stdout.strip() == str(["▁Hello", "▁w", "<0xC3>", "<0xA9>"])
-    assert "does not load" in done.stderr and "recorded SHA-256" in done.stderr
+    tokens, warnings = _spm_tokens_in_a_child(f"pathlib.Path({str(broken)!r})")
+    assert tokens == str(["▁Hello", "▁w", "<0xC3>", "<0xA9>"])
+    assert "does not load" in warnings and "recorded SHA-256" in warnings

@@ -157,9 +157,9 @@ class NativeInt5Linear:
 
 class NativeInt8Linear:
     """Realm's own kernel on signed 8-bit codes with a float16 scale per 16 or 32 weights:
-    Q8_0, Q6_K (and Q5_0 stacked with them) exactly as stored (`quants.int8_codes`; Q6_K's products of two
-    scales round to float16, a relative 2**-11), 1.06-1.12 bytes a weight where their int4
-    planes took 1.25 to 2.5 (gemma3's layers: 92 MiB a step instead of ~126)."""
+    Q8_0, Q6_K (and Q5_0 stacked with them) exactly as stored (`quants.int8_codes`; Q6_K's
+    products of two scales round to float16, a relative 2**-11), 1.06-1.12 bytes a weight
+    where their int4 planes took 1.25 to 2.5 (gemma3's layers: 92 MiB a step instead of ~126)."""
 
     def __init__(self, tensors: Sequence[TensorData]) -> None:
         parts = [int8_codes(t.raw, t.qtype, t.shape) for t in tensors]
