@@ -27,6 +27,7 @@ ENV_VARS: Mapping[str, str] = {
     "backend": "REALM_BACKEND",
     "compile": "REALM_COMPILE",
     "kernels": "REALM_KERNELS",
+    "packed_cache": "REALM_PACKED_CACHE",
     "max_model_bytes": "REALM_MAX_MODEL_BYTES",
 }
 """Setting -> the environment variable that sets it."""
@@ -56,6 +57,9 @@ class HostSettings(BaseModel):
     kernels: Literal["native", "pytorch"] = Field(
         "native", description="native: Realm's C++ CPU kernels when built; pytorch: PyTorch's own"
     )
+    packed_cache: Literal["on", "off"] = Field(
+        "on", description="on: keep each model's packed weights in $REALM_HOME/packed, for faster loads"
+    )
     max_model_bytes: int = Field(2 << 30, gt=0, description="the most GGUF bytes one realm_store_model accepts")
 
 
@@ -65,7 +69,7 @@ def host_settings(env: Mapping[str, str] | None = None) -> HostSettings:
     env = os.environ if env is None else env
     given = {name: env.get(var, "").strip() for name, var in ENV_VARS.items()}
     values: dict[str, object] = {name: raw for name, raw in given.items() if raw}
-    for name in ("backend", "compile", "kernels"):
+    for name in ("backend", "compile", "kernels", "packed_cache"):
         if name in values:
             values[name] = given[name].lower()
     if "compile" in values:

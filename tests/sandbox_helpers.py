@@ -20,7 +20,7 @@ def make_runtime(models: dict[str, tuple[Path, object]], home: Path, limits: Lim
     by_path = {Path(path): model for path, model in models.values()}
     registry = BackendRegistry("cpu")
 
-    def loader(path, backend, name=None, sha256=None):
+    def loader(path, backend, name=None, sha256=None, keep_packed=True):
         return by_path[Path(path)]
 
     store = ModelStore(registry.active, home=home, loader=loader)

@@ -42,7 +42,7 @@ class CountingLoader:
         self.calls = 0
         self.lock = threading.Lock()
 
-    def __call__(self, path, backend, name=None, sha256=None):
+    def __call__(self, path, backend, name=None, sha256=None, keep_packed=True):
         with self.lock:
             self.calls += 1
         return self.model

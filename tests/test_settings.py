@@ -13,6 +13,7 @@ from realm.settings import host_settings
 def test_defaults_when_nothing_is_set():
     s = host_settings({})
     assert (s.backend, s.compile, s.kernels, s.max_model_bytes) == ("auto", "auto", "native", 2 << 30)
+    assert s.packed_cache == "on"
     assert s.home == Path("~/.cache/realm").expanduser()
 
 
@@ -23,11 +24,13 @@ def test_values_are_read_and_normalised():
             "REALM_BACKEND": "CPU",
             "REALM_COMPILE": "0",
             "REALM_KERNELS": "pytorch",
+            "REALM_PACKED_CACHE": "OFF",
             "REALM_MAX_MODEL_BYTES": "1048576",
         }
     )
     assert s.home == Path("~/elsewhere").expanduser()
     assert (s.backend, s.compile, s.kernels, s.max_model_bytes) == ("cpu", "off", "pytorch", 1 << 20)
+    assert s.packed_cache == "off"
     assert host_settings({"REALM_COMPILE": " "}).compile == "auto"  # empty is unset
 
 
@@ -37,6 +40,7 @@ def test_values_are_read_and_normalised():
         ("REALM_BACKEND", "tpu"),
         ("REALM_COMPILE", "sometimes"),
         ("REALM_KERNELS", "fast"),
+        ("REALM_PACKED_CACHE", "maybe"),
         ("REALM_MAX_MODEL_BYTES", "-1"),
         ("REALM_MAX_MODEL_BYTES", "2GB"),
     ],

@@ -47,6 +47,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from realm.backends import linear, native
+from realm.files import source_digest
 from realm.models import catalogue, config, quants, transformer
 from realm.models.transformer import KV_DTYPE, LayerWeights, Transformer
 from realm.settings import host_settings
@@ -99,10 +100,7 @@ def _cpu_features() -> str:
 
 @functools.cache
 def _code_version() -> str:
-    digest = hashlib.sha256()
-    for module in (*_SOURCES, __import__(__name__, fromlist=["_"])):
-        digest.update(Path(module.__file__).read_bytes())  # type: ignore[arg-type]
-    return digest.hexdigest()
+    return source_digest((*_SOURCES, __import__(__name__, fromlist=["_"])))
 
 
 def artifact_key(model_sha256: str) -> str:

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from realm.backends import packed_cache
 from realm.backends.devices import Backend, BackendKind, cpu_backend
+from realm.backends.packed_cache import PackedCache
 from realm.engine import compiled_step
 from realm.engine.generation import Generation
 from realm.engine.grammar import compile_grammar
@@ -26,7 +28,7 @@ from realm.models import prompt as prompt_rule
 from realm.models.chat_template import ChatTemplate, chat_template_from_fields
 from realm.models.config import ModelConfig
 from realm.models.gguf_file import GGUFFile, transient_heap
-from realm.models.loader import checked_config, load_weights
+from realm.models.loader import PackLinear, PackOutput, checked_config, load_weights
 from realm.models.tokenizer import Tokenizer
 from realm.models.transformer import Transformer, Weights
 
@@ -147,14 +149,18 @@ def load_model(
     name: str | None = None,
     sha256: str | None = None,
     compile_mode: str | None = None,
+    keep_packed: bool = True,
 ) -> Model:
     """Open a GGUF and pack its weights for `backend`; every defect is a ModelFormatError.
     A model the GPU cannot take runs on the CPU instead (see `_place`): `Model.backend`
     says where it runs. The decode step is the compiled one if it is built, else eager
-    (see engine/compiled_step.py; `compile_mode` overrides REALM_COMPILE)."""
+    (see engine/compiled_step.py; `compile_mode` overrides REALM_COMPILE). `keep_packed`:
+    whether its packed weights may be kept on disk for the next load (backends/packed_cache.py);
+    not for bytes a tenant handed in, which would each add a copy."""
     started = time.perf_counter()
     path = Path(path)
     name = name or path.stem
+    sha256 = sha256 or sha256_file(path)
     with transient_heap():
         gguf = GGUFFile(path)
         config = checked_config(gguf)
@@ -165,12 +171,12 @@ def load_model(
         except InvalidArgument as e:  # a broken template only breaks chat, not completion
             template_error = f"its chat template does not compile: {e}"
         gguf.drop_vocabulary_arrays()
-        weights, kv_pool, backend = _place(gguf, config, backend, name)
+        weights, kv_pool, backend = _place(gguf, config, backend, name, sha256 if keep_packed else None)
         gguf.drop_resident_pages()
     model = Model(
         name=name,
         path=path,
-        sha256=sha256 or sha256_file(path),
+        sha256=sha256,
         gguf=gguf,
         config=config,
         tokenizer=tokenizer,
@@ -186,23 +192,35 @@ def load_model(
     return model
 
 
-def _place(gguf: GGUFFile, config: ModelConfig, backend: Backend, name: str) -> tuple[Weights, KVPool, Backend]:
+def _place(
+    gguf: GGUFFile, config: ModelConfig, backend: Backend, name: str, sha256: str | None
+) -> tuple[Weights, KVPool, Backend]:
     """The weights packed for `backend` and the KV pool on its device, and that backend.
 
     A GPU that fails (out of memory, or any other error the device raises while it takes
     the weights) is not the end of the chain: the model then goes to the CPU, with a
     warning that names it and the error. An error on the CPU is the end."""
     try:
-        return _pack(gguf, config, backend), KVPool(config, backend.device, backend.kv_dtype), backend
+        return _pack(gguf, config, backend, sha256), KVPool(config, backend.device, backend.kv_dtype), backend
     except RuntimeError as error:
         if backend.kind != BackendKind.GPU:
             raise
         log.warning("model %s does not load on %s (%s); it runs on the CPU instead", name, backend.description, error)
     cpu = cpu_backend()  # after the except block: the GPU's partial weights are freed by now
-    return _pack(gguf, config, cpu), KVPool(config, cpu.device, cpu.kv_dtype), cpu
+    return _pack(gguf, config, cpu, sha256), KVPool(config, cpu.device, cpu.kv_dtype), cpu
 
 
-def _pack(gguf: GGUFFile, config: ModelConfig, backend: Backend) -> Weights:
-    return load_weights(
-        gguf, config, backend.pack_linear, backend.pack_output, backend.make_embedding, backend.make_vector
-    )
+def _pack(gguf: GGUFFile, config: ModelConfig, backend: Backend, sha256: str | None) -> Weights:
+    """The weights packed for `backend`; on the CPU with Realm's kernels, the matrices
+    come from (or go to) the packed-weights file of the model `sha256` (none if None:
+    backends/packed_cache.py)."""
+    pack_linear: PackLinear = backend.pack_linear
+    pack_output: PackOutput = backend.pack_output
+    cache = None
+    if sha256 is not None and backend.kind == BackendKind.CPU and packed_cache.wanted(gguf):
+        cache = PackedCache(sha256, gguf)
+        pack_linear, pack_output = cache.pack_linear(pack_linear), cache.pack_output(pack_output)
+    weights = load_weights(gguf, config, pack_linear, pack_output, backend.make_embedding, backend.make_vector)
+    if cache is not None:
+        cache.save()
+    return weights

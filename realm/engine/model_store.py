@@ -140,7 +140,8 @@ class ModelStore:
         def load() -> Model:
             path = self._write_blob(sha, view)
             try:
-                return self._loader(path, self.backend, name=names[0] if names else f"blob-{sha[:12]}", sha256=sha)
+                name = names[0] if names else f"blob-{sha[:12]}"
+                return self._loader(path, self.backend, name=name, sha256=sha, keep_packed=False)
             except BaseException:
                 with contextlib.suppress(OSError):
                     path.unlink()
