@@ -13,7 +13,6 @@ from typing import Any
 
 from realm.backends import packed_cache
 from realm.backends.devices import Backend, BackendKind, cpu_backend
-from realm.backends.packed_cache import PackedCache
 from realm.engine import compiled_step
 from realm.engine.generation import Generation
 from realm.engine.grammar import compile_grammar
@@ -160,7 +159,6 @@ def load_model(
     started = time.perf_counter()
     path = Path(path)
     name = name or path.stem
-    sha256 = sha256 or sha256_file(path)
     with transient_heap():
         gguf = GGUFFile(path)
         config = checked_config(gguf)
@@ -171,6 +169,7 @@ def load_model(
         except InvalidArgument as e:  # a broken template only breaks chat, not completion
             template_error = f"its chat template does not compile: {e}"
         gguf.drop_vocabulary_arrays()
+        sha256 = sha256 or sha256_file(path)
         weights, kv_pool, backend = _place(gguf, config, backend, name, sha256 if keep_packed else None)
         gguf.drop_resident_pages()
     model = Model(
@@ -216,9 +215,9 @@ def _pack(gguf: GGUFFile, config: ModelConfig, backend: Backend, sha256: str | N
     backends/packed_cache.py)."""
     pack_linear: PackLinear = backend.pack_linear
     pack_output: PackOutput = backend.pack_output
-    cache = None
+    cache: packed_cache.PackedCache | None = None
     if sha256 is not None and backend.kind == BackendKind.CPU and packed_cache.wanted(gguf):
-        cache = PackedCache(sha256, gguf)
+        cache = packed_cache.PackedCache(sha256, gguf)
         pack_linear, pack_output = cache.pack_linear(pack_linear), cache.pack_output(pack_output)
     weights = load_weights(gguf, config, pack_linear, pack_output, backend.make_embedding, backend.make_vector)
     if cache is not None:
