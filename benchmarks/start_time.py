@@ -1,6 +1,8 @@
 """How long a user waits: `realm run` and `realm serve` started eager (REALM_COMPILE=off),
 cold (no compiled decode step on the machine yet: REALM_COMPILE=auto starts a background
-build and decodes eagerly) and warm (the compiled step built), side by side in one run.
+build and decodes eagerly), warm (the compiled step built) and unpacked (warm, but the
+weights packed at the load rather than mapped from `$REALM_HOME/packed`:
+REALM_PACKED_CACHE=off), side by side in one run.
 
     .venv/bin/python benchmarks/start_time.py [--model smollm2-135m] [--rounds 3]
 
@@ -29,7 +31,12 @@ from pathlib import Path
 
 import httpx
 
-MODES = {"eager": "off", "cold": "auto", "warm": "cached"}
+MODES = {
+    "eager": {"REALM_COMPILE": "off"},
+    "cold": {"REALM_COMPILE": "auto"},
+    "warm": {"REALM_COMPILE": "cached"},
+    "unpacked": {"REALM_COMPILE": "cached", "REALM_PACKED_CACHE": "off"},
+}
 
 
 def cpu_model() -> str:
@@ -122,10 +129,10 @@ def main() -> None:
         runs: dict[str, list] = {m: [] for m in MODES}
         serves: dict[str, list] = {m: [] for m in MODES}
         for _ in range(args.rounds):
-            for mode, setting in MODES.items():
+            for mode, settings in MODES.items():
                 if mode == "cold":
                     built.rename(shelf)
-                env = {**base, "REALM_COMPILE": setting}
+                env = {**base, **settings}
                 runs[mode].append(
                     timed_run([*realm, "run", "-m", args.model, "-n", "8", "--temperature", "0", "Hi"], env)
                 )
@@ -151,7 +158,7 @@ def main() -> None:
     }
     for kind, key in (("run", "exit_s"), ("run", "first_token_s"), ("serve", "health_s"), ("serve", "first_token_s")):
         eager = report[kind]["eager"][key]
-        for mode in ("cold", "warm"):
+        for mode in ("cold", "warm", "unpacked"):
             report[kind][mode][f"{key}_vs_eager"] = round(report[kind][mode][key] / eager, 2)
     print(json.dumps(report, indent=2))
 

@@ -214,7 +214,9 @@ def compile_model(
 
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="one JSON array")) -> None:
-    """List cached models: name, size, SHA-256, architecture, quantization types."""
+    """List cached models: name, size, SHA-256, architecture, quantization types, and
+    whether their compiled decode step and packed weights are kept."""
+    from realm.backends.packed_cache import cache_file
     from realm.engine.compiled_step import status
     from realm.models.catalogue import cached_models
     from realm.models.gguf_file import GGUFFile
@@ -235,12 +237,13 @@ def models(as_json: bool = typer.Option(False, "--json", help="one JSON array"))
                 "architecture": arch,
                 "quantization": quants,
                 "decode_step": status(m.sha256),
+                "packed_weights": cache_file(m.sha256, m.path).is_file(),
             }
         )
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("name", "size", "sha256", "architecture", "quantization", "compiled")
+    table = Table("name", "size", "sha256", "architecture", "quantization", "compiled", "packed")
     for r in rows:
         counts = ", ".join(f"{k} x{v}" for k, v in sorted(r["quantization"].items()))
         table.add_row(
@@ -250,6 +253,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="one JSON array"))
             r["architecture"],
             counts,
             {"compiled": "yes", "building": "building", "none": "no"}[r["decode_step"]],
+            "yes" if r["packed_weights"] else "no",
         )
     out.print(table if rows else "no models cached yet: try `realm pull smollm2-135m`")
 

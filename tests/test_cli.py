@@ -143,6 +143,17 @@ def test_a_first_run_starts_at_once_and_builds_the_compiled_step_in_the_backgrou
         os.kill(pid, signal.SIGKILL)
 
 
+def test_models_shows_whether_the_packed_weights_are_kept(smollm2_path, tmp_path, monkeypatch, cpu_backend):
+    from realm.engine.model import load_model
+
+    (tmp_path / "models").symlink_to(smollm2_path.parent)
+    env = {"REALM_HOME": str(tmp_path)}
+    assert json.loads(realm("models", "--json", env=env).stdout)[0]["packed_weights"] is False
+    monkeypatch.setenv("REALM_HOME", str(tmp_path))
+    load_model(smollm2_path, cpu_backend, compile_mode="off")
+    assert json.loads(realm("models", "--json", env=env).stdout)[0]["packed_weights"] is True
+
+
 def test_compile_and_models_show_the_compiled_step(smollm2_compiled):
     """`realm models` says which models have a compiled step; `realm compile` on one that
     has it builds nothing."""

@@ -25,6 +25,7 @@ import logging
 import mmap
 import os
 import struct
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -40,8 +41,6 @@ from realm.settings import host_settings
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-"""Bumped whenever the file's layout changes."""
 MAGIC = b"REALMPK1"
 SMALLEST = 32 << 20
 """GGUF bytes below which no file is kept (the test suite's tiny models pack in milliseconds)."""
@@ -78,20 +77,21 @@ class NotStorable(Exception):
     """A packed object with a field the file cannot hold: the model is packed, not stored."""
 
 
-def cache_key(model_sha256: str, gguf: GGUFFile) -> str:
-    """What the packed matrices depend on: the model (its hash, and the file's size and
-    modification time, so a file changed in place is packed again), the packing code,
-    the kernels' sources (their layout) and PyTorch."""
-    stat = gguf.path.stat()
+def cache_file(model_sha256: str, gguf_path: Path) -> Path:
+    """Where the packed matrices of this model, as this code packs them, are kept. The key
+    hashes what they depend on: the model (its hash, and the file's size and modification
+    time, so a file changed in place is packed again), the packing code and this module
+    (the file's layout), the kernels' sources (their layout) and PyTorch."""
+    stat = gguf_path.stat()
     parts = {
-        "format": FORMAT,
         "model": model_sha256,
         "file": [stat.st_size, stat.st_mtime_ns],
-        "code": source_digest((linear, screened, quants, native, devices)),
+        "code": source_digest((linear, screened, quants, native, devices, sys.modules[__name__])),
         "kernels": native.KERNELS.key,
         "torch": torch.__version__,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    return catalogue.realm_home() / "packed" / f"{model_sha256[:16]}-{key}.bin"
 
 
 class PackedCache:
@@ -99,8 +99,8 @@ class PackedCache:
     GGUF tensors they were packed from, and those packed this load, written at `save`."""
 
     def __init__(self, model_sha256: str, gguf: GGUFFile) -> None:
-        self.folder = catalogue.realm_home() / "packed"
-        self.path = self.folder / f"{model_sha256[:16]}-{cache_key(model_sha256, gguf)}.bin"
+        self.path = cache_file(model_sha256, gguf.path)
+        self.folder = self.path.parent
         self._stored = _read(self.path, gguf)
         self._matrices: dict[str, Any] = {}
         self._missed = False
