@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from realm.engine.grammar import lltokenizer
 from realm.engine.model_store import ModelStore, StoredModel
 from realm.engine.scheduler import BatchScheduler
 from realm.engine.step_router import SchedulerRouter
@@ -136,6 +137,8 @@ class ModelSlots:
         entry = self.store.store_source(catalogue.ModelSource(source.path, slot.name, slot.sha256))
         try:
             s = self.settings
+            if s.grammars_at_load:
+                lltokenizer(entry.model.tokenizer, entry.model.config.vocab_size)
             scheduler = BatchScheduler(
                 entry.model.transformer,
                 s.max_batch_tokens,
