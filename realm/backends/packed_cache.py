@@ -35,7 +35,7 @@ import torch
 
 from realm.backends import devices, linear, native, screened
 from realm.files import atomic_file, source_digest
-from realm.models import catalogue, quants
+from realm.models import catalogue, gguf_file, quants
 from realm.models.gguf_file import GGUFFile, TensorData
 from realm.settings import host_settings
 
@@ -86,7 +86,7 @@ def cache_file(model_sha256: str, gguf_path: Path) -> Path:
     parts = {
         "model": model_sha256,
         "file": [stat.st_size, stat.st_mtime_ns],
-        "code": source_digest((linear, screened, quants, native, devices, sys.modules[__name__])),
+        "code": source_digest((linear, screened, quants, gguf_file, native, devices, sys.modules[__name__])),
         "kernels": native.KERNELS.key,
         "torch": torch.__version__,
     }
