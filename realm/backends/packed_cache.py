@@ -45,7 +45,7 @@ MAGIC = b"REALMPK1"
 SMALLEST = 32 << 20
 """GGUF bytes below which no file is kept (the test suite's tiny models pack in milliseconds)."""
 _ALIGN = 64
-MADV_POPULATE_READ = 22  # linux/mman.h; not in Python's mmap module
+_MADV_POPULATE_READ = 22  # linux/mman.h; not in Python's mmap module
 _HEAD = struct.Struct("<8sQ")  # magic, header bytes
 
 KINDS: Mapping[str, type] = {
@@ -213,7 +213,7 @@ def _populate(data: mmap.mmap) -> None:
     not take a fault per page (MADV_POPULATE_READ, Linux 5.14; MAP_POPULATE would copy them
     all, the mapping being writable). Elsewhere the kernel is told to read ahead."""
     try:
-        data.madvise(MADV_POPULATE_READ)
+        data.madvise(_MADV_POPULATE_READ)
     except (OSError, ValueError):
         data.madvise(mmap.MADV_WILLNEED)
 
