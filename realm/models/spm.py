@@ -82,8 +82,7 @@ class SpmEncoder:
         add_space_prefix: bool,
     ) -> None:
         encoded = [t.encode() for t in texts]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+        offsets = _offsets(encoded)
         # a NaN score would break the merge order: such a token never wins a merge
         weights = np.nan_to_num(np.asarray(scores[: len(encoded)], dtype=np.float32), nan=-np.inf)
         self._lib = lib
@@ -101,8 +100,7 @@ class SpmEncoder:
             pieces = [(self._prefix + f).replace(" ", SPM_SPACE).encode() for f in fragments]
         except UnicodeEncodeError as e:  # a lone surrogate
             raise InvalidArgument(f"cannot tokenize the text: {e}") from None
-        bounds = np.zeros(len(pieces) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)), out=bounds[1:])
+        bounds = _offsets(pieces)
         out = np.empty(int(bounds[-1]), dtype=np.int32)
         ends = np.zeros(len(pieces), dtype=np.int64)
         n = self._lib.realm_spm_encode(
@@ -122,6 +120,13 @@ class SpmEncoder:
         raw = text.encode(errors="surrogatepass")
         found = self._lib.realm_spm_find(self._vocabulary, raw, len(raw))
         return None if found < 0 else int(found)
+
+
+def _offsets(pieces: Sequence[bytes]) -> np.ndarray:
+    """Where each piece starts in their concatenation, and where the last ends: (n + 1,) int64."""
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)), out=offsets[1:])
+    return offsets
 
 
 if __name__ == "__main__":
