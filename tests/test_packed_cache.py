@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_model import write_tiny_llama
 
-from realm.backends import devices, native, packed_cache
+from realm.backends import devices, linear, native, packed_cache
 from realm.engine.model import load_model
 from realm.engine.model_store import ModelStore
 
@@ -192,3 +192,17 @@ def test_a_tenants_upload_keeps_no_file(home, tmp_path, cpu_backend) -> None:
     entry = store.store_bytes(path.read_bytes())
     assert entry.model.transformer is not None
     assert not home.exists()
+
+
+def test_a_matrix_the_file_cannot_hold_keeps_no_file(home, tmp_path, cpu_backend, caplog, monkeypatch) -> None:
+    """A tensor of a dtype the file does not name is refused when writing, not written to be
+    refused at every later load."""
+    def float64(self, tensors):
+        return linear.DenseLinear(linear.dequantize_stacked(tensors), torch.float64)
+
+    monkeypatch.setattr(devices.Backend, "pack_linear", float64)
+    path = write_tiny_llama(tmp_path / "tiny.gguf", qtype="Q8_0")
+    with caplog.at_level(logging.WARNING, logger="realm.backends.packed_cache"):
+        load_model(path, cpu_backend, compile_mode="off")
+    assert "packed weights not kept" in caplog.text and "float64" in caplog.text
+    assert not list(home.glob("*.bin"))

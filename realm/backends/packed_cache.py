@@ -63,6 +63,7 @@ _DTYPES = {
     str(d).removeprefix("torch."): d
     for d in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.float16, torch.bfloat16, torch.float32)
 }
+_DTYPE_NAMES = {d: name for name, d in _DTYPES.items()}
 
 T = TypeVar("T")
 
@@ -148,6 +149,8 @@ def _write(path: Path, matrices: Mapping[str, Any]) -> None:
 
     def field(owner: str, value: Any) -> dict[str, Any]:
         if isinstance(value, torch.Tensor):
+            if value.dtype not in _DTYPE_NAMES:  # else written, then refused at every load
+                raise NotStorable(f"{owner} is a {value.dtype} tensor")
             tensors.append(value.detach().cpu().contiguous())
             return {"tensor": len(tensors) - 1}
         if isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
@@ -168,7 +171,7 @@ def _write(path: Path, matrices: Mapping[str, Any]) -> None:
     for t in tensors:
         offsets.append(offsets[-1] + _aligned(t.nbytes))
     entries = [
-        {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "offset": offset}
+        {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "offset": offset}
         for t, offset in zip(tensors, offsets)
     ]
     header = json.dumps({"objects": objects, "tensors": entries}).encode()
