@@ -197,6 +197,7 @@ def test_a_tenants_upload_keeps_no_file(home, tmp_path, cpu_backend) -> None:
 def test_a_matrix_the_file_cannot_hold_keeps_no_file(home, tmp_path, cpu_backend, caplog, monkeypatch) -> None:
     """A tensor of a dtype the file does not name is refused when writing, not written to be
     refused at every later load."""
+
     def float64(self, tensors):
         return linear.DenseLinear(linear.dequantize_stacked(tensors), torch.float64)
 
