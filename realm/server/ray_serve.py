@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import sys
+from collections import deque
 from typing import Any
 
 from realm.server.settings import RAY_SERVE_ENVIRONMENT, ServerSettings
@@ -113,13 +114,21 @@ class RealmReplica:
 
     async def serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """An HTTP request HAProxy sent here: /metrics over every replica; anything else to
-        the app, once the model RealmRouter chose this replica for is loaded."""
+        the app, once the model RealmRouter chose this replica for (or, where HAProxy chose
+        itself, the one the body names) is loaded."""
         if scope["type"] != "http":
             return await self.api(scope, receive, send)
         request = Request(scope)
         if scope["method"] == "GET" and scope["path"] == "/metrics":
             return await (await self._all_metrics(request))(scope, receive, send)
         model_id = request.headers.get(MODEL_HEADER)
+        if model_id is None and scope["method"] == "POST":
+            # HAProxy chose this replica itself (its configuration had no RealmRouter yet, in
+            # the second after a deploy, or the router failed): the model is read from the
+            # body, so that it too loads through Ray's multiplexing and Ray's routing learns
+            # where it is (a model the app loaded on its own would stay unknown to it)
+            body, receive = await read_body(receive, self.settings.max_body_bytes)
+            model_id = _model_of(body)
         if model_id and self._may_load(request, model_id):
             try:
                 await self.load_model(model_id)
@@ -214,17 +223,28 @@ def _model_of(body: bytes) -> str | None:
     return model if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_NAME else None
 
 
-async def bounded_body(request: Request, limit: int) -> bytes:
-    """The request's body, or nothing once it is longer than `limit`: a replica refuses such
-    a request (413) wherever it goes, so the router need not read or parse it. (HAProxy
-    sends at most RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE of it, 8 MiB by default.)"""
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            return b""
-        parts.append(part)
-    return b"".join(parts)
+async def read_body(receive: Receive, limit: int) -> tuple[bytes, Receive]:
+    """The request's body, or nothing once it is longer than `limit` (a replica refuses
+    such a request, 413, wherever it goes, so the rest is not read here), and a `receive`
+    that gives what was read again, then the rest. (HAProxy sends RealmRouter at most
+    RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE of a body, 8 MiB by default.)"""
+    read: list[Message] = []
+    size = 0
+    while True:
+        message = await receive()
+        read.append(message)
+        if message["type"] != "http.request":
+            break
+        size += len(message.get("body", b""))
+        if size > limit or not message.get("more_body", False):
+            break
+    body = b"" if size > limit else b"".join(m.get("body", b"") for m in read if m["type"] == "http.request")
+    pending = deque(read)
+
+    async def again() -> Message:
+        return pending.popleft() if pending else await receive()
+
+    return body, again
 
 
 # Above the class: Ray pickles the router class when it is decorated, with the module's
@@ -244,7 +264,8 @@ class RealmRouter:
     async def route(self, request: Request) -> dict[str, Any]:
         """The replica (Ray's request router, by the body's model) and where it listens;
         any answer but 200 and HAProxy picks a replica itself."""
-        model = _model_of(await bounded_body(request, self.max_body_bytes)) or ""
+        body, _ = await read_body(request.receive, self.max_body_bytes)
+        model = _model_of(body) or ""
         # _reserve=False: only pick a replica (the request itself goes through HAProxy);
         # the pick is Ray's own, ordered by its multiplexing
         async with self.replicas.options(multiplexed_model_id=model).choose_replica(_reserve=False) as chosen:
