@@ -4,8 +4,12 @@ the host's own generation, the per-step controls of ABI 1.2 and the bounded gram
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
+import threading
+import time
+from types import SimpleNamespace
 
 import llguidance as llg
 import numpy as np
@@ -15,18 +19,18 @@ from sandbox_helpers import greedy_request, make_runtime
 from schema_suite import SCHEMAS
 
 from realm.backends import native
+from realm.engine import llguidance_api
 from realm.engine.grammar import (
     ACCEPTING,
     DONE,
-    Grammar,
+    SLICES,
     GrammarCache,
     apply_mask,
     compile_grammar,
     grammar_text,
-    lltokenizer,
 )
 from realm.engine.sampling import SamplingParams
-from realm.errors import InvalidArgument, NotFound
+from realm.errors import InternalError, InvalidArgument, NotFound
 from realm.sandbox import abi, toolchain
 from realm.sandbox.memory import GuestMemory
 from realm.sandbox.runtime import Runtime
@@ -81,27 +85,102 @@ def test_a_random_walk_through_the_mask_always_gives_valid_json(name, smollm2, g
         assert set(value) == {"name", "age"} and len(value["name"]) <= 12 and 0 <= value["age"] <= 120
 
 
-def test_realms_slices_give_the_masks_of_llguidances_own(smollm2):
-    """The finer string slices (grammar.SLICES) only make masks cheaper: along random walks
-    through every schema of the suite (strings filled to their maxLength, where they
-    matter), each mask is the one llguidance's default slices give."""
+class _PythonBindingsVocabulary:
+    """What llguidance's own Python bindings read (TokenizerWrapper): the reference."""
+
+    def __init__(self, tok) -> None:
+        self.eos_token_id, self.bos_token_id = tok.eos_id, tok.bos_id
+        self.special_token_ids = [i for i in range(tok.vocab_size) if tok.is_control(i)]
+        self.tokens = [tok.token_bytes(i, special=i in self.special_token_ids) for i in range(tok.vocab_size)]
+        self._tok = tok
+
+    def __call__(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+
+def test_masks_agree_with_llguidances_python_bindings_and_default_slices(smollm2):
+    """Realm calls llguidance's C API (llguidance_api.py) with its own finer string slices
+    (grammar.SLICES); the reference is llguidance's Python bindings with its default
+    slices. Along random walks through every schema of the suite (strings filled to their
+    maxLength, where slices matter), every mask, forced run and status is the same."""
     tok, vocab = smollm2.tokenizer, smollm2.config.vocab_size
-    ours = lltokenizer(tok, vocab)
-    theirs = ours.with_slices(llg.LLTokenizer.general_slices())
+    assert tok.vocab_size == vocab
+    theirs = llg.LLTokenizer(
+        llg.TokenizerWrapper(_PythonBindingsVocabulary(tok)),
+        eos_token=sorted(tok.eot_ids),
+        slices=llg.LLTokenizer.general_slices(),
+    )
     rng = np.random.default_rng(1)
+    cache = GrammarCache()
     steps = 0
-    for _, schema in [*SCHEMAS.values()] * 3:
+    for _, schema in [*SCHEMAS.values()] * 3:  # after the first round, on matchers used before (reset)
         text = grammar_text({"type": "json_schema", "schema": schema})
-        a, b = (Grammar(llg.LLMatcher(t, text, log_level=0), vocab) for t in (ours, theirs))
+        a = cache.compile("t", tok, vocab, {"type": "json_schema", "schema": schema})
+        b = llg.LLMatcher(theirs, text, log_level=0)
+        reference = np.zeros(a.words, dtype=np.uint32)
         for _ in range(60):
             mask = a.mask().copy()
-            assert np.array_equal(mask, b.mask())
+            b.unsafe_compute_mask_ptr(reference.ctypes.data, reference.nbytes)
+            assert np.array_equal(mask, reference)
+            assert a.forced() == list(b.compute_ff_tokens())
             steps += 1
             t = int(rng.choice(allowed(mask, vocab)))
-            if t in tok.eot_ids or a.consume([t]) & DONE:
+            status = a.consume([t])
+            assert b.consume_token(t)
+            assert status == (ACCEPTING if b.is_accepting() else 0) | (DONE if b.is_stopped() else 0)
+            if t in tok.eot_ids or status & DONE:
                 break
-            b.consume([t])
-    assert steps > 300
+        del a  # its matcher goes back to the cache, for the next round
+    assert steps > 300 and cache.compiles == len(SCHEMAS)
+    assert all(len(c.spare) == 1 for c in cache._cached["t"].values())  # each round took the last one's
+
+
+def test_building_a_vocabularys_view_leaves_other_threads_running(smollm2):
+    """llguidance's Python bindings hold the GIL while they build a view (gemma3: another
+    thread waited 1.5 s; smollm2: 0.2 s); through its C API the build runs without it, and
+    another thread goes on waking every millisecond."""
+    worst, stop = 0.0, threading.Event()
+
+    def tick() -> None:
+        nonlocal worst
+        while not stop.is_set():
+            start = time.perf_counter()
+            time.sleep(0.001)
+            worst = max(worst, time.perf_counter() - start)
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    time.sleep(0.05)
+    worst = 0.0
+    tok = smollm2.tokenizer
+    tokens = [tok.token_bytes(i) for i in range(tok.vocab_size)]  # built afresh, not the cached one
+    try:
+        view = llguidance_api.VocabularyView(tokens, sorted(tok.eot_ids), SLICES, tok.encode)
+    finally:
+        stop.set()
+        ticker.join()
+    assert view.vocab_size == tok.vocab_size
+    assert worst < 0.05, f"another thread waited {worst * 1000:.0f} ms"
+
+
+def test_a_library_whose_structures_differ_is_refused():
+    """The C structures are checked against the library's own defaults when it loads: a
+    field moved, or a structure grown, is an error, never fields passed wrong."""
+    lib = llguidance_api.library()
+
+    def writes(offset: int, value: int) -> object:
+        def set_defaults(address: int, tokenizer: object) -> None:
+            lib.set_defaults(address, tokenizer)
+            ctypes.c_uint8.from_address(address + offset).value = value
+
+        return SimpleNamespace(set_defaults=set_defaults, version="test")
+
+    llguidance_api._check_layout(writes(0, 0))  # the tokenizer field: no default to compare
+    size = ctypes.sizeof(llguidance_api._ConstraintInit)
+    with pytest.raises(InternalError, match="not the ones Realm was written for"):
+        llguidance_api._check_layout(writes(size, 1))  # written past the structure
+    with pytest.raises(InternalError, match="not the ones Realm was written for"):
+        llguidance_api._check_layout(writes(size - 8, 0))  # a field elsewhere: its default read wrong
 
 
 @pytest.mark.parametrize("native_kernel", [True, False], ids=["native", "numpy"])

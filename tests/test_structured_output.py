@@ -230,8 +230,8 @@ def test_the_vocabulary_for_masks_is_built_by_the_first_constrained_request(smol
 
 
 def test_grammars_at_load_builds_the_vocabulary_with_the_model(smollm2_path):
-    """An operator who serves structured output can have that build happen at load: it holds
-    the GIL, so at a first constrained request every other request would wait for it."""
+    """An operator who serves structured output can have that build happen at load, where
+    the first constrained request would wait for it."""
     with serving(smollm2_settings(KEYS, dict.fromkeys(KEYS, {}), grammars_at_load=True)) as s:
         assert s.app.state.host.models[MODEL].model.tokenizer in grammar._tokenizers
         reply = ask(s, "Hi", max_tokens=8, response_format={"type": "json_object"})

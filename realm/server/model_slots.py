@@ -263,11 +263,11 @@ class ModelSlots:
 
 def _settle_heap() -> None:
     """Collect the cyclic garbage now and freeze what is left out of later collections. A
-    loaded model leaves ~220k long-lived Python objects (gemma3 with llguidance's view of
-    its tokenizer), and a full collection over them held the GIL 110-123 ms, stalling every
-    guest and the event loop; frozen, 0 ms. Run after a model is loaded or unloaded (thawed
-    first, so that a freed model's cycles are collected too; the models a load unloads to
-    make room are collected by the load's own call): ~0.1 s of a load that takes seconds.
+    loaded model leaves ~220k long-lived Python objects (gemma3), and a full collection
+    over them held the GIL 110-123 ms, stalling every guest and the event loop; frozen,
+    0 ms. Run after a model is loaded or unloaded (thawed first, so that a freed model's
+    cycles are collected too; the models a load unloads to make room are collected by the
+    load's own call): ~0.1 s of a load that takes seconds.
     Ray Serve freezes its replicas' start-up objects the same way."""
     gc.unfreeze()
     gc.collect()

@@ -188,8 +188,8 @@ class ServerSettings(_Strict):
     grammars_at_load: StrictBool = Field(
         False,
         description="build llguidance's view of each model's vocabulary (what structured output's masks need) "
-        "when the model loads, not at its first constrained request: the build holds Python's GIL, so every "
-        "request on the server waits for it (gemma3: 1.5 s), and keeps its memory (gemma3: 130 MiB)",
+        "when the model loads, not at its first constrained request, which would wait for it (gemma3: 1.5 s); "
+        "it keeps its memory from then on (gemma3: 150 MiB)",
     )
     admin_keys: list[str] | None = Field(
         None,
