@@ -23,6 +23,10 @@
    asks for more, so none ends early): aggregate completion tokens/s and the ratio. Then
    schema validity: every schema of the suite, greedy and 3 seeds at temperature 0.8,
    checked with `jsonschema`.
+4. Through a real `realm serve` of both models: one client streams smollm2 while gemma3's
+   first constrained request builds llguidance's view of its vocabulary; the stream's
+   longest gap between tokens meanwhile, against its median before (a build that held the
+   GIL showed there as a gap as long as the build).
 """
 
 from __future__ import annotations
@@ -293,6 +297,35 @@ async def validity(http: httpx.AsyncClient) -> dict[str, int]:
     return counts
 
 
+async def while_a_view_builds(http: httpx.AsyncClient) -> tuple[float, float, float, float]:
+    """One client streams smollm2 while gemma3's first constrained request builds llguidance's
+    view of its 262k-token vocabulary: (the stream's median gap between tokens before, its
+    median and longest gaps while the build runs, the constrained request's time), in
+    seconds."""
+    arrivals: list[float] = []
+
+    async def stream() -> None:
+        story = body("Tell a long story about a dragon.", 400, None, stream=True)
+        async with http.stream("POST", "/v1/chat/completions", json=story) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and '"content":"' in line:
+                    arrivals.append(time.perf_counter())
+
+    streaming = asyncio.create_task(stream())
+    await asyncio.sleep(1.5)
+    started = time.perf_counter()
+    constrained = {"model": MODELS[1], "prompt": "A person as JSON:", "max_tokens": 4, "temperature": 0}
+    r = await http.post("/v1/completions", json=constrained | {"response_format": {"type": "json_object"}})
+    r.raise_for_status()
+    took = time.perf_counter() - started
+    await streaming
+    gaps = [(t, t - prev) for prev, t in zip(arrivals, arrivals[1:])]
+    before = [g for t, g in gaps if t < started]
+    during = [g for t, g in gaps if started < t <= started + took + 0.5]
+    return statistics.median(before), statistics.median(during), max(during), took
+
+
 async def server_figures(rounds: int) -> None:
     # measure the compiled step: a server without it decodes eagerly while it builds
     subprocess.run([sys.executable, "-m", "realm.cli", "compile", MODELS[0]], check=True, cwd=REPO)
@@ -320,6 +353,23 @@ async def server_figures(rounds: int) -> None:
                 total = sum(counts.values())
                 print(f"\nschema validity over the suite ({len(SCHEMAS)} schemas x greedy + 3 seeds = {total}):")
                 print("  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        finally:
+            stop([server])
+        # a server of both models (loaded at start), where gemma3's view is not built yet
+        (Path(tmp) / "both").mkdir()
+        server, base, keys = start_realm_server(
+            json.dumps(list(MODELS)), {"bench": {"max_concurrent": 32}}, Path(tmp) / "both"
+        )
+        try:
+            wait_healthy([base], [server], timeout=600)
+            auth = {"Authorization": f"Bearer {keys['bench']}"}
+            async with httpx.AsyncClient(base_url=base, timeout=600, headers=auth) as http:
+                typical, median, longest, took = await while_a_view_builds(http)
+            print(
+                f"\na stream of {MODELS[0]} while {MODELS[1]}'s first constrained request ({took:.2f} s) "
+                f"builds llguidance's view:\n  gap between tokens: median before {typical * 1000:.1f} ms; "
+                f"during, median {median * 1000:.1f} ms and longest {longest * 1000:.1f} ms"
+            )
         finally:
             stop([server])
 

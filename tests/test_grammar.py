@@ -28,6 +28,7 @@ from realm.engine.grammar import (
     apply_mask,
     compile_grammar,
     grammar_text,
+    vocabulary_bytes,
 )
 from realm.engine.sampling import SamplingParams
 from realm.errors import InternalError, InvalidArgument, NotFound
@@ -135,6 +136,21 @@ def test_masks_agree_with_llguidances_python_bindings_and_default_slices(smollm2
     assert all(len(c.spare) == 1 for c in cache._cached["t"].values())  # each round took the last one's
 
 
+@pytest.mark.parametrize("name", [SMOL, GEMMA])
+def test_llguidance_reads_each_token_with_control_tokens_marked_and_rows_past_the_vocabulary_empty(
+    name, smollm2, gemma3
+):
+    tok = {SMOL: smollm2, GEMMA: gemma3}[name].tokenizer
+    lengths, data = vocabulary_bytes(tok, tok.vocab_size + 3)
+    expected = [
+        b"\xff" + tok.token_bytes(i, special=True) if tok.is_control(i) else tok.token_bytes(i)
+        for i in range(tok.vocab_size)
+    ] + [b""] * 3
+    ends = np.cumsum(lengths)
+    assert [data[e - n : e] for e, n in zip(ends.tolist(), lengths.tolist())] == expected
+    assert sum(t.startswith(b"\xff") for t in expected) > 0
+
+
 def test_building_a_vocabularys_view_leaves_other_threads_running(smollm2):
     """llguidance's Python bindings hold the GIL while they build a view (gemma3: another
     thread waited 1.5 s; smollm2: 0.2 s); through its C API the build runs without it, and
@@ -154,8 +170,9 @@ def test_building_a_vocabularys_view_leaves_other_threads_running(smollm2):
     worst = 0.0
     tok = smollm2.tokenizer
     tokens = [tok.token_bytes(i) for i in range(tok.vocab_size)]  # built afresh, not the cached one
+    lengths = np.array([len(t) for t in tokens], dtype=np.uint32)
     try:
-        view = llguidance_api.VocabularyView(tokens, sorted(tok.eot_ids), SLICES, tok.encode)
+        view = llguidance_api.VocabularyView(lengths, b"".join(tokens), sorted(tok.eot_ids), SLICES, tok.encode)
     finally:
         stop.set()
         ticker.join()

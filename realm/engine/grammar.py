@@ -143,14 +143,19 @@ _tokenizers: weakref.WeakKeyDictionary[Tokenizer, dict[tuple[int, tuple[str, ...
 _tokenizers_lock = threading.Lock()
 
 
-def _token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes]:
-    """Each row's token as llguidance reads it: control tokens marked with a leading 0xFF
-    (as its llama.cpp adapter does), the rows past the tokenizer's vocabulary empty."""
-    tokens = [
-        b"\xff" + tokenizer.token_bytes(i, special=True) if tokenizer.is_control(i) else tokenizer.token_bytes(i)
-        for i in range(min(tokenizer.vocab_size, vocab_size))
-    ]
-    return tokens + [b""] * (vocab_size - len(tokens))
+def vocabulary_bytes(tokenizer: Tokenizer, vocab_size: int) -> tuple[np.ndarray, bytes]:
+    """Each row's token as llguidance reads it, as (lengths (vocab_size,) uint32, their
+    bytes one after another): control tokens marked with a leading 0xFF (as its llama.cpp
+    adapter does), the rows past the tokenizer's vocabulary empty. In NumPy: a loop over
+    gemma3's tokens held the GIL in pieces for 0.12 s."""
+    offsets, blob = tokenizer.pieces_table(special=True)
+    n = min(tokenizer.vocab_size, vocab_size)
+    control = np.flatnonzero(tokenizer.control_tokens()[:n])
+    data = np.insert(np.frombuffer(blob, dtype=np.uint8)[: offsets[n]], offsets[control].astype(np.int64), 0xFF)
+    lengths = np.zeros(vocab_size, dtype=np.uint32)
+    lengths[:n] = np.diff(offsets[: n + 1])
+    lengths[control] += 1
+    return lengths, data.tobytes()
 
 
 def lltokenizer(tokenizer: Tokenizer, vocab_size: int, slices: Sequence[str] = SLICES) -> VocabularyView:
@@ -163,7 +168,8 @@ def lltokenizer(tokenizer: Tokenizer, vocab_size: int, slices: Sequence[str] = S
         key = (vocab_size, tuple(slices))
         if key not in built:
             ends = sorted(tokenizer.eot_ids) or ([] if tokenizer.eos_id is None else [tokenizer.eos_id])
-            built[key] = VocabularyView(_token_bytes(tokenizer, vocab_size), ends, slices, tokenizer.encode)
+            lengths, data = vocabulary_bytes(tokenizer, vocab_size)
+            built[key] = VocabularyView(lengths, data, ends, slices, tokenizer.encode)
         return built[key]
 
 

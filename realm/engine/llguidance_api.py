@@ -190,16 +190,19 @@ class VocabularyView:
 
     def __init__(
         self,
-        tokens: Sequence[bytes],
+        lengths: np.ndarray,
+        data: bytes,
         end_tokens: Sequence[int],
         slices: Sequence[str],
         tokenize: Callable[[str], list[int]],
     ) -> None:
-        """`tokenize` (a bound method, held weakly: the view does not keep its tokenizer
+        """Token i is `lengths[i]` (uint32) bytes of `data`, after those before it.
+        `tokenize` (a bound method, held weakly: the view does not keep its tokenizer
         alive) is what llguidance asks for the canonical tokens of a text."""
         lib = library()
-        lens = np.fromiter((len(t) for t in tokens), dtype=np.uint32, count=len(tokens))
-        data = b"".join(tokens)
+        lens = np.ascontiguousarray(lengths, dtype=np.uint32)
+        if int(lens.sum()) != len(data):
+            raise InternalError(f"the token lengths add up to {int(lens.sum())} bytes, not {len(data)}")
         ends = np.array(end_tokens[1:], dtype=np.uint32)
         slice_texts = [s.encode() for s in slices]
         slice_ptrs = (ctypes.c_char_p * (len(slice_texts) + 1))(*slice_texts, None)
@@ -208,7 +211,7 @@ class VocabularyView:
             _tokenizers[self._key] = weakref.WeakMethod(tokenize)
         init = _TokenizerInit(
             struct_size=ctypes.sizeof(_TokenizerInit),
-            vocab_size=len(tokens),
+            vocab_size=lens.size,
             tok_eos=end_tokens[0] if end_tokens else NO_TOKEN,
             token_lens=lens.ctypes.data_as(_u32_p),
             token_bytes=ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p),
@@ -225,7 +228,7 @@ class VocabularyView:
             _forget_tokenizer(self._key)
             raise InternalError(f"llguidance refused the vocabulary: {error.value.decode(errors='replace')}")
         self.pointer: int = pointer
-        self.vocab_size = len(tokens)
+        self.vocab_size = lens.size
         # a grammar compiled over this view asks for tokens as long as it lives (forced
         # tokens), and keeps the view; once the tokenizer itself is gone, it tokenizes greedily
         self._finalizer = weakref.finalize(self, _free_view, lib, pointer, self._key)

@@ -144,6 +144,10 @@ class Tokenizer:
         """Whether llama.cpp treats the token as a control token (hidden unless special)."""
         return bool(self._attrs[self._check_id(token_id)] & ATTR_HIDDEN)
 
+    def control_tokens(self) -> np.ndarray:
+        """`is_control` of every token at once, (vocab_size,) bool."""
+        return (np.frombuffer(self._attrs, dtype=np.uint16) & ATTR_HIDDEN) != 0
+
     def is_eog(self, token_id: int) -> bool:
         """Whether the token ends generation (is in `eot_ids`)."""
         return token_id in self.eot_ids
