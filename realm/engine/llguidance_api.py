@@ -158,7 +158,31 @@ def _check_layout(lib: _Library) -> None:
 # ---------------------------------------------------------------------------- tokenize callback
 
 
-_tokenizers: dict[int, weakref.WeakMethod] = {}
+TOKENIZED_KEPT = 4096
+"""Texts whose tokens a view remembers: llguidance tokenizes a grammar's forced text at
+every step (often the same few: `": "`, `", "`), and gemma3's tokenizer takes ~25 us."""
+
+
+class _Tokenizer:
+    """A view's tokenize function, held weakly, with the texts it last tokenized."""
+
+    def __init__(self, encode: Callable[[str], list[int]]) -> None:
+        self.encode = weakref.WeakMethod(encode)
+        self.known: dict[str, list[int]] = {}
+
+    def tokens(self, text: str) -> list[int] | None:
+        tokens = self.known.get(text)
+        if tokens is None:
+            encode = self.encode()
+            if encode is None:
+                return None
+            if len(self.known) >= TOKENIZED_KEPT:
+                self.known.clear()
+            tokens = self.known[text] = encode(text)
+        return tokens
+
+
+_tokenizers: dict[int, _Tokenizer] = {}
 _tokenizers_lock = threading.Lock()
 _keys = itertools.count(1)  # never reused: a grammar outliving its view finds no tokenizer
 
@@ -169,11 +193,11 @@ def _tokenize(key: int | None, data: int | None, length: int, out: ctypes._Point
     tokenize_assumes_string). An exception cannot cross into Rust: it is no tokens (then
     llguidance tokenizes greedily), never a crash."""
     try:
-        method = _tokenizers.get(key or 0)
-        encode = method() if method is not None else None
-        if encode is None:
+        tokenizer = _tokenizers.get(key or 0)
+        text = ctypes.string_at(data or 0, length).decode("utf-8", errors="replace")
+        tokens = tokenizer.tokens(text) if tokenizer is not None else None
+        if tokens is None:
             return 0
-        tokens = encode(ctypes.string_at(data or 0, length).decode("utf-8", errors="replace"))
         for i, t in enumerate(tokens[:room]):
             out[i] = t
         return len(tokens)
@@ -208,7 +232,7 @@ class VocabularyView:
         slice_ptrs = (ctypes.c_char_p * (len(slice_texts) + 1))(*slice_texts, None)
         with _tokenizers_lock:
             self._key = next(_keys)
-            _tokenizers[self._key] = weakref.WeakMethod(tokenize)
+            _tokenizers[self._key] = _Tokenizer(tokenize)
         init = _TokenizerInit(
             struct_size=ctypes.sizeof(_TokenizerInit),
             vocab_size=lens.size,
