@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import re
-import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -180,16 +178,6 @@ def test_building_a_vocabularys_view_leaves_other_threads_running(smollm2):
         ticker.join()
     assert view.vocab_size == tok.vocab_size
     assert worst < 0.05, f"another thread waited {worst * 1000:.0f} ms"
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own niceness is Linux's")
-def test_a_view_is_built_on_a_thread_of_lower_priority_than_the_servers():
-    def niceness() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    mine = niceness()
-    assert llguidance_api._at_low_priority(niceness) == min(19, mine + llguidance_api.BUILD_NICENESS)
-    assert niceness() == mine  # the caller's own thread keeps its priority
 
 
 def test_a_library_whose_structures_differ_is_refused():

@@ -17,12 +17,9 @@ library whose layout differs (InternalError) rather than pass it wrong fields.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import itertools
-import os
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -250,7 +247,7 @@ class VocabularyView:
             tok_eos_extra_count=ends.size,
         )
         error = ctypes.create_string_buffer(1024)
-        pointer = _at_low_priority(lambda: lib.new_tokenizer(ctypes.byref(init), error, len(error)))
+        pointer = lib.new_tokenizer(ctypes.byref(init), error, len(error))
         if not pointer:
             _forget_tokenizer(self._key)
             raise InternalError(f"llguidance refused the vocabulary: {error.value.decode(errors='replace')}")
@@ -259,32 +256,6 @@ class VocabularyView:
         # a grammar compiled over this view asks for tokens as long as it lives (forced
         # tokens), and keeps the view; once the tokenizer itself is gone, it tokenizes greedily
         self._finalizer = weakref.finalize(self, _free_view, lib, pointer, self._key)
-
-
-BUILD_NICENESS = 10
-"""How much lower the CPU priority of a view's build is than the server's (Linux)."""
-
-
-def _at_low_priority(build: Callable[[], int | None]) -> int | None:
-    """`build()` on a thread of its own at a lower CPU priority, waited for. A view's build
-    takes a core for seconds: at the server's own priority, on 2 cores, it held a stream of
-    another model up to 0.2 s between two tokens (as any process busy on a core does); at a
-    lower one the decoding threads come first, and the build takes what they leave. Linux
-    sets a thread's niceness on its own (a fresh thread: a thread can never be given back
-    the priority it gave up); elsewhere the build runs at the server's priority."""
-    done: list[int | None] = []
-
-    def run() -> None:
-        if sys.platform == "linux":
-            with contextlib.suppress(OSError):
-                me = threading.get_native_id()
-                os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + BUILD_NICENESS))
-        done.append(build())
-
-    thread = threading.Thread(target=run, name="llguidance-view")
-    thread.start()
-    thread.join()
-    return done[0] if done else None
 
 
 def _free_view(lib: _Library, pointer: int, key: int) -> None:
