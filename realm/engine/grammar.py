@@ -137,9 +137,7 @@ def apply_mask(mask: np.ndarray, logits: np.ndarray) -> None:
 # ---------------------------------------------------------------------------- tokenizers
 
 
-_tokenizers: weakref.WeakKeyDictionary[Tokenizer, dict[tuple[int, tuple[str, ...]], VocabularyView]] = (
-    weakref.WeakKeyDictionary()
-)
+_tokenizers: weakref.WeakKeyDictionary[Tokenizer, dict[int, VocabularyView]] = weakref.WeakKeyDictionary()
 _tokenizers_lock = threading.Lock()
 
 
@@ -158,19 +156,18 @@ def vocabulary_bytes(tokenizer: Tokenizer, vocab_size: int) -> tuple[np.ndarray,
     return lengths, data.tobytes()
 
 
-def lltokenizer(tokenizer: Tokenizer, vocab_size: int, slices: Sequence[str] = SLICES) -> VocabularyView:
+def lltokenizer(tokenizer: Tokenizer, vocab_size: int) -> VocabularyView:
     """llguidance's view of `tokenizer` with `vocab_size` rows of logits (padded with empty
     tokens that no grammar allows), its end tokens the model's end-of-generation set. Built
     once per tokenizer, on first use, without the GIL (gemma3, 262k tokens, 2 cores: 1.5 to
     2 s, 150 MiB)."""
     with _tokenizers_lock:
         built = _tokenizers.setdefault(tokenizer, {})
-        key = (vocab_size, tuple(slices))
-        if key not in built:
+        if vocab_size not in built:
             ends = sorted(tokenizer.eot_ids) or ([] if tokenizer.eos_id is None else [tokenizer.eos_id])
             lengths, data = vocabulary_bytes(tokenizer, vocab_size)
-            built[key] = VocabularyView(lengths, data, ends, slices, tokenizer.encode)
-        return built[key]
+            built[vocab_size] = VocabularyView(lengths, data, ends, SLICES, tokenizer.encode)
+        return built[vocab_size]
 
 
 # ---------------------------------------------------------------------------- one sequence's state

@@ -313,16 +313,12 @@ class Matcher:
 
     def validate_tokens(self, tokens: Sequence[int]) -> int:
         """How many of `tokens`, from the first, the grammar allows in turn."""
-        if len(tokens) > FORCED_ROOM:
-            many = np.array(tokens, dtype=np.uint32)
-            return self._lib.validate_tokens(self._pointer, many.ctypes.data, many.size)
-        return self._lib.validate_tokens(self._pointer, self._staged(tokens), len(tokens))
+        held, address = self._staged(tokens)  # held: alive through the call
+        return self._lib.validate_tokens(self._pointer, address, len(tokens))
 
     def consume_tokens(self, tokens: Sequence[int]) -> bool:
-        if len(tokens) > FORCED_ROOM:
-            many = np.array(tokens, dtype=np.uint32)
-            return self._lib.consume_tokens(self._pointer, many.ctypes.data, many.size) == 0
-        return self._lib.consume_tokens(self._pointer, self._staged(tokens), len(tokens)) == 0
+        held, address = self._staged(tokens)  # held: alive through the call
+        return self._lib.consume_tokens(self._pointer, address, len(tokens)) == 0
 
     def rollback(self, n: int) -> bool:
         return self._lib.rollback(self._pointer, n) == 0
@@ -359,7 +355,12 @@ class Matcher:
             self._buffer_address = self._buffer.ctypes.data
         return self._buffer
 
-    def _staged(self, tokens: Sequence[int]) -> int:
-        """The address of `tokens` (FORCED_ROOM at most) copied into the matcher's buffer."""
-        self._tokens()[: len(tokens)] = tokens
-        return self._buffer_address
+    def _staged(self, tokens: Sequence[int]) -> tuple[np.ndarray, int]:
+        """`tokens` as uint32 and their address: in the matcher's buffer (FORCED_ROOM at
+        most), else in an array of their own, which the caller holds through its call."""
+        if len(tokens) > FORCED_ROOM:
+            many = np.array(tokens, dtype=np.uint32)
+            return many, many.ctypes.data
+        buffer = self._tokens()
+        buffer[: len(tokens)] = tokens
+        return buffer, self._buffer_address
